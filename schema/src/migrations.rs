@@ -1,0 +1,27 @@
+//! SQL migrations, embedded in every binary that links this crate and applied in order at start.
+//! A migration is never edited after it lands; a change is a new file.
+
+/// One migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Version, from the file name's number.
+    pub version: u32,
+    /// Name, from the file name.
+    pub name: &'static str,
+    /// The SQL, possibly several statements.
+    pub sql: &'static str,
+}
+
+/// Every migration, in version order.
+pub const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "init", sql: include_str!("../migrations/0001_init.sql") }];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_increase_from_one() {
+        for (i, m) in super::MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1, "{}", m.name);
+        }
+    }
+}
