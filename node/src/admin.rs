@@ -1,0 +1,30 @@
+//! The admin port: `/healthz` (the process answers), `/readyz` (accepting clients) and
+//! `/metrics` (Prometheus text). Never exposed publicly.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::dispatch::Core;
+
+/// The admin router.
+pub fn router(core: Arc<Core>) -> Router {
+    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/readyz", get(readyz)).route("/metrics", get(metrics)).with_state(core)
+}
+
+async fn readyz(State(core): State<Arc<Core>>) -> impl IntoResponse {
+    if core.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], core.metrics.render())
+}

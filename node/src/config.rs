@@ -1,0 +1,202 @@
+//! Node configuration: every setting is a flag, an environment variable `KEFU_<NAME>` and a key
+//! in an optional TOML file (`--config`), in that order of precedence, then the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Deserialize;
+
+/// Which rules apply: `dev` registers unknown users on first login and waives the API key;
+/// `prod` refuses unknown users and requires the API key for the HTTP APIs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Local development and the J-IM demo page.
+    Dev,
+    /// Production.
+    Prod,
+}
+
+/// Command-line flags. Every field is optional here so that the file can fill what the flags and
+/// environment leave out.
+#[derive(Debug, Default, Parser)]
+#[command(name = "kefu-node", version, about = "kefu chat node: J-IM compatible TCP, WebSocket and HTTP on one port")]
+pub struct Flags {
+    /// TOML file with any of the settings below (keys in snake_case, e.g. data_dir).
+    #[arg(long, env = "KEFU_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the libSQL database and the token key.
+    #[arg(long, env = "KEFU_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// dev or prod.
+    #[arg(long, env = "KEFU_PROFILE", value_enum)]
+    pub profile: Option<Profile>,
+    /// The J-IM port: binary TCP, HTTP and WebSocket, sniffed.
+    #[arg(long, env = "KEFU_JIM_ADDR")]
+    pub jim_addr: Option<SocketAddr>,
+    /// Health, readiness and Prometheus metrics.
+    #[arg(long, env = "KEFU_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Seconds without traffic before a connection is closed; 0 turns the check off.
+    #[arg(long, env = "KEFU_HEARTBEAT_TIMEOUT")]
+    pub heartbeat_timeout: Option<u64>,
+    /// Key for the HTTP APIs (`X-Api-Key` header or `Authorization: Bearer`). Required in prod.
+    #[arg(long, env = "KEFU_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Chat, typing and receipt requests allowed per second on one connection.
+    #[arg(long, env = "KEFU_MSG_RATE")]
+    pub msg_rate: Option<u32>,
+    /// Burst allowance above msg_rate.
+    #[arg(long, env = "KEFU_MSG_BURST")]
+    pub msg_burst: Option<u32>,
+    /// Failed logins allowed per client IP per minute before logins from it are refused.
+    #[arg(long, env = "KEFU_LOGIN_FAILURES_PER_MINUTE")]
+    pub login_failures_per_minute: Option<u32>,
+    /// Seconds after sending during which a message can be recalled.
+    #[arg(long, env = "KEFU_RECALL_WINDOW")]
+    pub recall_window: Option<u64>,
+    /// Groups every newly registered user joins (comma separated; dev default "100").
+    #[arg(long, env = "KEFU_DEFAULT_GROUPS", value_delimiter = ',')]
+    pub default_groups: Option<Vec<String>>,
+    /// Lifetime of login tokens, in seconds.
+    #[arg(long, env = "KEFU_TOKEN_TTL")]
+    pub token_ttl: Option<u64>,
+    /// Name of this node, stored as the origin of the messages it sequences.
+    #[arg(long, env = "KEFU_NODE_ID")]
+    pub node_id: Option<String>,
+}
+
+/// The same settings as read from the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    data_dir: Option<PathBuf>,
+    profile: Option<Profile>,
+    jim_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    heartbeat_timeout: Option<u64>,
+    api_key: Option<String>,
+    msg_rate: Option<u32>,
+    msg_burst: Option<u32>,
+    login_failures_per_minute: Option<u32>,
+    recall_window: Option<u64>,
+    default_groups: Option<Vec<String>>,
+    token_ttl: Option<u64>,
+    node_id: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the database and keys live.
+    pub data_dir: PathBuf,
+    /// dev or prod.
+    pub profile: Profile,
+    /// J-IM port.
+    pub jim_addr: SocketAddr,
+    /// Admin port.
+    pub admin_addr: SocketAddr,
+    /// Idle timeout; `None` = off.
+    pub heartbeat_timeout: Option<Duration>,
+    /// API key for the HTTP APIs.
+    pub api_key: Option<String>,
+    /// Per-connection request rate.
+    pub msg_rate: u32,
+    /// Per-connection burst.
+    pub msg_burst: u32,
+    /// Failed logins per IP per minute.
+    pub login_failures_per_minute: u32,
+    /// Recall window.
+    pub recall_window: Duration,
+    /// Groups new users join.
+    pub default_groups: Vec<String>,
+    /// Token lifetime.
+    pub token_ttl: Duration,
+    /// This node's name.
+    pub node_id: String,
+}
+
+impl Config {
+    /// Resolves flags (already merged with the environment by clap) over the optional file.
+    pub fn resolve(flags: Flags) -> anyhow::Result<Config> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        let profile = flags.profile.or(file.profile).unwrap_or(Profile::Dev);
+        let default_groups = flags.default_groups.or(file.default_groups).unwrap_or_else(|| match profile {
+            Profile::Dev => vec!["100".to_string()],
+            Profile::Prod => vec![],
+        });
+        let default_groups: Vec<String> = default_groups.into_iter().filter(|g| !g.is_empty()).collect();
+        if let Some(bad) = default_groups.iter().find(|g| !schema::jim::valid_id(g)) {
+            bail!("default group {bad:?} is not a valid group id");
+        }
+        let config = Config {
+            data_dir: flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data")),
+            profile,
+            jim_addr: flags.jim_addr.or(file.jim_addr).unwrap_or_else(|| ([127, 0, 0, 1], 8888).into()),
+            admin_addr: flags.admin_addr.or(file.admin_addr).unwrap_or_else(|| ([127, 0, 0, 1], 9090).into()),
+            heartbeat_timeout: match flags.heartbeat_timeout.or(file.heartbeat_timeout).unwrap_or(120) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
+            api_key: flags.api_key.or(file.api_key).filter(|k| !k.is_empty()),
+            msg_rate: flags.msg_rate.or(file.msg_rate).unwrap_or(200).max(1),
+            msg_burst: flags.msg_burst.or(file.msg_burst).unwrap_or(400).max(1),
+            login_failures_per_minute: flags.login_failures_per_minute.or(file.login_failures_per_minute).unwrap_or(10),
+            recall_window: Duration::from_secs(flags.recall_window.or(file.recall_window).unwrap_or(120)),
+            default_groups,
+            token_ttl: Duration::from_secs(flags.token_ttl.or(file.token_ttl).unwrap_or(7 * 24 * 3600)),
+            node_id: flags.node_id.or(file.node_id).unwrap_or_else(|| "local".to_string()),
+        };
+        if config.profile == Profile::Prod && config.api_key.is_none() {
+            bail!("the prod profile needs --api-key (or KEFU_API_KEY) for the HTTP APIs");
+        }
+        Ok(config)
+    }
+
+    /// A configuration for tests and examples: dev profile, ports chosen by the OS.
+    pub fn for_tests(data_dir: &Path) -> Config {
+        let flags = Flags {
+            data_dir: Some(data_dir.to_path_buf()),
+            jim_addr: Some(([127, 0, 0, 1], 0).into()),
+            admin_addr: Some(([127, 0, 0, 1], 0).into()),
+            ..Flags::default()
+        };
+        // The flags above are valid by construction.
+        Config::resolve(flags).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_defaults_fill_the_rest() {
+        let dir = std::env::temp_dir().join(format!("kefu-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kefu.toml");
+        std::fs::write(&file, "data_dir = \"/from/file\"\nheartbeat_timeout = 0\nmsg_rate = 5\n").unwrap();
+        let flags = Flags { config: Some(file.clone()), msg_rate: Some(9), ..Flags::default() };
+        let c = Config::resolve(flags).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(c.heartbeat_timeout, None);
+        assert_eq!(c.msg_rate, 9);
+        assert_eq!(c.jim_addr.to_string(), "127.0.0.1:8888");
+        assert_eq!(c.default_groups, vec!["100".to_string()]);
+        std::fs::write(&file, "nonsense_key = 1\n").unwrap();
+        assert!(Config::resolve(Flags { config: Some(file), ..Flags::default() }).is_err());
+        assert!(Config::resolve(Flags { profile: Some(Profile::Prod), ..Flags::default() }).is_err(), "prod needs an API key");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

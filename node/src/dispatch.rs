@@ -1,0 +1,650 @@
+//! The dispatcher: one place where every command is carried out, whatever transport it came in
+//! on. It takes a parsed request and the session's state, and returns the replies for this
+//! connection; effects on other connections go through the hub, effects on data through the store.
+//! It never touches a socket.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use schema::jim::{self, ChatAck, ChatReq, GroupView, LoginReq, MessageQuery, Request, Target, UserFilter, UserInfo, UserView};
+use schema::{Command, ConversationId, Status};
+use serde_json::json;
+
+use crate::auth::{self, LoginThrottle, Tokens};
+use crate::config::{Config, Profile};
+use crate::hub::{Conn, Hub, Push};
+use crate::metrics::Metrics;
+use crate::store::{self, NewMessage, RecallRefusal, Store, StoredMessage, UserRecord};
+
+/// Everything a node shares between its connections. Cheap to reach through an `Arc`.
+pub struct Core {
+    /// Settings.
+    pub config: Config,
+    /// Storage.
+    pub store: Store,
+    /// Local connections and presence.
+    pub hub: Hub,
+    /// Token issuer.
+    pub tokens: Tokens,
+    /// Failed-login throttle.
+    pub throttle: LoginThrottle,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set once the node accepts connections.
+    pub ready: AtomicBool,
+}
+
+/// The authenticated user of a session.
+#[derive(Debug, Clone)]
+pub struct UserCtx {
+    /// User id.
+    pub id: String,
+    /// Display name.
+    pub nick: Option<String>,
+    /// Avatar URL.
+    pub avatar: Option<String>,
+    /// Role: user, agent or admin.
+    pub role: String,
+    /// Groups the user belongs to.
+    pub groups: HashSet<String>,
+}
+
+impl UserCtx {
+    fn view(&self, online: bool) -> UserView {
+        UserView { avatar: self.avatar.clone(), nick: self.nick.clone(), status: status_name(online), user_id: self.id.clone() }
+    }
+
+    fn privileged(&self) -> bool {
+        self.role == "agent" || self.role == "admin"
+    }
+}
+
+/// Per-connection state the dispatcher reads and updates.
+pub struct SessionState {
+    /// This connection's handle in the hub.
+    pub conn: Conn,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Set by a successful login.
+    pub user: Option<UserCtx>,
+    /// Per conversation, the first seq pushed live to this connection: offline reads leave out
+    /// everything from there on, because this connection already has it.
+    pub live_floor: HashMap<ConversationId, u64>,
+    bucket: TokenBucket,
+}
+
+impl SessionState {
+    /// A fresh, unauthenticated session.
+    pub fn new(core: &Core, conn: Conn, peer: SocketAddr) -> SessionState {
+        SessionState { conn, peer, user: None, live_floor: HashMap::new(), bucket: TokenBucket::new(core.config.msg_rate, core.config.msg_burst) }
+    }
+}
+
+/// A frame for this connection.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Command of the frame.
+    pub command: u8,
+    /// JSON body.
+    pub body: Bytes,
+}
+
+/// What the session does after a request.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Frames to send, in order.
+    pub replies: Vec<Reply>,
+    /// Close the connection after sending them.
+    pub close: bool,
+}
+
+impl Outcome {
+    fn reply(command: Command, body: Vec<u8>) -> Outcome {
+        Outcome { replies: vec![Reply { command: command.code(), body: body.into() }], close: false }
+    }
+
+    fn status(command: Command, status: Status) -> Outcome {
+        Outcome::reply(command, jim::status_reply(command, status))
+    }
+
+    fn closing(mut self) -> Outcome {
+        self.close = true;
+        self
+    }
+
+    fn none() -> Outcome {
+        Outcome::default()
+    }
+}
+
+fn status_name(online: bool) -> &'static str {
+    if online {
+        "online"
+    } else {
+        "offline"
+    }
+}
+
+/// Who a send is from: a logged-in session, or an API caller naming the sender.
+pub struct Sender<'a> {
+    /// Sender id.
+    pub id: &'a str,
+    /// Nick carried on the message.
+    pub nick: Option<String>,
+    /// Avatar carried on the message.
+    pub avatar: Option<String>,
+    /// Groups known to include the sender (a session's); `None` means ask the store.
+    pub groups: Option<&'a HashSet<String>>,
+}
+
+impl Core {
+    /// Carries out one request.
+    pub async fn handle(&self, s: &mut SessionState, req: Request) -> Outcome {
+        match req {
+            Request::Handshake => Outcome::reply(Command::HandshakeResp, jim::handshake_reply()),
+            Request::Heartbeat => Outcome::reply(Command::HeartbeatReq, jim::heartbeat_reply()),
+            Request::Login(login) => self.login(s, login, Command::LoginResp).await,
+            Request::Auth { token } => {
+                let login = LoginReq { user_id: None, password: None, token: Some(token), nick: None };
+                self.login(s, login, Command::AuthResp).await
+            }
+            req => {
+                let Some(user) = s.user.clone() else {
+                    return Outcome::status(reply_command(&req), Status::NotLoggedIn);
+                };
+                self.handle_user(s, &user, req).await
+            }
+        }
+    }
+
+    async fn handle_user(&self, s: &mut SessionState, user: &UserCtx, req: Request) -> Outcome {
+        let limited = matches!(req, Request::Chat(_) | Request::Typing { .. } | Request::Receipt { .. } | Request::Recall { .. });
+        if limited && !s.bucket.take(Instant::now()) {
+            return Outcome::status(reply_command(&req), Status::RateLimited);
+        }
+        match req {
+            Request::Chat(chat) => {
+                let sender = Sender { id: &user.id, nick: user.nick.clone(), avatar: user.avatar.clone(), groups: Some(&user.groups) };
+                Outcome::reply(Command::ChatResp, self.send_chat(&sender, chat).await)
+            }
+            Request::JoinGroup { group_id, name } => self.join(s, user, &group_id, name).await,
+            Request::Close { user_id } => match user_id {
+                Some(other) if other != user.id && user.role != "admin" => Outcome::status(Command::CloseReq, Status::Forbidden),
+                Some(other) if other != user.id => {
+                    self.hub.kick_user(&other, Status::CloseOk);
+                    Outcome::status(Command::CloseReq, Status::CloseOk)
+                }
+                Some(_) => {
+                    // Every connection of this user, including this one, which closes below.
+                    self.hub.kick_user(&user.id, Status::CloseOk);
+                    Outcome::status(Command::CloseReq, Status::CloseOk).closing()
+                }
+                None => Outcome::status(Command::CloseReq, Status::CloseOk).closing(),
+            },
+            Request::Recall { id } => self.recall(user, &id).await,
+            Request::GetUser { user_id, filter } => self.get_user(s, user, &user_id, filter).await,
+            Request::GetMessage(query) => self.get_messages(s, user, query).await,
+            Request::Typing { target, started } => {
+                let command = if started { Command::TypingStart } else { Command::TypingStop };
+                if let Err(status) = self.check_target(user, &target).await {
+                    return Outcome::status(command, status);
+                }
+                let data = target_json(&user.id, &target, None);
+                let push = Push { command: command.code(), body: jim::push(command, &data).into(), delivery: None };
+                self.push_to_target(&target, &push, Some(s.conn.id));
+                Outcome::none()
+            }
+            Request::Receipt { target, seq, read } => {
+                let command = if read { Command::ReadReceipt } else { Command::DeliveryReceipt };
+                let conv = match self.check_target(user, &target).await {
+                    Ok(conv) => conv,
+                    Err(status) => return Outcome::status(command, status),
+                };
+                let result = self.store.advance_cursor(&user.id, &conv, seq, if read { seq } else { 0 }).await;
+                if result.is_err() {
+                    return Outcome::status(command, Status::Retryable);
+                }
+                let data = target_json(&user.id, &target, Some(seq));
+                let push = Push { command: command.code(), body: jim::push(command, &data).into(), delivery: None };
+                self.push_to_target(&target, &push, Some(s.conn.id));
+                Outcome::none()
+            }
+            Request::Sync { target, after, limit } => {
+                let conv = match self.check_target(user, &target).await {
+                    Ok(conv) => conv,
+                    Err(status) => return Outcome::status(Command::SyncResp, status),
+                };
+                match self.store.since(&conv, after, limit + 1).await {
+                    Ok(mut messages) => {
+                        let more = messages.len() > limit as usize;
+                        messages.truncate(limit as usize);
+                        let bodies: Vec<_> = messages.iter().map(StoredMessage::to_chat_body).collect();
+                        let data = json!({ "conversation": conv.as_str(), "messages": bodies, "more": more });
+                        Outcome::reply(Command::SyncResp, jim::resp(Command::SyncResp, Status::Ok, Some(data)))
+                    }
+                    Err(e) => self.retryable(Command::SyncResp, e),
+                }
+            }
+            Request::Handshake | Request::Heartbeat | Request::Login(_) | Request::Auth { .. } => {
+                unreachable!("handled before login is required")
+            }
+        }
+    }
+
+    fn retryable(&self, command: Command, error: store::StoreError) -> Outcome {
+        tracing::warn!(error = %error, command = command.code(), "storage error");
+        Outcome::status(command, Status::Retryable)
+    }
+
+    // -- login ---------------------------------------------------------------------------------
+
+    async fn login(&self, s: &mut SessionState, req: LoginReq, command: Command) -> Outcome {
+        let (ok_status, fail_status) = match command {
+            Command::AuthResp => (Status::AuthOk, Status::AuthFailed),
+            _ => (Status::LoginOk, Status::LoginFailed),
+        };
+        let ip = s.peer.ip();
+        if !self.throttle.allows(ip, Instant::now()) {
+            return Outcome::status(command, Status::LoginThrottled).closing();
+        }
+        let record = match self.authenticate(&req).await {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                self.throttle.failed(ip, Instant::now());
+                // J-IM closes the connection after a failed login.
+                return Outcome::status(command, fail_status).closing();
+            }
+            Err(e) => return self.retryable(command, e),
+        };
+        if let Some(current) = &s.user {
+            let status = if current.id == record.user_id { ok_status } else { fail_status };
+            return Outcome::status(command, status);
+        }
+        let groups = match self.store.user_groups(&record.user_id).await {
+            Ok(groups) => groups,
+            Err(e) => return self.retryable(command, e),
+        };
+        let group_ids: Vec<String> = groups.into_iter().map(|(g, _)| g).collect();
+        let user = UserCtx { id: record.user_id, nick: record.nick, avatar: record.avatar, role: record.role, groups: group_ids.iter().cloned().collect() };
+        self.hub.register(&user.id, s.conn.clone(), &group_ids, user.nick.clone(), user.avatar.clone());
+        // J-IM sends the join notice of every group to the group (the user included) before the
+        // login reply.
+        let view = user.view(true);
+        for g in &group_ids {
+            let push = Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(g, &view).into(), delivery: None };
+            self.hub.send_group(g, &push, None);
+        }
+        let token = self.tokens.issue(&user.id, SystemTime::now());
+        let data = json!({ "token": token, "userId": user.id });
+        tracing::info!(user = %user.id, transport = s.conn.transport.name(), "logged in");
+        s.user = Some(user);
+        Outcome::reply(command, jim::resp(command, ok_status, Some(data)))
+    }
+
+    /// The user the credentials name, `None` if they are wrong. The dev profile registers an
+    /// unknown user with the given password.
+    async fn authenticate(&self, req: &LoginReq) -> Result<Option<UserRecord>, store::StoreError> {
+        if let Some(token) = &req.token {
+            let Some(user_id) = self.tokens.verify(token, SystemTime::now()) else { return Ok(None) };
+            if req.user_id.as_ref().is_some_and(|u| *u != user_id) {
+                return Ok(None);
+            }
+            return match self.store.user(&user_id).await? {
+                Some(record) => Ok(Some(record)),
+                None => Ok(None),
+            };
+        }
+        let (Some(user_id), Some(password)) = (&req.user_id, &req.password) else { return Ok(None) };
+        if password.is_empty() {
+            return Ok(None);
+        }
+        if let Some(record) = self.store.user(user_id).await? {
+            return Ok(verify(password, &record.password_hash).await.then_some(record));
+        }
+        if self.config.profile == Profile::Prod {
+            return Ok(None);
+        }
+        let password_hash = match hash(password).await {
+            Some(hash) => hash,
+            None => return Ok(None),
+        };
+        let record = UserRecord {
+            user_id: user_id.clone(),
+            password_hash,
+            nick: Some(req.nick.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| user_id.clone())),
+            avatar: None,
+            role: "user".to_string(),
+        };
+        if self.store.create_user(record.clone()).await? {
+            for g in &self.config.default_groups {
+                self.store.join_group(g, None, user_id).await?;
+            }
+            tracing::info!(user = %user_id, "registered on first login (dev profile)");
+            return Ok(Some(record));
+        }
+        // Someone registered the same id at the same moment: check against theirs.
+        match self.store.user(user_id).await? {
+            Some(existing) if verify(password, &existing.password_hash).await => Ok(Some(existing)),
+            _ => Ok(None),
+        }
+    }
+
+    // -- groups --------------------------------------------------------------------------------
+
+    async fn join(&self, s: &mut SessionState, user: &UserCtx, group: &str, name: Option<String>) -> Outcome {
+        if let Err(e) = self.store.join_group(group, name, &user.id).await {
+            return self.retryable(Command::JoinGroupResp, e);
+        }
+        self.hub.join(&user.id, group);
+        if let Some(u) = s.user.as_mut() {
+            u.groups.insert(group.to_string());
+        }
+        // As J-IM 3.x: no direct reply on success; the notice (which the joiner gets too) is it.
+        let push = Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(group, &user.view(true)).into(), delivery: None };
+        self.hub.send_group(group, &push, None);
+        Outcome::none()
+    }
+
+    /// Tells the remaining members of `groups` that `user` went offline.
+    pub fn notify_exit(&self, user: &str, nick: Option<String>, groups: &[Arc<str>]) {
+        let view = UserView { avatar: None, nick, status: "offline", user_id: user.to_string() };
+        for g in groups {
+            let push = Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(g, &view).into(), delivery: None };
+            self.hub.send_group(g, &push, None);
+        }
+    }
+
+    // -- chat ----------------------------------------------------------------------------------
+
+    /// Sends a chat message and returns the cmd 12 reply body. Shared by every transport and by
+    /// the HTTP APIs.
+    pub async fn send_chat(&self, sender: &Sender<'_>, chat: ChatReq) -> Vec<u8> {
+        let fail = |status| jim::status_reply(Command::ChatResp, status);
+        let (conversation, recipient, group_id, chat_type) = match &chat.target {
+            Target::User(to) => (ConversationId::private(sender.id, to), Some(to.clone()), None, 2),
+            Target::Group(g) => {
+                let member = match sender.groups {
+                    Some(groups) => groups.contains(g),
+                    None => match self.store.is_member(g, sender.id).await {
+                        Ok(member) => member,
+                        Err(_) => return fail(Status::Retryable),
+                    },
+                };
+                if !member {
+                    return fail(Status::Forbidden);
+                }
+                (ConversationId::group(g), None, Some(g.clone()), 1)
+            }
+        };
+        let message = NewMessage {
+            conversation,
+            client_id: chat.client_id,
+            sender: sender.id.to_string(),
+            recipient,
+            group_id,
+            chat_type,
+            msg_type: chat.msg_type,
+            content: chat.content,
+            extras: chat.extras.map(|e| serde_json::Value::Object(e).to_string()),
+            nick: sender.nick.clone(),
+            avatar: sender.avatar.clone(),
+        };
+        self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+        match self.store.append(message).await {
+            Ok(delivery) => {
+                let m = &delivery.message;
+                let ack = ChatAck { client_id: m.client_id.as_deref(), conversation: m.conversation.as_str(), id: &m.id, seq: m.seq };
+                // J-IM answers a private message to an offline user with 10001; kefu has stored it
+                // and will deliver it when the user comes back.
+                let status = if m.chat_type == 2 && !delivery.recipient_online { Status::Offline } else { Status::Ok };
+                jim::resp(Command::ChatResp, status, Some(ack))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "append failed");
+                fail(Status::Retryable)
+            }
+        }
+    }
+
+    async fn recall(&self, user: &UserCtx, id: &str) -> Outcome {
+        let result = self.store.recall(id, &user.id, user.privileged(), store::now_ms(), self.config.recall_window).await;
+        let status = match result {
+            Ok(Ok(recalled)) => {
+                let data = recall_json(&recalled.message, &recalled.by);
+                return Outcome::reply(Command::CancelMsgResp, jim::resp(Command::CancelMsgResp, Status::Ok, Some(data)));
+            }
+            Ok(Err(RecallRefusal::NotFound)) => Status::NotFound,
+            Ok(Err(RecallRefusal::Forbidden)) => Status::Forbidden,
+            Ok(Err(RecallRefusal::Expired)) => Status::RecallExpired,
+            Err(e) => return self.retryable(Command::CancelMsgResp, e),
+        };
+        Outcome::status(Command::CancelMsgResp, status)
+    }
+
+    /// Checks that `user` may act in the conversation `target` names, and returns it.
+    async fn check_target(&self, user: &UserCtx, target: &Target) -> Result<ConversationId, Status> {
+        match target {
+            Target::User(peer) => Ok(ConversationId::private(&user.id, peer)),
+            Target::Group(g) if user.groups.contains(g) => Ok(ConversationId::group(g)),
+            Target::Group(_) => Err(Status::Forbidden),
+        }
+    }
+
+    fn push_to_target(&self, target: &Target, push: &Push, skip: Option<u64>) {
+        match target {
+            Target::User(peer) => drop(self.hub.send_user(peer, push)),
+            Target::Group(g) => drop(self.hub.send_group(g, push, skip)),
+        }
+    }
+
+    // -- queries -------------------------------------------------------------------------------
+
+    async fn get_user(&self, s: &SessionState, me: &UserCtx, user_id: &str, filter: UserFilter) -> Outcome {
+        let status = match filter {
+            UserFilter::Online => Status::GetOnlineUsersOk,
+            UserFilter::Offline => Status::GetOfflineUsersOk,
+            UserFilter::All => Status::GetUserOk,
+        };
+        let fail = || Outcome::status(Command::GetUserResp, Status::GetUserFailed);
+        if user_id != me.id {
+            let Ok(record) = self.store.user(user_id).await else { return fail() };
+            let online = self.hub.is_online(user_id);
+            let Some(record) = record else { return fail() };
+            let info = UserInfo {
+                avatar: record.avatar,
+                friends: vec![],
+                groups: vec![],
+                nick: record.nick,
+                status: status_name(online),
+                terminal: None,
+                user_id: record.user_id,
+            };
+            return Outcome::reply(Command::GetUserResp, jim::resp(Command::GetUserResp, status, Some(info)));
+        }
+        let mut groups = Vec::new();
+        let Ok(my_groups) = self.store.user_groups(&me.id).await else { return fail() };
+        for (group_id, name) in my_groups {
+            let Ok(members) = self.store.group_members(&group_id).await else { return fail() };
+            let views: Vec<UserView> = members
+                .into_iter()
+                .map(|(id, nick, avatar)| {
+                    let online = self.hub.is_online(&id);
+                    UserView { avatar, nick, status: status_name(online), user_id: id }
+                })
+                .collect();
+            groups.push(group_view(group_id, name, views, filter));
+        }
+        let Ok(contacts) = self.store.contacts(&me.id).await else { return fail() };
+        let mut friends = Vec::new();
+        if !contacts.is_empty() {
+            let views = contacts
+                .into_iter()
+                .map(|id| {
+                    let online = self.hub.is_online(&id);
+                    UserView { avatar: None, nick: None, status: status_name(online), user_id: id }
+                })
+                .collect();
+            friends.push(group_view("contacts".to_string(), Some("contacts".to_string()), views, filter));
+        }
+        let info = UserInfo {
+            avatar: me.avatar.clone(),
+            friends,
+            groups,
+            nick: me.nick.clone(),
+            status: "online",
+            terminal: Some(s.conn.transport.name()),
+            user_id: me.id.clone(),
+        };
+        Outcome::reply(Command::GetUserResp, jim::resp(Command::GetUserResp, status, Some(info)))
+    }
+
+    async fn get_messages(&self, s: &mut SessionState, me: &UserCtx, q: MessageQuery) -> Outcome {
+        let fail = || Outcome::status(Command::GetMessageResp, Status::GetMessageFailed);
+        if q.user_id.as_ref().is_some_and(|u| *u != me.id) {
+            return fail();
+        }
+        let conversation = match (&q.group, &q.peer) {
+            (Some(g), _) if !me.groups.contains(g) => return Outcome::status(Command::GetMessageResp, Status::Forbidden),
+            (Some(g), _) => Some(ConversationId::group(g)),
+            (None, Some(peer)) => Some(ConversationId::private(&me.id, peer)),
+            (None, None) => None,
+        };
+        let result = if q.history {
+            let Some(conv) = &conversation else { return fail() };
+            self.store.history(conv, q.begin, q.end, q.offset, q.count.unwrap_or(jim::DEFAULT_PAGE)).await
+        } else {
+            self.store.offline(&me.id, conversation.as_ref(), q.count.unwrap_or(jim::MAX_PAGE)).await
+        };
+        let mut messages = match result {
+            Ok(m) => m,
+            Err(e) => return self.retryable(Command::GetMessageResp, e),
+        };
+        if !q.history {
+            messages.retain(|m| s.live_floor.get(&m.conversation).is_none_or(|floor| m.seq < *floor));
+            let mut newest: BTreeMap<&ConversationId, u64> = BTreeMap::new();
+            for m in &messages {
+                let e = newest.entry(&m.conversation).or_default();
+                *e = (*e).max(m.seq);
+            }
+            for (conv, seq) in newest {
+                if let Err(e) = self.store.advance_cursor(&me.id, conv, seq, 0).await {
+                    return self.retryable(Command::GetMessageResp, e);
+                }
+            }
+        }
+        let mut friends: BTreeMap<String, Vec<jim::ChatBody>> = BTreeMap::new();
+        let mut groups: BTreeMap<String, Vec<jim::ChatBody>> = BTreeMap::new();
+        for m in &messages {
+            let body = m.to_chat_body();
+            match (&m.group_id, m.conversation.peer_of(&me.id)) {
+                (Some(g), _) => groups.entry(g.clone()).or_default().push(body),
+                (None, Some(peer)) => friends.entry(peer.to_string()).or_default().push(body),
+                (None, None) => {}
+            }
+        }
+        let status = if q.history { Status::GetHistoryMessageOk } else { Status::GetOfflineMessageOk };
+        let data = json!({ "friends": friends, "groups": groups, "userId": me.id });
+        Outcome::reply(Command::GetMessageResp, jim::resp(Command::GetMessageResp, status, Some(data)))
+    }
+}
+
+fn group_view(group_id: String, name: Option<String>, members: Vec<UserView>, filter: UserFilter) -> GroupView {
+    let online = members.iter().filter(|u| u.status == "online").count() as u32;
+    let users = members
+        .into_iter()
+        .filter(|u| match filter {
+            UserFilter::Online => u.status == "online",
+            UserFilter::Offline => u.status == "offline",
+            UserFilter::All => true,
+        })
+        .collect();
+    GroupView { avatar: None, group_id, name, online, users }
+}
+
+/// The body of a recall notice (cmd 16).
+pub fn recall_json(m: &StoredMessage, by: &str) -> serde_json::Value {
+    json!({
+        "chatType": m.chat_type,
+        "conversation": m.conversation.as_str(),
+        "from": m.sender,
+        "groupId": m.group_id,
+        "id": m.id,
+        "recalledAt": m.recalled_at,
+        "recalledBy": by,
+        "seq": m.seq,
+        "to": m.recipient,
+    })
+}
+
+fn target_json(from: &str, target: &Target, seq: Option<u64>) -> serde_json::Value {
+    let mut data = json!({ "from": from });
+    match target {
+        Target::User(to) => data["to"] = json!(to),
+        Target::Group(g) => data["groupId"] = json!(g),
+    }
+    if let Some(seq) = seq {
+        data["seq"] = json!(seq);
+    }
+    data
+}
+
+/// The command of the reply a request gets.
+fn reply_command(req: &Request) -> Command {
+    match req {
+        Request::Handshake => Command::HandshakeResp,
+        Request::Auth { .. } => Command::AuthResp,
+        Request::Login(_) => Command::LoginResp,
+        Request::JoinGroup { .. } => Command::JoinGroupResp,
+        Request::Chat(_) => Command::ChatResp,
+        Request::Heartbeat => Command::HeartbeatReq,
+        Request::Close { .. } => Command::CloseReq,
+        Request::Recall { .. } => Command::CancelMsgResp,
+        Request::GetUser { .. } => Command::GetUserResp,
+        Request::GetMessage(_) => Command::GetMessageResp,
+        Request::Typing { started: true, .. } => Command::TypingStart,
+        Request::Typing { started: false, .. } => Command::TypingStop,
+        Request::Receipt { read: true, .. } => Command::ReadReceipt,
+        Request::Receipt { read: false, .. } => Command::DeliveryReceipt,
+        Request::Sync { .. } => Command::SyncResp,
+    }
+}
+
+async fn verify(password: &str, hash: &str) -> bool {
+    let (password, hash) = (password.to_string(), hash.to_string());
+    tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash)).await.unwrap_or(false)
+}
+
+async fn hash(password: &str) -> Option<String> {
+    let password = password.to_string();
+    tokio::task::spawn_blocking(move || auth::hash_password(&password).ok()).await.ok().flatten()
+}
+
+/// A token bucket: `rate` per second, up to `burst` saved.
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket { tokens: f64::from(burst), rate: f64::from(rate), burst: f64::from(burst), last: Instant::now() }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The hub: which users are online on this node, through which connections, and which online
+//! users are in which group. Owns that map; sessions register and unregister themselves, and the
+//! fan-out pushes through it.
+//!
+//! Hot path: `send_user` and `send_group` run once per delivered message. They hold the lock only
+//! to copy out connection handles, never across an await, and never block: a connection whose
+//! queue is full is a slow consumer and is closed (its messages stay stored and are offered to it
+//! as offline messages when it comes back).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use schema::{ConversationId, Status};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, Transport};
+
+/// Frames queued per connection before it counts as a slow consumer.
+pub const QUEUE_PER_CONNECTION: usize = 1024;
+
+/// A frame on its way to one connection. The body is shared between all recipients.
+#[derive(Debug, Clone)]
+pub struct Push {
+    /// The command of the frame.
+    pub command: u8,
+    /// The JSON body.
+    pub body: Bytes,
+    /// For a chat message: the conversation and seq, so the session can move the user's
+    /// delivered cursor once the frame is written.
+    pub delivery: Option<(ConversationId, u64)>,
+}
+
+/// The sending half a session registers.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// Unique per node.
+    pub id: u64,
+    /// Transport.
+    pub transport: Transport,
+    /// The session's queue.
+    pub tx: mpsc::Sender<Push>,
+    /// Cancelled to close the session; `reason` says why.
+    pub kick: CancellationToken,
+    /// Why the session was kicked, set before `kick` is cancelled.
+    pub reason: Arc<Mutex<Option<Status>>>,
+}
+
+impl Conn {
+    /// Closes the session with `status` as the last frame it sends.
+    pub fn close(&self, status: Status) {
+        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        reason.get_or_insert(status);
+        self.kick.cancel();
+    }
+}
+
+#[derive(Default)]
+struct UserEntry {
+    conns: Vec<Conn>,
+    groups: HashSet<Arc<str>>,
+    nick: Option<String>,
+    avatar: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    users: HashMap<Arc<str>, UserEntry>,
+    /// Online members of each group.
+    groups: HashMap<Arc<str>, HashSet<Arc<str>>>,
+}
+
+/// The node's view of who is connected here.
+pub struct Hub {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+/// What `unregister` reports when a user's last connection went away.
+pub struct WentOffline {
+    /// The groups the user was in, whose remaining members get an exit notice.
+    pub groups: Vec<Arc<str>>,
+    /// The user's nick.
+    pub nick: Option<String>,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new(metrics: Arc<Metrics>) -> Hub {
+        Hub { inner: Mutex::new(Inner::default()), next_id: AtomicU64::new(1), metrics }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new connection handle and the queue it reads from.
+    pub fn connection(&self, transport: Transport) -> (Conn, mpsc::Receiver<Push>) {
+        let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
+        let conn = Conn { id: self.next_id.fetch_add(1, Ordering::Relaxed), transport, tx, kick: CancellationToken::new(), reason: Arc::default() };
+        (conn, rx)
+    }
+
+    /// Binds `conn` to `user`, online in `groups`.
+    pub fn register(&self, user: &str, conn: Conn, groups: &[String], nick: Option<String>, avatar: Option<String>) {
+        let mut inner = self.lock();
+        let user: Arc<str> = user.into();
+        let group_keys: Vec<Arc<str>> = groups.iter().map(|g| Arc::from(g.as_str())).collect();
+        for g in &group_keys {
+            inner.groups.entry(g.clone()).or_default().insert(user.clone());
+        }
+        let entry = inner.users.entry(user).or_default();
+        entry.conns.push(conn);
+        entry.groups.extend(group_keys);
+        entry.nick = nick;
+        entry.avatar = avatar;
+    }
+
+    /// Marks an online user as a member of `group`.
+    pub fn join(&self, user: &str, group: &str) {
+        let mut inner = self.lock();
+        let Some((key, _)) = inner.users.get_key_value(user) else { return };
+        let key = key.clone();
+        let group: Arc<str> = group.into();
+        inner.groups.entry(group.clone()).or_default().insert(key.clone());
+        if let Some(entry) = inner.users.get_mut(&key) {
+            entry.groups.insert(group);
+        }
+    }
+
+    /// Unbinds a connection. Returns the user's groups if it was their last connection here.
+    pub fn unregister(&self, user: &str, conn_id: u64) -> Option<WentOffline> {
+        let mut inner = self.lock();
+        let entry = inner.users.get_mut(user)?;
+        entry.conns.retain(|c| c.id != conn_id);
+        if !entry.conns.is_empty() {
+            return None;
+        }
+        let (key, entry) = inner.users.remove_entry(user)?;
+        for g in &entry.groups {
+            if let Some(members) = inner.groups.get_mut(g) {
+                members.remove(&key);
+                if members.is_empty() {
+                    inner.groups.remove(g);
+                }
+            }
+        }
+        Some(WentOffline { groups: entry.groups.into_iter().collect(), nick: entry.nick })
+    }
+
+    /// Whether `user` has a connection here.
+    pub fn is_online(&self, user: &str) -> bool {
+        self.lock().users.contains_key(user)
+    }
+
+    /// Online users, sorted.
+    pub fn online_users(&self) -> Vec<String> {
+        let mut users: Vec<String> = self.lock().users.keys().map(|u| u.to_string()).collect();
+        users.sort();
+        users
+    }
+
+    /// Connections of `user`, by transport name.
+    pub fn terminals(&self, user: &str) -> Vec<&'static str> {
+        self.lock().users.get(user).map(|e| e.conns.iter().map(|c| c.transport.name()).collect()).unwrap_or_default()
+    }
+
+    /// Pushes to every connection of `user`. Returns how many connections took it.
+    pub fn send_user(&self, user: &str, push: &Push) -> usize {
+        let conns: Vec<Conn> = match self.lock().users.get(user) {
+            Some(entry) => entry.conns.clone(),
+            None => return 0,
+        };
+        conns.iter().filter(|c| self.offer(c, push)).count()
+    }
+
+    /// Pushes to every connection of every online member of `group`, except connection `skip`.
+    pub fn send_group(&self, group: &str, push: &Push, skip: Option<u64>) -> usize {
+        let conns: Vec<Conn> = {
+            let inner = self.lock();
+            let Some(members) = inner.groups.get(group) else { return 0 };
+            members.iter().filter_map(|u| inner.users.get(u)).flat_map(|e| e.conns.iter().filter(|c| Some(c.id) != skip).cloned()).collect()
+        };
+        conns.iter().filter(|c| self.offer(c, push)).count()
+    }
+
+    /// Pushes to the connections of `users` (deduplicated by the caller).
+    pub fn send_users<'a>(&self, users: impl IntoIterator<Item = &'a str>, push: &Push) -> usize {
+        users.into_iter().map(|u| self.send_user(u, push)).sum()
+    }
+
+    fn offer(&self, conn: &Conn, push: &Push) -> bool {
+        match conn.tx.try_send(push.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                conn.close(Status::SlowConsumer);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Closes every connection of `user` with `status` as the last frame. Returns how many.
+    pub fn kick_user(&self, user: &str, status: Status) -> usize {
+        let conns: Vec<Conn> = self.lock().users.get(user).map(|e| e.conns.clone()).unwrap_or_default();
+        for c in &conns {
+            c.close(status);
+        }
+        conns.len()
+    }
+
+    /// Closes every connection (shutdown).
+    pub fn kick_all(&self, status: Status) {
+        let conns: Vec<Conn> = self.lock().users.values().flat_map(|e| e.conns.clone()).collect();
+        for c in &conns {
+            c.close(status);
+        }
+    }
+}

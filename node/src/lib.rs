@@ -1,0 +1,98 @@
+//! kefu's node: one process that speaks J-IM's binary TCP, WebSocket and HTTP on one port,
+//! stores every message in an embedded libSQL file, and serves the admin port.
+//!
+//! Layout (see ARCHITECTURE.md): `transport` frames bytes, `session` runs one connection,
+//! `dispatch` carries out commands, `hub` knows who is connected, `store` owns the database,
+//! `fanout` delivers what the store committed.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod dispatch;
+pub mod fanout;
+pub mod hub;
+pub mod metrics;
+pub mod session;
+pub mod store;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+use crate::auth::{LoginThrottle, Tokens};
+use crate::dispatch::Core;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// A running node.
+pub struct NodeHandle {
+    /// Where the J-IM port listens.
+    pub jim_addr: SocketAddr,
+    /// Where the admin port listens.
+    pub admin_addr: SocketAddr,
+    core: Arc<Core>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Opens the store, binds the ports and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let (store, feed) = Store::open(&config.data_dir, &config.node_id, Arc::clone(&metrics)).await.context("opening the database")?;
+    let tokens = Tokens::load_or_create(&config.data_dir, config.token_ttl).context("loading the token key")?;
+    let jim = TcpListener::bind(config.jim_addr).await.with_context(|| format!("binding the J-IM port {}", config.jim_addr))?;
+    let admin = TcpListener::bind(config.admin_addr).await.with_context(|| format!("binding the admin port {}", config.admin_addr))?;
+    let core = Arc::new(Core {
+        throttle: LoginThrottle::new(config.login_failures_per_minute),
+        hub: Hub::new(Arc::clone(&metrics)),
+        config,
+        store,
+        tokens,
+        metrics,
+        ready: AtomicBool::new(false),
+    });
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(fanout::run(Arc::clone(&core), feed));
+    let handle = NodeHandle { jim_addr: jim.local_addr()?, admin_addr: admin.local_addr()?, core: Arc::clone(&core), shutdown: shutdown.clone(), tasks: tasks.clone() };
+    tasks.spawn(transport::serve_jim(Arc::clone(&core), jim, shutdown.clone(), tasks.clone()));
+    let admin_router = admin::router(Arc::clone(&core));
+    let admin_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(admin, admin_router).with_graceful_shutdown(async move { admin_shutdown.cancelled().await }).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    core.ready.store(true, Ordering::Release);
+    Ok(handle)
+}
+
+impl NodeHandle {
+    /// The node's shared state (for embedding and tests).
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Closes every connection, stops accepting, and waits (up to 5 s) for the tasks to end.
+    pub async fn shutdown(self) {
+        self.core.ready.store(false, Ordering::Release);
+        self.core.hub.kick_all(schema::Status::CloseOk);
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await.is_err() {
+            tracing::warn!("some connections did not finish within 5 s of shutdown");
+        }
+    }
+}

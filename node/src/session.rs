@@ -1,0 +1,245 @@
+//! The session loop: one per connection, whatever the transport. It reads typed inbound items
+//! from the transport adapter, has the dispatcher carry them out, writes replies and the pushes
+//! queued for it by the hub, enforces the idle (heartbeat) timeout and the write timeout, and on
+//! exit unregisters from the hub and tells the user's groups.
+//!
+//! Transport adapters only turn bytes into [`Inbound`] and [`Outgoing`] into bytes; the loop is
+//! generic over `Stream + Sink`, so every transport behaves the same.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use schema::jim::{self, Request};
+use schema::{Command, ConversationId, Status};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::dispatch::{Core, Outcome, SessionState};
+use crate::hub::Push;
+use crate::metrics::Transport;
+
+/// How long one write may block before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a transport hands to the session.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A request body. `cmd` is the TCP header's command; `None` on WebSocket, where the JSON
+    /// carries it.
+    Request {
+        /// Command from the frame header, if the transport has one.
+        cmd: Option<Command>,
+        /// synSeq to echo on the replies.
+        syn_seq: i32,
+        /// The JSON body.
+        body: Bytes,
+    },
+    /// The peer asked to close (a WebSocket close frame).
+    Close,
+    /// The byte stream cannot be decoded: send a final error frame and close.
+    ProtocolError(Status),
+}
+
+/// What the session hands to a transport.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A J-IM frame.
+    Frame {
+        /// Command.
+        command: u8,
+        /// synSeq; 0 for none.
+        syn_seq: i32,
+        /// JSON body.
+        body: Bytes,
+    },
+    /// Close the connection cleanly, with a reason where the transport can carry one.
+    Close(Status),
+}
+
+/// Runs one session to its end. `first` is a request to carry out before reading (the
+/// WebSocket query-string login).
+pub async fn run<I, O>(core: Arc<Core>, transport: Transport, peer: SocketAddr, inbound: I, outbound: O, first: Option<Request>)
+where
+    I: Stream<Item = Inbound> + Unpin,
+    O: Sink<Outgoing> + Unpin,
+{
+    let (conn, rx) = core.hub.connection(transport);
+    let span = tracing::info_span!("conn", id = conn.id, transport = transport.name(), %peer);
+    let state = SessionState::new(&core, conn, peer);
+    let mut session = Session { core: Arc::clone(&core), state, outbound, rx, pending_cursors: HashMap::new() };
+    async move {
+        let _gauge = core.metrics.connection(transport);
+        let end = session.drive(inbound, first).await;
+        tracing::debug!(?end, "session ended");
+        session.finish();
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session<O> {
+    core: Arc<Core>,
+    state: SessionState,
+    outbound: O,
+    rx: tokio::sync::mpsc::Receiver<Push>,
+    /// Delivered cursors not yet handed to the store, newest seq per conversation.
+    pending_cursors: HashMap<ConversationId, u64>,
+}
+
+/// Why a session ended (logged at debug level).
+#[derive(Debug)]
+#[allow(dead_code)] // the fields are read through Debug
+enum End {
+    PeerGone,
+    Closed,
+    Kicked(Status),
+    Protocol(Status),
+    Idle,
+    WriteFailed,
+}
+
+impl<O: Sink<Outgoing> + Unpin> Session<O> {
+    async fn drive<I: Stream<Item = Inbound> + Unpin>(&mut self, mut inbound: I, first: Option<Request>) -> End {
+        let timeout = self.core.config.heartbeat_timeout;
+        let far = Duration::from_secs(365 * 24 * 3600);
+        let idle = tokio::time::sleep(timeout.unwrap_or(far));
+        tokio::pin!(idle);
+        if let Some(req) = first {
+            let outcome = self.core.handle(&mut self.state, req).await;
+            if let Some(end) = self.deliver(outcome, 0).await {
+                return end;
+            }
+        }
+        let kick = self.state.conn.kick.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = kick.cancelled() => {
+                    let status = self.state.conn.reason.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(Status::CloseOk);
+                    // The frame is best effort: a slow consumer may not take it.
+                    let _ = self.write_status(Command::CloseReq, status).await;
+                    let _ = self.send(Outgoing::Close(status)).await;
+                    return End::Kicked(status);
+                }
+                push = self.rx.recv() => {
+                    let Some(push) = push else { return End::Closed };
+                    if !self.write_push(push).await {
+                        return End::WriteFailed;
+                    }
+                    if self.rx.is_empty() {
+                        self.flush_cursors().await;
+                    }
+                    idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
+                }
+                item = inbound.next() => {
+                    idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
+                    match item {
+                        None => return End::PeerGone,
+                        Some(Inbound::Request { cmd, syn_seq, body }) => {
+                            let outcome = match jim::parse_request(cmd, &body) {
+                                Ok(req) => self.core.handle(&mut self.state, req).await,
+                                Err(e) => Outcome { replies: vec![crate::dispatch::Reply { command: e.command.code(), body: e.reply().into() }], close: false },
+                            };
+                            if let Some(end) = self.deliver(outcome, syn_seq).await {
+                                return end;
+                            }
+                        }
+                        Some(Inbound::Close) => {
+                            let _ = self.write_status(Command::CloseReq, Status::CloseOk).await;
+                            let _ = self.send(Outgoing::Close(Status::CloseOk)).await;
+                            return End::Closed;
+                        }
+                        Some(Inbound::ProtocolError(status)) => {
+                            self.core.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            let _ = self.write_status(Command::Unknown, status).await;
+                            let _ = self.send(Outgoing::Close(status)).await;
+                            return End::Protocol(status);
+                        }
+                    }
+                }
+                _ = &mut idle, if timeout.is_some() => {
+                    let _ = self.write_status(Command::CloseReq, Status::HeartbeatTimeout).await;
+                    let _ = self.send(Outgoing::Close(Status::HeartbeatTimeout)).await;
+                    return End::Idle;
+                }
+            }
+        }
+    }
+
+    /// Writes the pushes already queued (so notifications raised while handling a request go
+    /// out before its reply, as in J-IM), then the replies.
+    async fn deliver(&mut self, outcome: Outcome, syn_seq: i32) -> Option<End> {
+        while let Ok(push) = self.rx.try_recv() {
+            if !self.write_push(push).await {
+                return Some(End::WriteFailed);
+            }
+        }
+        for reply in outcome.replies {
+            if !self.send(Outgoing::Frame { command: reply.command, syn_seq, body: reply.body }).await {
+                return Some(End::WriteFailed);
+            }
+        }
+        if outcome.close {
+            let _ = self.send(Outgoing::Close(Status::CloseOk)).await;
+            return Some(End::Closed);
+        }
+        None
+    }
+
+    async fn write_push(&mut self, push: Push) -> bool {
+        let ok = self.send(Outgoing::Frame { command: push.command, syn_seq: 0, body: push.body }).await;
+        if ok {
+            if let Some((conv, seq)) = push.delivery {
+                self.state.live_floor.entry(conv.clone()).or_insert(seq);
+                let e = self.pending_cursors.entry(conv).or_default();
+                *e = (*e).max(seq);
+            }
+        }
+        ok
+    }
+
+    async fn write_status(&mut self, command: Command, status: Status) -> bool {
+        self.send(Outgoing::Frame { command: command.code(), syn_seq: 0, body: jim::status_reply(command, status).into() }).await
+    }
+
+    async fn send(&mut self, item: Outgoing) -> bool {
+        matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.send(item)).await, Ok(Ok(())))
+    }
+
+    /// Hands the delivered cursors to the store, coalesced: under load many pushes make one
+    /// cursor write.
+    async fn flush_cursors(&mut self) {
+        let Some(user) = self.state.user.as_ref().map(|u| u.id.clone()) else {
+            self.pending_cursors.clear();
+            return;
+        };
+        for (conv, seq) in self.pending_cursors.drain() {
+            if self.core.store.advance_cursor(&user, &conv, seq, 0).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn finish(mut self) {
+        let core = Arc::clone(&self.core);
+        let Some(user) = self.state.user.take() else { return };
+        let pending: Vec<(ConversationId, u64)> = self.pending_cursors.drain().collect();
+        if !pending.is_empty() {
+            let store = core.store.clone();
+            let id = user.id.clone();
+            tokio::spawn(async move {
+                for (conv, seq) in pending {
+                    let _ = store.advance_cursor(&id, &conv, seq, 0).await;
+                }
+            });
+        }
+        if let Some(gone) = core.hub.unregister(&user.id, self.state.conn.id) {
+            core.notify_exit(&user.id, gone.nick, &gone.groups);
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! HTTP on the J-IM port: the J-IM API (`/api/...`), kefu's `/v1` JSON API with its OpenAPI
+//! document, the static demo page, and the WebSocket upgrade on any path. Handlers translate
+//! HTTP to dispatcher calls and back; they hold no command logic of their own.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use schema::jim::{self, Request as JimRequest};
+use schema::{Command, ConversationId, Status};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::dispatch::{Core, Sender};
+use crate::store::StoredMessage;
+
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+const OPENAPI_JSON: &str = include_str!("../../web/openapi.json");
+/// Largest HTTP body (the TCP limit: a chat sent over HTTP is no bigger than one over TCP).
+const MAX_HTTP_BODY: usize = schema::frame::MAX_BODY;
+
+/// The client address, put into every request's extensions by [`service`].
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The router for the J-IM port.
+pub fn router(core: Arc<Core>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/index.html", get(index))
+        .route("/api/message/send", any(api_send))
+        .route("/api/user/online", any(api_online))
+        .route("/api/user/close", any(api_close))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/messages", post(v1_send))
+        .route("/v1/conversations/{conversation}/messages", get(v1_history))
+        .route("/v1/users/{user}", get(v1_user))
+        .route("/v1/groups/{group}", get(v1_group))
+        .route("/v1/presence", get(v1_presence_all))
+        .route("/v1/presence/{user}", get(v1_presence))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_HTTP_BODY))
+        .with_state(core)
+}
+
+/// A hyper service for one connection: requests with `Sec-WebSocket-Key` become WebSocket
+/// sessions on any path (as J-IM); everything else goes to the router.
+#[derive(Clone)]
+pub struct HttpService {
+    router: Router,
+    core: Arc<Core>,
+    peer: SocketAddr,
+}
+
+/// The service for a connection from `peer`.
+pub fn service(router: Router, core: Arc<Core>, peer: SocketAddr) -> HttpService {
+    HttpService { router, core, peer }
+}
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for HttpService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
+        let (router, core, peer) = (self.router.clone(), Arc::clone(&self.core), self.peer);
+        Box::pin(async move {
+            let mut req = req.map(Body::new);
+            req.extensions_mut().insert(Peer(peer));
+            if req.headers().contains_key(header::SEC_WEBSOCKET_KEY) {
+                return Ok(websocket(core, req, peer).await);
+            }
+            router.oneshot(req).await
+        })
+    }
+}
+
+async fn websocket(core: Arc<Core>, req: Request<Body>, peer: SocketAddr) -> Response {
+    let query: HashMap<String, String> = Query::try_from_uri(req.uri()).map(|Query(q)| q).unwrap_or_default();
+    let (mut parts, _) = req.into_parts();
+    match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => super::ws::upgrade(core, ws, peer, query),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+async fn index() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON)
+}
+
+async fn not_found() -> impl IntoResponse {
+    (StatusCode::NOT_FOUND, json_body(&json!({ "code": Status::NotFound.code(), "msg": Status::NotFound.msg() })))
+}
+
+fn json_body(v: &Value) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"))], v.to_string()).into_response()
+}
+
+fn raw_json(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"))], body).into_response()
+}
+
+/// Whether the caller presented the API key (or none is configured, which only dev allows).
+fn authorized(core: &Core, headers: &HeaderMap) -> bool {
+    let Some(key) = &core.config.api_key else { return true };
+    let presented = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")));
+    presented.is_some_and(|p| constant_time_eq(p.as_bytes(), key.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, json_body(&json!({ "code": Status::InvalidVerification.code(), "msg": "api key required 需要API密钥" }))).into_response()
+}
+
+fn code_only(status: Status) -> Response {
+    json_body(&json!({ "code": status.code(), "msg": status.msg() }))
+}
+
+// -- J-IM API -----------------------------------------------------------------------------------
+
+/// `/api/message/send`: the body is a cmd 11 chat JSON, `from` names the sender.
+async fn api_send(State(core): State<Arc<Core>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    // J-IM answers 200 whatever the code in the body.
+    let (_, reply) = send_from_api(&core, &body).await;
+    raw_json(StatusCode::OK, reply)
+}
+
+/// Parses a chat body with a `from`, sends it, and returns the cmd 12 reply and its status.
+async fn send_from_api(core: &Core, body: &[u8]) -> (Status, Vec<u8>) {
+    let bad = || (Status::SendFailed, jim::status_reply(Command::ChatResp, Status::SendFailed));
+    let Ok(JimRequest::Chat(chat)) = jim::parse_request(Some(Command::ChatReq), body) else { return bad() };
+    let Some(from) = chat.from.clone().filter(|f| jim::valid_id(f)) else { return bad() };
+    let (nick, avatar) = match core.store.user(&from).await {
+        Ok(Some(user)) => (user.nick, user.avatar),
+        Ok(None) => (None, None),
+        Err(_) => return (Status::Retryable, jim::status_reply(Command::ChatResp, Status::Retryable)),
+    };
+    let sender = Sender { id: &from, nick, avatar, groups: None };
+    let reply = core.send_chat(&sender, chat).await;
+    let status = serde_json::from_slice::<Value>(&reply)
+        .ok()
+        .and_then(|v| v["code"].as_u64())
+        .and_then(|c| Status::from_code(c as u32))
+        .unwrap_or(Status::Retryable);
+    (status, reply)
+}
+
+#[derive(serde::Deserialize)]
+struct UserParam {
+    userid: Option<String>,
+}
+
+async fn api_online(State(core): State<Arc<Core>>, headers: HeaderMap, Query(q): Query<UserParam>) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    match q.userid.filter(|u| !u.is_empty()) {
+        None => code_only(Status::InvalidVerification),
+        Some(user) if core.hub.is_online(&user) => code_only(Status::Online),
+        Some(_) => code_only(Status::Offline),
+    }
+}
+
+async fn api_close(State(core): State<Arc<Core>>, headers: HeaderMap, Query(q): Query<UserParam>) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    match q.userid.filter(|u| !u.is_empty()) {
+        None => code_only(Status::InvalidVerification),
+        Some(user) => {
+            core.hub.kick_user(&user, Status::CloseOk);
+            code_only(Status::CloseOk)
+        }
+    }
+}
+
+// -- /v1 ----------------------------------------------------------------------------------------
+
+fn http_status(status: Status) -> StatusCode {
+    match status {
+        Status::Ok | Status::Offline => StatusCode::OK,
+        Status::Forbidden => StatusCode::FORBIDDEN,
+        Status::NotFound => StatusCode::NOT_FOUND,
+        Status::Retryable => StatusCode::SERVICE_UNAVAILABLE,
+        Status::RateLimited | Status::LoginThrottled => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// `POST /v1/messages` with `{"from","to"|"groupId","content","msgType"?,"id"?,"extras"?}`.
+async fn v1_send(State(core): State<Arc<Core>>, headers: HeaderMap, Json(mut body): Json<Value>) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    let Some(obj) = body.as_object_mut() else { return raw_json(StatusCode::BAD_REQUEST, jim::status_reply(Command::ChatResp, Status::SendFailed)) };
+    let chat_type = if obj.contains_key("groupId") { 1 } else { 2 };
+    obj.entry("chatType").or_insert(json!(chat_type));
+    obj.insert("cmd".into(), json!(11));
+    let (status, reply) = send_from_api(&core, body.to_string().as_bytes()).await;
+    raw_json(http_status(status), reply)
+}
+
+#[derive(serde::Deserialize)]
+struct HistoryParams {
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/conversations/{id}/messages?after=SEQ&limit=N`: without `after`, the newest N.
+async fn v1_history(State(core): State<Arc<Core>>, headers: HeaderMap, Path(conversation): Path<String>, Query(p): Query<HistoryParams>) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    let Some(conv) = ConversationId::parse(&conversation) else { return (StatusCode::BAD_REQUEST, code_only(Status::BadRequest)).into_response() };
+    let limit = p.limit.unwrap_or(jim::DEFAULT_PAGE).clamp(1, jim::MAX_PAGE);
+    let result = match p.after {
+        Some(after) => core.store.since(&conv, after, limit).await,
+        None => core.store.history(&conv, None, None, 0, limit).await,
+    };
+    match result {
+        Ok(messages) => {
+            let bodies: Vec<_> = messages.iter().map(StoredMessage::to_chat_body).collect();
+            json_body(&json!({ "conversation": conv.as_str(), "messages": bodies }))
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
+    }
+}
+
+async fn v1_user(State(core): State<Arc<Core>>, headers: HeaderMap, Path(user): Path<String>) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    let (record, groups) = match (core.store.user(&user).await, core.store.user_groups(&user).await) {
+        (Ok(r), Ok(g)) => (r, g),
+        _ => return (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
+    };
+    let Some(record) = record else { return (StatusCode::NOT_FOUND, code_only(Status::NotFound)).into_response() };
+    let groups: Vec<&str> = groups.iter().map(|(g, _)| g.as_str()).collect();
+    json_body(&json!({
+        "userId": record.user_id, "nick": record.nick, "avatar": record.avatar, "role": record.role,
+        "online": core.hub.is_online(&record.user_id), "groups": groups,
+    }))
+}
+
+async fn v1_group(State(core): State<Arc<Core>>, headers: HeaderMap, Path(group): Path<String>) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    let (info, members) = match (core.store.group(&group).await, core.store.group_members(&group).await) {
+        (Ok(i), Ok(m)) => (i, m),
+        _ => return (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
+    };
+    let Some(name) = info else { return (StatusCode::NOT_FOUND, code_only(Status::NotFound)).into_response() };
+    let members: Vec<Value> = members.into_iter().map(|(id, nick, _)| json!({ "userId": id, "nick": nick, "online": core.hub.is_online(&id) })).collect();
+    json_body(&json!({ "groupId": group, "name": name, "members": members }))
+}
+
+async fn v1_presence_all(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    json_body(&json!({ "online": core.hub.online_users() }))
+}
+
+async fn v1_presence(State(core): State<Arc<Core>>, headers: HeaderMap, Path(user): Path<String>) -> Response {
+    if !authorized(&core, &headers) {
+        return unauthorized();
+    }
+    let terminals = core.hub.terminals(&user);
+    json_body(&json!({ "userId": user, "online": !terminals.is_empty(), "terminals": terminals }))
+}

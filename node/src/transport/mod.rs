@@ -1,0 +1,69 @@
+//! Transports: each accepts connections, frames bytes and hands typed items to the session loop.
+//! None of them holds command logic, SQL or presence.
+//!
+//! The J-IM port is sniffed on the first byte, as J-IM does: 0x01 is the binary protocol,
+//! anything else is HTTP, and an HTTP request with `Sec-WebSocket-Key` becomes a WebSocket.
+
+pub mod http;
+pub mod tcp;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::dispatch::Core;
+
+/// How long a new connection may stay silent before its first byte.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts on the J-IM port until `shutdown` is cancelled. Every connection task is tracked.
+pub async fn serve_jim(core: Arc<Core>, listener: TcpListener, shutdown: CancellationToken, tasks: TaskTracker) {
+    let router = http::router(Arc::clone(&core));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and similar: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let core = Arc::clone(&core);
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = sniff(core, stream, peer, router) => {}
+            }
+        });
+    }
+}
+
+async fn sniff(core: Arc<Core>, stream: TcpStream, peer: SocketAddr, router: axum::Router) {
+    let _ = stream.set_nodelay(true);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    if first[0] == schema::frame::VERSION {
+        tcp::serve(core, stream, peer).await;
+        return;
+    }
+    let service = http::service(router, core, peer);
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+        tracing::debug!(error = %e, %peer, "http connection ended with an error");
+    }
+}
