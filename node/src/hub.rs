@@ -8,7 +8,7 @@
 //! as offline messages when it comes back).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -20,6 +20,8 @@ use crate::metrics::{Metrics, Transport};
 
 /// Frames queued per connection before it counts as a slow consumer.
 pub const QUEUE_PER_CONNECTION: usize = 1024;
+/// Bytes queued per connection before it counts as a slow consumer, whatever the frame count.
+pub const QUEUE_BYTES_PER_CONNECTION: usize = 4 * 1024 * 1024;
 
 /// A frame on its way to one connection. The body is shared between all recipients.
 #[derive(Debug, Clone)]
@@ -46,6 +48,8 @@ pub struct Conn {
     pub kick: CancellationToken,
     /// Why the session was kicked, set before `kick` is cancelled.
     pub reason: Arc<Mutex<Option<Status>>>,
+    /// Body bytes queued and not yet written; the session subtracts what it writes.
+    pub queued: Arc<AtomicUsize>,
 }
 
 impl Conn {
@@ -100,7 +104,7 @@ impl Hub {
     /// A new connection handle and the queue it reads from.
     pub fn connection(&self, transport: Transport) -> (Conn, mpsc::Receiver<Push>) {
         let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
-        let conn = Conn { id: self.next_id.fetch_add(1, Ordering::Relaxed), transport, tx, kick: CancellationToken::new(), reason: Arc::default() };
+        let conn = Conn { id: self.next_id.fetch_add(1, Ordering::Relaxed), transport, tx, kick: CancellationToken::new(), reason: Arc::default(), queued: Arc::default() };
         (conn, rx)
     }
 
@@ -193,14 +197,25 @@ impl Hub {
     }
 
     fn offer(&self, conn: &Conn, push: &Push) -> bool {
+        let len = push.body.len();
+        if conn.queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES_PER_CONNECTION {
+            conn.queued.fetch_sub(len, Ordering::Relaxed);
+            self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            conn.close(Status::SlowConsumer);
+            return false;
+        }
         match conn.tx.try_send(push.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                conn.queued.fetch_sub(len, Ordering::Relaxed);
                 self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 conn.close(Status::SlowConsumer);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                conn.queued.fetch_sub(len, Ordering::Relaxed);
+                false
+            }
         }
     }
 

@@ -1,49 +1,5 @@
-//! `kefu-node`: parses the configuration, starts the node, prints where it listens, and stops
-//! cleanly on Ctrl-C or SIGTERM.
+//! `kefu-node`: see `node::cli`.
 
-use std::time::Instant;
-
-use clap::Parser;
-use node::config::{Config, Flags, Profile};
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let started = Instant::now();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEFU_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    let config = Config::resolve(Flags::parse())?;
-    let profile = config.profile;
-    let data_dir = config.data_dir.clone();
-    let api_key = config.api_key.is_some();
-    let node = node::start(config).await?;
-    // Tests and scripts read these lines from stdout to find the ports.
-    println!("kefu-node listening jim={} (J-IM tcp, http, ws)", node.jim_addr);
-    println!("kefu-node listening admin={} (healthz, readyz, metrics)", node.admin_addr);
-    println!("kefu-node ready data_dir={} profile={:?} startup_ms={}", data_dir.display(), profile, started.elapsed().as_millis());
-    if profile == Profile::Dev {
-        eprintln!("note: dev profile: unknown users are registered on first login{}", if api_key { "" } else { "; the HTTP APIs need no API key" });
-    }
-    shutdown_signal().await;
-    eprintln!("shutting down");
-    node.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return drop(ctrl_c.await),
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+fn main() -> anyhow::Result<()> {
+    node::cli::main()
 }

@@ -192,6 +192,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
     }
 
     async fn write_push(&mut self, push: Push) -> bool {
+        self.state.conn.queued.fetch_sub(push.body.len(), Ordering::Relaxed);
         let ok = self.send(Outgoing::Frame { command: push.command, syn_seq: 0, body: push.body }).await;
         if ok {
             if let Some((conv, seq)) = push.delivery {

@@ -1,1 +1,205 @@
+//! The test harness: starts real `kefu-node` processes on loopback with temporary data dirs,
+//! kills (SIGKILL) and restarts them, and speaks to them through real J-IM TCP and WebSocket
+//! clients. Used by the integration tests in `it/` and by the examples.
 
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub use client::{Client, TcpClient, WsClient};
+
+/// How long a node may take to print its ports.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A node process under test. Killed when dropped.
+pub struct TestNode {
+    /// The J-IM port (TCP, HTTP, WebSocket).
+    pub jim: SocketAddr,
+    /// The admin port.
+    pub admin: SocketAddr,
+    /// Milliseconds the node reported from process start to ready.
+    pub startup_ms: u64,
+    bin: PathBuf,
+    args: Vec<String>,
+    data: tempfile::TempDir,
+    child: Child,
+}
+
+/// Builds a node with extra flags.
+pub struct NodeBuilder {
+    bin: PathBuf,
+    args: Vec<String>,
+}
+
+impl NodeBuilder {
+    /// Adds a flag and its value.
+    pub fn arg(mut self, flag: &str, value: impl ToString) -> NodeBuilder {
+        self.args.push(flag.to_string());
+        self.args.push(value.to_string());
+        self
+    }
+
+    /// Starts the node with a fresh data dir.
+    pub async fn start(self) -> anyhow::Result<TestNode> {
+        let data = tempfile::Builder::new().prefix("kefu-test-").tempdir()?;
+        let (child, jim, admin, startup_ms) = spawn(&self.bin, data.path(), &self.args).await?;
+        Ok(TestNode { jim, admin, startup_ms, bin: self.bin, args: self.args, data, child })
+    }
+}
+
+impl TestNode {
+    /// A builder for the node binary at `bin` (pass `env!("CARGO_BIN_EXE_test-node")`).
+    pub fn builder(bin: impl AsRef<Path>) -> NodeBuilder {
+        NodeBuilder { bin: bin.as_ref().to_path_buf(), args: Vec::new() }
+    }
+
+    /// Starts a node with the defaults (dev profile, ports chosen by the OS).
+    pub async fn start(bin: impl AsRef<Path>) -> anyhow::Result<TestNode> {
+        TestNode::builder(bin).start().await
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn http(&self) -> String {
+        format!("http://{}", self.jim)
+    }
+
+    /// `ws://127.0.0.1:port`.
+    pub fn ws(&self) -> String {
+        format!("ws://{}", self.jim)
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts the process again on the same data dir (new ports).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.kill().await;
+        let (child, jim, admin, startup_ms) = spawn(&self.bin, self.data.path(), &self.args).await?;
+        self.child = child;
+        self.jim = jim;
+        self.admin = admin;
+        self.startup_ms = startup_ms;
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns whether it exited with success.
+    pub async fn terminate(&mut self) -> anyhow::Result<bool> {
+        let pid = self.child.id().ok_or_else(|| anyhow!("already exited"))?;
+        let rc = signal(pid, libc::SIGTERM);
+        if rc != 0 {
+            bail!("kill failed");
+        }
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await??;
+        Ok(status.success())
+    }
+
+    /// Resident set size of the node process, in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        rss_kib(self.child.id()?)
+    }
+
+    /// A TCP client connected to the J-IM port.
+    pub async fn tcp(&self) -> anyhow::Result<TcpClient> {
+        TcpClient::connect(self.jim).await
+    }
+
+    /// A TCP client that logged in as `user`.
+    pub async fn tcp_login(&self, user: &str) -> anyhow::Result<TcpClient> {
+        let mut c = self.tcp().await?;
+        c.login(user, "pw").await?;
+        Ok(c)
+    }
+
+    /// A WebSocket client logged in through the query string, as the J-IM demo page does.
+    pub async fn ws_login(&self, user: &str) -> anyhow::Result<WsClient> {
+        let mut c = WsClient::connect(&format!("{}/?username={user}&password=pw", self.ws())).await?;
+        c.recv_cmd(6).await?;
+        Ok(c)
+    }
+}
+
+fn signal(pid: u32, sig: i32) -> i32 {
+    let Ok(pid) = i32::try_from(pid) else { return -1 };
+    // kill(2) has no memory-safety preconditions.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, sig)
+    }
+}
+
+/// VmRSS of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<(Child, SocketAddr, SocketAddr, u64)> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--data-dir").arg(data).args(["--jim-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"]).args(extra);
+    cmd.env_remove("KEFU_CONFIG").env("KEFU_LOG", std::env::var("KEFU_LOG").unwrap_or_else(|_| "warn".into()));
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null()).kill_on_drop(true);
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut jim, mut admin, mut startup) = (None, None, 0);
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.strip_prefix("kefu-node listening jim=") {
+                jim = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            } else if let Some(rest) = line.strip_prefix("kefu-node listening admin=") {
+                admin = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            } else if line.starts_with("kefu-node ready") {
+                startup = line.rsplit("startup_ms=").next().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        bail!("the node exited before it was ready")
+    };
+    tokio::time::timeout(START_TIMEOUT, read).await.context("node start timed out")??;
+    // Keep draining stdout so the node never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    match (jim, admin) {
+        (Some(jim), Some(admin)) => Ok((child, jim, admin, startup)),
+        _ => bail!("the node did not print its ports"),
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("condition not met within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
