@@ -185,7 +185,7 @@ impl Core {
                 }
                 None => Outcome::status(Command::CloseReq, Status::CloseOk).closing(),
             },
-            Request::Recall { id } => self.recall(user, &id).await,
+            Request::Recall { id } => self.recall(s, user, &id).await,
             Request::GetUser { user_id, filter } => self.get_user(s, user, &user_id, filter).await,
             Request::GetMessage(query) => self.get_messages(s, user, query).await,
             Request::Typing { target, started } => {
@@ -204,7 +204,7 @@ impl Core {
                     Ok(conv) => conv,
                     Err(status) => return Outcome::status(command, status),
                 };
-                let result = self.store.advance_cursor(&user.id, &conv, seq, if read { seq } else { 0 }).await;
+                let result = self.store.advance_cursor_committed(&user.id, &conv, seq, if read { seq } else { 0 }).await;
                 if result.is_err() {
                     return Outcome::status(command, Status::Retryable);
                 }
@@ -410,11 +410,21 @@ impl Core {
         }
     }
 
-    async fn recall(&self, user: &UserCtx, id: &str) -> Outcome {
+    async fn recall(&self, s: &SessionState, user: &UserCtx, id: &str) -> Outcome {
         let result = self.store.recall(id, &user.id, user.privileged(), store::now_ms(), self.config.recall_window).await;
         let status = match result {
             Ok(Ok(recalled)) => {
-                let data = recall_json(&recalled.message, &recalled.by);
+                let m = &recalled.message;
+                let data = recall_json(m, &recalled.by);
+                let push = Push { command: Command::CancelMsgResp.code(), body: jim::push(Command::CancelMsgResp, &data).into(), delivery: None };
+                let skip = Some(s.conn.id);
+                let delivered = match (&m.recipient, &m.group_id) {
+                    (Some(to), _) if *to == m.sender => self.hub.send_user(to, &push, skip),
+                    (Some(to), _) => self.hub.send_user(&m.sender, &push, skip) + self.hub.send_user(to, &push, skip),
+                    (None, Some(group)) => self.hub.send_group(group, &push, skip),
+                    (None, None) => 0,
+                };
+                self.metrics.messages_out.fetch_add(delivered as u64, Ordering::Relaxed);
                 return Outcome::reply(Command::CancelMsgResp, jim::resp(Command::CancelMsgResp, Status::Ok, Some(data)));
             }
             Ok(Err(RecallRefusal::NotFound)) => Status::NotFound,
@@ -436,7 +446,7 @@ impl Core {
 
     fn push_to_target(&self, target: &Target, push: &Push, skip: Option<u64>) {
         match target {
-            Target::User(peer) => drop(self.hub.send_user(peer, push)),
+            Target::User(peer) => drop(self.hub.send_user(peer, push, None)),
             Target::Group(g) => drop(self.hub.send_group(g, push, skip)),
         }
     }
@@ -531,7 +541,7 @@ impl Core {
                 *e = (*e).max(m.seq);
             }
             for (conv, seq) in newest {
-                if let Err(e) = self.store.advance_cursor(&me.id, conv, seq, 0).await {
+                if let Err(e) = self.store.advance_cursor_committed(&me.id, conv, seq, 0).await {
                     return self.retryable(Command::GetMessageResp, e);
                 }
             }
@@ -565,8 +575,8 @@ fn group_view(group_id: String, name: Option<String>, members: Vec<UserView>, fi
     GroupView { avatar: None, group_id, name, online, users }
 }
 
-/// The body of a recall notice (cmd 16).
-pub fn recall_json(m: &StoredMessage, by: &str) -> serde_json::Value {
+/// The body of a recall notice and reply (cmd 16).
+fn recall_json(m: &StoredMessage, by: &str) -> serde_json::Value {
     json!({
         "chatType": m.chat_type,
         "conversation": m.conversation.as_str(),

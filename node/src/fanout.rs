@@ -13,7 +13,7 @@ use schema::jim;
 use schema::Command;
 use tokio::sync::mpsc;
 
-use crate::dispatch::{recall_json, Core};
+use crate::dispatch::Core;
 use crate::hub::Push;
 use crate::store::{Committed, Delivery};
 
@@ -27,7 +27,7 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>) {
                     let body = jim::push(Command::ChatReq, &message.to_chat_body());
                     let push = Push { command: Command::ChatReq.code(), body: body.into(), delivery: Some((message.conversation.clone(), message.seq)) };
                     let delivered = match (&message.recipient, &message.group_id) {
-                        (Some(to), _) => core.hub.send_user(to, &push),
+                        (Some(to), _) => core.hub.send_user(to, &push, None),
                         (None, Some(group)) => core.hub.send_group(group, &push, None),
                         (None, None) => 0,
                     };
@@ -38,18 +38,9 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>) {
                 }
                 let _ = reply.send(Ok(Delivery { message, recipient_online }));
             }
-            Committed::Recall { recalled, reply } => {
-                let m = &recalled.message;
-                let body = jim::push(Command::CancelMsgResp, &recall_json(m, &recalled.by));
-                let push = Push { command: Command::CancelMsgResp.code(), body: body.into(), delivery: None };
-                let delivered = match (&m.recipient, &m.group_id) {
-                    (Some(to), _) => core.hub.send_users([m.sender.as_str(), to.as_str()].into_iter().take(if m.sender == *to { 1 } else { 2 }), &push),
-                    (None, Some(group)) => core.hub.send_group(group, &push, None),
-                    (None, None) => 0,
-                };
-                core.metrics.messages_out.fetch_add(delivered as u64, Ordering::Relaxed);
-                let _ = reply.send(Ok(Arc::clone(&recalled)));
-            }
+            // The requester's dispatcher tells the members, skipping the requesting connection,
+            // which gets the reply instead.
+            Committed::Recall { recalled, reply } => drop(reply.send(Ok(recalled))),
         }
     }
 }

@@ -172,10 +172,11 @@ impl Hub {
         self.lock().users.get(user).map(|e| e.conns.iter().map(|c| c.transport.name()).collect()).unwrap_or_default()
     }
 
-    /// Pushes to every connection of `user`. Returns how many connections took it.
-    pub fn send_user(&self, user: &str, push: &Push) -> usize {
+    /// Pushes to every connection of `user` except connection `skip`. Returns how many
+    /// connections took it.
+    pub fn send_user(&self, user: &str, push: &Push, skip: Option<u64>) -> usize {
         let conns: Vec<Conn> = match self.lock().users.get(user) {
-            Some(entry) => entry.conns.clone(),
+            Some(entry) => entry.conns.iter().filter(|c| Some(c.id) != skip).cloned().collect(),
             None => return 0,
         };
         conns.iter().filter(|c| self.offer(c, push)).count()
@@ -189,11 +190,6 @@ impl Hub {
             members.iter().filter_map(|u| inner.users.get(u)).flat_map(|e| e.conns.iter().filter(|c| Some(c.id) != skip).cloned()).collect()
         };
         conns.iter().filter(|c| self.offer(c, push)).count()
-    }
-
-    /// Pushes to the connections of `users` (deduplicated by the caller).
-    pub fn send_users<'a>(&self, users: impl IntoIterator<Item = &'a str>, push: &Push) -> usize {
-        users.into_iter().map(|u| self.send_user(u, push)).sum()
     }
 
     fn offer(&self, conn: &Conn, push: &Push) -> bool {

@@ -76,6 +76,9 @@ where
         let _gauge = core.metrics.connection(transport);
         let end = session.drive(inbound, first).await;
         tracing::debug!(?end, "session ended");
+        // Flush what is buffered (the final frame, a WebSocket close reply) and close the write
+        // side; bounded, since a client that stopped reading may never take it.
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, session.outbound.close()).await;
         session.finish();
     }
     .instrument(span)
@@ -150,8 +153,8 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                             }
                         }
                         Some(Inbound::Close) => {
-                            let _ = self.write_status(Command::CloseReq, Status::CloseOk).await;
-                            let _ = self.send(Outgoing::Close(Status::CloseOk)).await;
+                            // A WebSocket close from the client: tungstenite has already queued
+                            // the close reply, so no frame can precede it; closing flushes it.
                             return End::Closed;
                         }
                         Some(Inbound::ProtocolError(status)) => {

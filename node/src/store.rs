@@ -198,7 +198,7 @@ pub struct Delivery {
 
 enum WriteOp {
     Append(NewMessage, oneshot::Sender<Result<Delivery>>),
-    Cursor { user: String, conversation: ConversationId, delivered: u64, read: u64 },
+    Cursor { user: String, conversation: ConversationId, delivered: u64, read: u64, reply: Option<oneshot::Sender<Result<bool>>> },
     Recall { id: String, by: String, privileged: bool, now_ms: i64, window_ms: i64, reply: oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>> },
     CreateUser(UserRecord, oneshot::Sender<Result<bool>>),
     Join { group: String, name: Option<String>, user: String, reply: oneshot::Sender<Result<bool>> },
@@ -257,7 +257,14 @@ impl Store {
 
     /// Moves a user's cursors forward (never back). Fire and forget: applied with the next batch.
     pub async fn advance_cursor(&self, user: &str, conversation: &ConversationId, delivered: u64, read: u64) -> Result<()> {
-        self.send(WriteOp::Cursor { user: user.to_string(), conversation: conversation.clone(), delivered, read }).await
+        self.send(WriteOp::Cursor { user: user.to_string(), conversation: conversation.clone(), delivered, read, reply: None }).await
+    }
+
+    /// Moves a user's cursors forward and waits for the commit, so the next read sees it.
+    pub async fn advance_cursor_committed(&self, user: &str, conversation: &ConversationId, delivered: u64, read: u64) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Cursor { user: user.to_string(), conversation: conversation.clone(), delivered, read, reply: Some(tx) }).await?;
+        rx.await.map_err(|_| StoreError::Closed)?.map(drop)
     }
 
     /// Recalls message `id` on behalf of `by`.
@@ -549,6 +556,7 @@ impl Writer {
                 (WriteOp::Recall { reply, .. }, Done::Recall(_, slot)) => *slot = reply,
                 (WriteOp::CreateUser(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
+                (WriteOp::Cursor { reply: Some(reply), .. }, Done::Flag(_, slot)) => *slot = reply,
                 _ => {}
             }
         }
@@ -561,7 +569,7 @@ impl Writer {
                 let (stored, duplicate) = self.append(msg).await?;
                 Done::Append(Arc::new(stored), duplicate, oneshot::channel().0)
             }
-            WriteOp::Cursor { user, conversation, delivered, read } => {
+            WriteOp::Cursor { user, conversation, delivered, read, reply } => {
                 self.conn
                     .execute(
                         "INSERT INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?2, ?3, ?4) \
@@ -569,7 +577,11 @@ impl Writer {
                         params![user.as_str(), conversation.as_str(), to_i64(*delivered), to_i64(*read)],
                     )
                     .await?;
-                Done::Nothing
+                if reply.is_some() {
+                    Done::Flag(true, oneshot::channel().0)
+                } else {
+                    Done::Nothing
+                }
             }
             WriteOp::Recall { id, by, privileged, now_ms, window_ms, .. } => {
                 let outcome = self.recall(id, by, *privileged, *now_ms, *window_ms).await?;
@@ -738,7 +750,8 @@ fn fail(op: WriteOp) {
     match op {
         WriteOp::Append(_, reply) => drop(reply.send(Err(retry()))),
         WriteOp::CreateUser(_, reply) | WriteOp::Join { reply, .. } => drop(reply.send(Err(retry()))),
-        WriteOp::Recall { .. } | WriteOp::Cursor { .. } => {}
+        WriteOp::Cursor { reply: Some(reply), .. } => drop(reply.send(Err(retry()))),
+        WriteOp::Recall { .. } | WriteOp::Cursor { reply: None, .. } => {}
     }
 }
 

@@ -22,6 +22,8 @@ async fn node_is_fine(n: &TestNode) -> anyhow::Result<()> {
 async fn header_errors_close_with_jim_codes() -> anyhow::Result<()> {
     let n = node().await;
     let mut bystander = n.tcp_login("bystander").await?;
+    // A first byte other than 0x01 is sniffed as HTTP (as in J-IM), so each case follows a valid
+    // frame on an established binary connection.
     let cases: [(&[u8], u64); 4] = [
         (&[0x02, 0, 11, 0, 0, 0, 2, b'{', b'}'], 10013),
         (&[0x01, 0, 77, 0, 0, 0, 2, b'{', b'}'], 10014),
@@ -30,6 +32,8 @@ async fn header_errors_close_with_jim_codes() -> anyhow::Result<()> {
     ];
     for (bytes, code) in cases {
         let mut c = n.tcp().await?;
+        c.send(json!({"cmd": 13})).await?;
+        c.recv_cmd(13).await?;
         c.write_raw(bytes).await?;
         let (cmd, reply) = c.recv_frame().await?;
         assert_eq!((cmd, reply["code"].as_u64()), (0, Some(code)), "{bytes:?}");
@@ -101,16 +105,24 @@ async fn half_frame_then_stall_is_closed_by_the_idle_timeout() -> anyhow::Result
     let mut staller = n.tcp().await?;
     staller.write_raw(&[0x01, 0x00, 11, 0, 0, 0, 50, b'{']).await?;
     let mut healthy = n.tcp_login("healthy").await?;
-    // The stalled client is closed with the timeout code.
-    let (_, reply) = staller.recv_frame().await?;
-    assert_eq!(reply["code"], 11011);
-    staller.closed().await?;
-    // The healthy one, which keeps talking, is not.
-    for _ in 0..3 {
-        healthy.send(json!({"cmd": 13})).await?;
-        healthy.recv_cmd(13).await?;
-        tokio::time::sleep(Duration::from_millis(400)).await;
-    }
+    // The healthy client keeps talking (every 300 ms, bounded to 10 rounds) while the stalled
+    // one waits for its fate.
+    let keep_talking = async {
+        for _ in 0..10 {
+            healthy.send(json!({"cmd": 13})).await?;
+            healthy.recv_cmd(13).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    let stalled = async {
+        let (_, reply) = staller.recv_frame().await?;
+        assert_eq!(reply["code"], 11011, "closed with the heartbeat-timeout code");
+        staller.closed().await
+    };
+    let (talked, stalled) = tokio::join!(keep_talking, stalled);
+    stalled?;
+    talked?;
     Ok(())
 }
 

@@ -48,7 +48,7 @@ async fn v1_api_matches_its_openapi_document() -> anyhow::Result<()> {
         assert!(doc["paths"][path].is_object(), "{path} documented");
     }
     let mut ann = n.ws_login("ann").await?;
-    n.tcp_login("ben").await?;
+    let _ben = n.tcp_login("ben").await?;
     let sent = http.post(format!("{}/v1/messages", n.http())).json(&json!({"from":"ben","to":"ann","content":"v1 hi","id":"v1-1"})).send().await?;
     assert_eq!(sent.status(), 200);
     let sent: Value = sent.json().await?;
