@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
-use clap::Parser;
 use crate::config::{Config, Flags, Profile};
+use clap::Parser;
 
 /// Runs the node until Ctrl-C or SIGTERM.
 pub fn main() -> anyhow::Result<()> {
@@ -28,7 +28,10 @@ async fn run() -> anyhow::Result<()> {
     println!("kefu-node listening admin={} (healthz, readyz, metrics)", node.admin_addr);
     println!("kefu-node ready data_dir={} profile={:?} startup_ms={}", data_dir.display(), profile, started.elapsed().as_millis());
     if profile == Profile::Dev {
-        eprintln!("note: dev profile: unknown users are registered on first login{}", if api_key { "" } else { "; the HTTP APIs need no API key" });
+        eprintln!(
+            "note: dev profile: unknown users are registered on first login{}",
+            if api_key { "" } else { "; the HTTP APIs need no API key" }
+        );
     }
     shutdown_signal().await;
     eprintln!("shutting down");

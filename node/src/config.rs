@@ -178,6 +178,7 @@ fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 mod tests {
     use super::*;
 

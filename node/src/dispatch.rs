@@ -80,7 +80,13 @@ pub struct SessionState {
 impl SessionState {
     /// A fresh, unauthenticated session.
     pub fn new(core: &Core, conn: Conn, peer: SocketAddr) -> SessionState {
-        SessionState { conn, peer, user: None, live_floor: HashMap::new(), bucket: TokenBucket::new(core.config.msg_rate, core.config.msg_burst) }
+        SessionState {
+            conn,
+            peer,
+            user: None,
+            live_floor: HashMap::new(),
+            bucket: TokenBucket::new(core.config.msg_rate, core.config.msg_burst),
+        }
     }
 }
 
@@ -269,7 +275,13 @@ impl Core {
             Err(e) => return self.retryable(command, e),
         };
         let group_ids: Vec<String> = groups.into_iter().map(|(g, _)| g).collect();
-        let user = UserCtx { id: record.user_id, nick: record.nick, avatar: record.avatar, role: record.role, groups: group_ids.iter().cloned().collect() };
+        let user = UserCtx {
+            id: record.user_id,
+            nick: record.nick,
+            avatar: record.avatar,
+            role: record.role,
+            groups: group_ids.iter().cloned().collect(),
+        };
         self.hub.register(&user.id, s.conn.clone(), &group_ids, user.nick.clone(), user.avatar.clone());
         // J-IM sends the join notice of every group to the group (the user included) before the
         // login reply.
@@ -321,7 +333,7 @@ impl Core {
         };
         if self.store.create_user(record.clone()).await? {
             for g in &self.config.default_groups {
-                self.store.join_group(g, None, user_id).await?;
+                self.store.join_group(g, Some(g.clone()), user_id).await?;
             }
             tracing::info!(user = %user_id, "registered on first login (dev profile)");
             return Ok(Some(record));
@@ -344,7 +356,8 @@ impl Core {
             u.groups.insert(group.to_string());
         }
         // As J-IM 3.x: no direct reply on success; the notice (which the joiner gets too) is it.
-        let push = Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(group, &user.view(true)).into(), delivery: None };
+        let push =
+            Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(group, &user.view(true)).into(), delivery: None };
         self.hub.send_group(group, &push, None);
         Outcome::none()
     }
@@ -416,7 +429,8 @@ impl Core {
             Ok(Ok(recalled)) => {
                 let m = &recalled.message;
                 let data = recall_json(m, &recalled.by);
-                let push = Push { command: Command::CancelMsgResp.code(), body: jim::push(Command::CancelMsgResp, &data).into(), delivery: None };
+                let push =
+                    Push { command: Command::CancelMsgResp.code(), body: jim::push(Command::CancelMsgResp, &data).into(), delivery: None };
                 let skip = Some(s.conn.id);
                 let delivered = match (&m.recipient, &m.group_id) {
                     (Some(to), _) if *to == m.sender => self.hub.send_user(to, &push, skip),

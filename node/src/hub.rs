@@ -104,7 +104,14 @@ impl Hub {
     /// A new connection handle and the queue it reads from.
     pub fn connection(&self, transport: Transport) -> (Conn, mpsc::Receiver<Push>) {
         let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
-        let conn = Conn { id: self.next_id.fetch_add(1, Ordering::Relaxed), transport, tx, kick: CancellationToken::new(), reason: Arc::default(), queued: Arc::default() };
+        let conn = Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            transport,
+            tx,
+            kick: CancellationToken::new(),
+            reason: Arc::default(),
+            queued: Arc::default(),
+        };
         (conn, rx)
     }
 

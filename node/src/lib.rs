@@ -66,7 +66,13 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(fanout::run(Arc::clone(&core), feed));
-    let handle = NodeHandle { jim_addr: jim.local_addr()?, admin_addr: admin.local_addr()?, core: Arc::clone(&core), shutdown: shutdown.clone(), tasks: tasks.clone() };
+    let handle = NodeHandle {
+        jim_addr: jim.local_addr()?,
+        admin_addr: admin.local_addr()?,
+        core: Arc::clone(&core),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    };
     tasks.spawn(transport::serve_jim(Arc::clone(&core), jim, shutdown.clone(), tasks.clone()));
     let admin_router = admin::router(Arc::clone(&core));
     let admin_shutdown = shutdown.clone();

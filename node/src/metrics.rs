@@ -43,7 +43,12 @@ pub struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram { bounds, buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0), count: AtomicU64::new(0) }
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
     }
 
     /// Records one observation.
@@ -133,7 +138,8 @@ impl Metrics {
         }
         out.push_str("# HELP kefu_connections_total Client connections accepted.\n# TYPE kefu_connections_total counter\n");
         for t in TRANSPORTS {
-            let _ = writeln!(out, "kefu_connections_total{{transport=\"{}\"}} {}", t.name(), self.connections_total[t.index()].load(Relaxed));
+            let _ =
+                writeln!(out, "kefu_connections_total{{transport=\"{}\"}} {}", t.name(), self.connections_total[t.index()].load(Relaxed));
         }
         for (name, help, value) in [
             ("kefu_messages_in_total", "Chat messages accepted from clients.", &self.messages_in),

@@ -198,10 +198,28 @@ pub struct Delivery {
 
 enum WriteOp {
     Append(NewMessage, oneshot::Sender<Result<Delivery>>),
-    Cursor { user: String, conversation: ConversationId, delivered: u64, read: u64, reply: Option<oneshot::Sender<Result<bool>>> },
-    Recall { id: String, by: String, privileged: bool, now_ms: i64, window_ms: i64, reply: oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>> },
+    Cursor {
+        user: String,
+        conversation: ConversationId,
+        delivered: u64,
+        read: u64,
+        reply: Option<oneshot::Sender<Result<bool>>>,
+    },
+    Recall {
+        id: String,
+        by: String,
+        privileged: bool,
+        now_ms: i64,
+        window_ms: i64,
+        reply: oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>>,
+    },
     CreateUser(UserRecord, oneshot::Sender<Result<bool>>),
-    Join { group: String, name: Option<String>, user: String, reply: oneshot::Sender<Result<bool>> },
+    Join {
+        group: String,
+        name: Option<String>,
+        user: String,
+        reply: oneshot::Sender<Result<bool>>,
+    },
 }
 
 /// A cheap, cloneable handle to the store.
@@ -268,7 +286,14 @@ impl Store {
     }
 
     /// Recalls message `id` on behalf of `by`.
-    pub async fn recall(&self, id: &str, by: &str, privileged: bool, now_ms: i64, window: Duration) -> Result<Result<Arc<Recalled>, RecallRefusal>> {
+    pub async fn recall(
+        &self,
+        id: &str,
+        by: &str,
+        privileged: bool,
+        now_ms: i64,
+        window: Duration,
+    ) -> Result<Result<Arc<Recalled>, RecallRefusal>> {
         let (tx, rx) = oneshot::channel();
         let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
         self.send(WriteOp::Recall { id: id.to_string(), by: by.to_string(), privileged, now_ms, window_ms, reply: tx }).await?;
@@ -298,7 +323,8 @@ impl Store {
     /// A user by id.
     pub async fn user(&self, user_id: &str) -> Result<Option<UserRecord>> {
         let conn = self.reader().await;
-        let mut rows = conn.query("SELECT user_id, password_hash, nick, avatar, role FROM users WHERE user_id = ?1", params![user_id]).await?;
+        let mut rows =
+            conn.query("SELECT user_id, password_hash, nick, avatar, role FROM users WHERE user_id = ?1", params![user_id]).await?;
         let Some(row) = rows.next().await? else { return Ok(None) };
         Ok(Some(UserRecord { user_id: row.get(0)?, password_hash: row.get(1)?, nick: row.get(2)?, avatar: row.get(3)?, role: row.get(4)? }))
     }
@@ -352,7 +378,12 @@ impl Store {
     /// The peers of every private conversation of `user`.
     pub async fn contacts(&self, user_id: &str) -> Result<Vec<String>> {
         let conn = self.reader().await;
-        let mut rows = conn.query("SELECT conversation FROM cursors WHERE user_id = ?1 AND conversation LIKE 'p:%' ORDER BY conversation", params![user_id]).await?;
+        let mut rows = conn
+            .query(
+                "SELECT conversation FROM cursors WHERE user_id = ?1 AND conversation LIKE 'p:%' ORDER BY conversation",
+                params![user_id],
+            )
+            .await?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().await? {
             let conv: String = row.get(0)?;
@@ -379,7 +410,14 @@ impl Store {
     /// History of one conversation. Without a time range: the newest `count` messages before
     /// skipping `offset` from the newest end; with one: the oldest `count` in the range after
     /// `offset`. Always returned oldest first.
-    pub async fn history(&self, conversation: &ConversationId, begin: Option<i64>, end: Option<i64>, offset: u32, count: u32) -> Result<Vec<StoredMessage>> {
+    pub async fn history(
+        &self,
+        conversation: &ConversationId,
+        begin: Option<i64>,
+        end: Option<i64>,
+        offset: u32,
+        count: u32,
+    ) -> Result<Vec<StoredMessage>> {
         let conn = self.reader().await;
         let conv = conversation.as_str();
         let rows = if begin.is_none() && end.is_none() {
@@ -463,7 +501,11 @@ async fn configure(conn: &Connection, writer: bool) -> Result<()> {
 }
 
 async fn migrate(conn: &Connection) -> Result<()> {
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)", ()).await?;
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+        (),
+    )
+    .await?;
     for m in schema::migrations::MIGRATIONS {
         let mut rows = conn.query("SELECT 1 FROM schema_migrations WHERE version = ?1", params![m.version]).await?;
         let applied = rows.next().await?.is_some();
@@ -473,7 +515,8 @@ async fn migrate(conn: &Connection) -> Result<()> {
         }
         let tx = conn.transaction().await?;
         tx.execute_batch(m.sql).await?;
-        tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)", params![m.version, m.name, now_ms()]).await?;
+        tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)", params![m.version, m.name, now_ms()])
+            .await?;
         tx.commit().await?;
         tracing::info!(version = m.version, name = m.name, "applied migration");
     }
@@ -599,11 +642,17 @@ impl Writer {
             }
             WriteOp::Join { group, name, user, .. } => {
                 self.conn
-                    .execute("INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)", params![group.as_str(), name.clone(), now_ms()])
+                    .execute(
+                        "INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
+                        params![group.as_str(), name.clone(), now_ms()],
+                    )
                     .await?;
                 let added = self
                     .conn
-                    .execute("INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at) VALUES (?1, ?2, ?3)", params![group.as_str(), user.as_str(), now_ms()])
+                    .execute(
+                        "INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at) VALUES (?1, ?2, ?3)",
+                        params![group.as_str(), user.as_str(), now_ms()],
+                    )
                     .await?;
                 if added > 0 {
                     let conv = ConversationId::group(group);
@@ -624,7 +673,8 @@ impl Writer {
         if let Some(seq) = self.seqs.get(conv) {
             return Ok(*seq);
         }
-        let mut rows = self.conn.query("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation = ?1", params![conv.as_str()]).await?;
+        let mut rows =
+            self.conn.query("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation = ?1", params![conv.as_str()]).await?;
         let seq: u64 = match rows.next().await? {
             Some(row) => row.get(0)?,
             None => 0,
@@ -698,7 +748,14 @@ impl Writer {
         Ok((stored, false))
     }
 
-    async fn recall(&mut self, id: &str, by: &str, privileged: bool, now_ms: i64, window_ms: i64) -> Result<Result<Arc<Recalled>, RecallRefusal>> {
+    async fn recall(
+        &mut self,
+        id: &str,
+        by: &str,
+        privileged: bool,
+        now_ms: i64,
+        window_ms: i64,
+    ) -> Result<Result<Arc<Recalled>, RecallRefusal>> {
         let sql = format!("SELECT {MSG_COLS} FROM messages m WHERE m.id = ?1");
         let rows = self.conn.query(&sql, params![id]).await?;
         let Some(mut message) = collect_messages(rows).await?.pop() else { return Ok(Err(RecallRefusal::NotFound)) };

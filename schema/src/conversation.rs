@@ -69,6 +69,7 @@ impl fmt::Display for ConversationId {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 mod tests {
     use super::*;
 

@@ -217,10 +217,9 @@ pub fn parse_request(cmd: Option<Command>, body: &[u8]) -> Result<Request, Reque
             token: f.string(&["token"]).map_err(bad)?.filter(|t| !t.is_empty()),
             nick: f.string(&["nick"]).map_err(bad)?,
         }),
-        Command::JoinGroupReq => Request::JoinGroup {
-            group_id: f.id(&["groupId", "group"]).map_err(bad)?.ok_or(fail)?,
-            name: f.string(&["name"]).map_err(bad)?,
-        },
+        Command::JoinGroupReq => {
+            Request::JoinGroup { group_id: f.id(&["groupId", "group"]).map_err(bad)?.ok_or(fail)?, name: f.string(&["name"]).map_err(bad)? }
+        }
         Command::ChatReq => Request::Chat(parse_chat(f).map_err(bad)?),
         Command::CloseReq => Request::Close { user_id: f.id(&["userId"]).map_err(bad)? },
         Command::CancelMsgReq => Request::Recall { id: f.string(&["id", "msgId"]).map_err(bad)?.ok_or(fail)? },
@@ -389,10 +388,12 @@ impl Fields {
             Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
             Some(Value::String(s)) => {
                 let s = s.trim();
-                s.parse::<i64>().or_else(|_| match s.parse::<f64>() {
-                    Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
-                    _ => Err(FieldError),
-                }).map(Some)
+                s.parse::<i64>()
+                    .or_else(|_| match s.parse::<f64>() {
+                        Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+                        _ => Err(FieldError),
+                    })
+                    .map(Some)
             }
             Some(_) => Err(FieldError),
         }

@@ -11,7 +11,12 @@ async fn demo_page_chats_between_two_tabs() -> anyhow::Result<()> {
     anyhow::ensure!(dir.join("node_modules/playwright-core").exists(), "run `npm ci --prefix tests/browser` first (.ci/run does)");
     anyhow::ensure!(Path::new("/usr/bin/chromium").exists(), "install Debian's chromium first (.ci/run does)");
     let n = node().await;
-    let out = tokio::process::Command::new("node").arg(dir.join("demo_chat.mjs")).arg(format!("{}/", n.http())).current_dir(&dir).output().await?;
+    let out = tokio::process::Command::new("node")
+        .arg(dir.join("demo_chat.mjs"))
+        .arg(format!("{}/", n.http()))
+        .current_dir(&dir)
+        .output()
+        .await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     anyhow::ensure!(out.status.success() && stdout.contains("demo chat ok"), "browser test failed\nstdout: {stdout}\nstderr: {stderr}");

@@ -33,7 +33,11 @@ async fn acknowledged_messages_survive_sigkill() -> anyhow::Result<()> {
                 if reply["code"] == 10000 || reply["code"] == 10001 {
                     let conv = reply["data"]["conversation"].as_str().unwrap_or_default().to_string();
                     let mut a = acked.lock().await;
-                    a.push((conv, reply["data"]["id"].as_str().unwrap_or_default().to_string(), reply["data"]["seq"].as_u64().unwrap_or(0)));
+                    a.push((
+                        conv,
+                        reply["data"]["id"].as_str().unwrap_or_default().to_string(),
+                        reply["data"]["seq"].as_u64().unwrap_or(0),
+                    ));
                     if a.len() >= KILL_AFTER {
                         let _ = enough.try_send(());
                     }

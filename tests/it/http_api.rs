@@ -44,19 +44,34 @@ async fn v1_api_matches_its_openapi_document() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let doc: Value = http.get(format!("{}/v1/openapi.json", n.http())).send().await?.json().await?;
     assert_eq!(doc["openapi"], "3.0.3");
-    for path in ["/v1/messages", "/v1/conversations/{conversation}/messages", "/v1/users/{user}", "/v1/groups/{group}", "/v1/presence", "/v1/presence/{user}"] {
+    for path in [
+        "/v1/messages",
+        "/v1/conversations/{conversation}/messages",
+        "/v1/users/{user}",
+        "/v1/groups/{group}",
+        "/v1/presence",
+        "/v1/presence/{user}",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} documented");
     }
     let mut ann = n.ws_login("ann").await?;
     let _ben = n.tcp_login("ben").await?;
-    let sent = http.post(format!("{}/v1/messages", n.http())).json(&json!({"from":"ben","to":"ann","content":"v1 hi","id":"v1-1"})).send().await?;
+    let sent =
+        http.post(format!("{}/v1/messages", n.http())).json(&json!({"from":"ben","to":"ann","content":"v1 hi","id":"v1-1"})).send().await?;
     assert_eq!(sent.status(), 200);
     let sent: Value = sent.json().await?;
     assert_eq!(sent["code"], 10000);
     assert_eq!(ann.recv_cmd(11).await?["data"]["content"], "v1 hi");
-    let group: Value = http.post(format!("{}/v1/messages", n.http())).json(&json!({"from":"ben","groupId":"100","content":"to all"})).send().await?.json().await?;
+    let group: Value = http
+        .post(format!("{}/v1/messages", n.http()))
+        .json(&json!({"from":"ben","groupId":"100","content":"to all"}))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(group["data"]["conversation"], "g:100");
-    let forbidden = http.post(format!("{}/v1/messages", n.http())).json(&json!({"from":"ben","groupId":"secret","content":"x"})).send().await?;
+    let forbidden =
+        http.post(format!("{}/v1/messages", n.http())).json(&json!({"from":"ben","groupId":"secret","content":"x"})).send().await?;
     assert_eq!(forbidden.status(), 403);
 
     let history: Value = http.get(format!("{}/v1/conversations/p:ann:ben/messages?limit=10", n.http())).send().await?.json().await?;

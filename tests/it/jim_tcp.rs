@@ -18,7 +18,10 @@ async fn login_chat_group_users_history_heartbeat_close() -> anyhow::Result<()> 
     let (cmd, notice) = a.recv_frame().await?;
     assert_eq!(cmd, 9);
     assert_eq!(a.last_mask, 0xD1, "server frames carry J-IM's output mask");
-    assert_eq!(notice, json!({"code":10011,"command":9,"group":"100","msg":"join group ok! 加入群组成功!","user":{"nick":"hello_client","status":"online","userId":"hello_client"}}));
+    assert_eq!(
+        notice,
+        json!({"code":10011,"command":9,"group":"100","msg":"join group ok! 加入群组成功!","user":{"nick":"hello_client","status":"online","userId":"hello_client"}})
+    );
     let (cmd, login) = a.recv_frame().await?;
     assert_eq!((cmd, login["code"].as_u64(), login["msg"].as_str()), (6, Some(10007), Some("ok 登录成功!")));
 
@@ -69,7 +72,10 @@ async fn login_chat_group_users_history_heartbeat_close() -> anyhow::Result<()> 
     assert_eq!(a.recv_cmd(14).await?, json!({"code":10021,"command":14,"msg":"close ok! 关闭成功"}));
     a.closed().await?;
     let exit = b.recv_cmd(10).await?;
-    assert_eq!(exit, json!({"command":10,"data":{"group":"100","user":{"nick":"hello_client","status":"offline","userId":"hello_client"}}}));
+    assert_eq!(
+        exit,
+        json!({"command":10,"data":{"group":"100","user":{"nick":"hello_client","status":"offline","userId":"hello_client"}}})
+    );
     Ok(())
 }
 

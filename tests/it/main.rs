@@ -1,6 +1,8 @@
 //! Every cross-crate test, compiled as one binary. Each test starts its own real node process
 //! (port 0, temporary data dir) through the harness and talks to it over real sockets.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+
 mod admin;
 mod bad_input;
 mod browser;

@@ -19,14 +19,19 @@ async fn every_offline_member_gets_each_message_exactly_once() -> anyhow::Result
     for i in 0..5 {
         assert_eq!(sender.chat(json!({"chatType": 1, "groupId": "100", "content": format!("g{i}")})).await?["code"], 10000);
     }
-    assert_eq!(sender.chat(json!({"chatType": 2, "to": "m1", "content": "private"})).await?["code"], 10001, "recipient offline: J-IM's 10001, but stored");
+    assert_eq!(
+        sender.chat(json!({"chatType": 2, "to": "m1", "content": "private"})).await?["code"],
+        10001,
+        "recipient offline: J-IM's 10001, but stored"
+    );
 
     for u in ["m1", "m2"] {
         let mut c = n.ws_login(u).await?;
         c.send(json!({"cmd": 19, "type": 0, "userId": u})).await?;
         let offline = c.recv_cmd(20).await?;
         assert_eq!(offline["code"], 10016);
-        let group: Vec<&str> = offline["data"]["groups"]["100"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
+        let group: Vec<&str> =
+            offline["data"]["groups"]["100"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
         assert_eq!(group, ["g0", "g1", "g2", "g3", "g4"], "{u} gets every group message in order");
         let private = offline["data"]["friends"]["sender"].as_array().map(|a| a.len()).unwrap_or(0);
         assert_eq!(private, usize::from(u == "m1"));

@@ -28,7 +28,10 @@ async fn query_login_then_demo_page_traffic() -> anyhow::Result<()> {
     assert_eq!(a.recv_cmd(12).await?["code"], 10000);
     assert_eq!(b.recv_cmd(11).await?["data"]["content"], "ping");
     // BINARY frames carry the same JSON.
-    b.send_message(Message::binary(json!({"from":"wb","createTime":1,"cmd":11,"groupId":"100","chatType":"1","msgType":"0","content":"bin"}).to_string().into_bytes())).await?;
+    b.send_message(Message::binary(
+        json!({"from":"wb","createTime":1,"cmd":11,"groupId":"100","chatType":"1","msgType":"0","content":"bin"}).to_string().into_bytes(),
+    ))
+    .await?;
     assert_eq!(a.recv_cmd(11).await?["data"]["content"], "bin");
     assert_eq!(b.recv_cmd(12).await?["code"], 10000);
     Ok(())

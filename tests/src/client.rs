@@ -122,7 +122,8 @@ impl TcpClient {
                 let v = serde_json::from_slice(&f.body).with_context(|| format!("body {:?}", String::from_utf8_lossy(&f.body)))?;
                 return Ok((f.cmd.code(), v));
             }
-            let n = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await.context("timed out waiting for a frame")??;
+            let n =
+                tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await.context("timed out waiting for a frame")??;
             if n == 0 {
                 bail!("connection closed by the server");
             }

@@ -127,7 +127,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn unauthorized() -> Response {
-    (StatusCode::UNAUTHORIZED, json_body(&json!({ "code": Status::InvalidVerification.code(), "msg": "api key required 需要API密钥" }))).into_response()
+    (StatusCode::UNAUTHORIZED, json_body(&json!({ "code": Status::InvalidVerification.code(), "msg": "api key required 需要API密钥" })))
+        .into_response()
 }
 
 fn code_only(status: Status) -> Response {
@@ -213,7 +214,9 @@ async fn v1_send(State(core): State<Arc<Core>>, headers: HeaderMap, Json(mut bod
     if !authorized(&core, &headers) {
         return unauthorized();
     }
-    let Some(obj) = body.as_object_mut() else { return raw_json(StatusCode::BAD_REQUEST, jim::status_reply(Command::ChatResp, Status::SendFailed)) };
+    let Some(obj) = body.as_object_mut() else {
+        return raw_json(StatusCode::BAD_REQUEST, jim::status_reply(Command::ChatResp, Status::SendFailed));
+    };
     let chat_type = if obj.contains_key("groupId") { 1 } else { 2 };
     obj.entry("chatType").or_insert(json!(chat_type));
     obj.insert("cmd".into(), json!(11));
@@ -228,11 +231,18 @@ struct HistoryParams {
 }
 
 /// `GET /v1/conversations/{id}/messages?after=SEQ&limit=N`: without `after`, the newest N.
-async fn v1_history(State(core): State<Arc<Core>>, headers: HeaderMap, Path(conversation): Path<String>, Query(p): Query<HistoryParams>) -> Response {
+async fn v1_history(
+    State(core): State<Arc<Core>>,
+    headers: HeaderMap,
+    Path(conversation): Path<String>,
+    Query(p): Query<HistoryParams>,
+) -> Response {
     if !authorized(&core, &headers) {
         return unauthorized();
     }
-    let Some(conv) = ConversationId::parse(&conversation) else { return (StatusCode::BAD_REQUEST, code_only(Status::BadRequest)).into_response() };
+    let Some(conv) = ConversationId::parse(&conversation) else {
+        return (StatusCode::BAD_REQUEST, code_only(Status::BadRequest)).into_response();
+    };
     let limit = p.limit.unwrap_or(jim::DEFAULT_PAGE).clamp(1, jim::MAX_PAGE);
     let result = match p.after {
         Some(after) => core.store.since(&conv, after, limit).await,
@@ -272,7 +282,8 @@ async fn v1_group(State(core): State<Arc<Core>>, headers: HeaderMap, Path(group)
         _ => return (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
     };
     let Some(name) = info else { return (StatusCode::NOT_FOUND, code_only(Status::NotFound)).into_response() };
-    let members: Vec<Value> = members.into_iter().map(|(id, nick, _)| json!({ "userId": id, "nick": nick, "online": core.hub.is_online(&id) })).collect();
+    let members: Vec<Value> =
+        members.into_iter().map(|(id, nick, _)| json!({ "userId": id, "nick": nick, "online": core.hub.is_online(&id) })).collect();
     json_body(&json!({ "groupId": group, "name": name, "members": members }))
 }
 

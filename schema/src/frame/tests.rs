@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 use super::*;
 use proptest::prelude::*;
 
