@@ -17,11 +17,30 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Hashes a password with argon2id (the crate's default parameters: 19 MiB, 2 passes).
-/// CPU-heavy: call from a blocking thread.
-pub fn hash_password(password: &str) -> anyhow::Result<String> {
+/// Cost of new argon2id hashes. Checking a password uses the cost recorded in its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashCost {
+    /// Memory, KiB.
+    pub memory_kib: u32,
+    /// Passes.
+    pub passes: u32,
+}
+
+impl Default for HashCost {
+    /// OWASP's first argon2id recommendation (and the argon2 crate's default): 19 MiB, 2 passes.
+    fn default() -> HashCost {
+        HashCost { memory_kib: 19 * 1024, passes: 2 }
+    }
+}
+
+/// Hashes a password with argon2id. CPU-heavy: call from a blocking thread.
+pub fn hash_password(password: &str, cost: HashCost) -> anyhow::Result<String> {
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| anyhow::anyhow!("hashing password: {e}"))
+    let params = argon2::Params::new(cost.memory_kib, cost.passes, 1, None).map_err(|e| anyhow::anyhow!("argon2 parameters: {e}"))?;
+    Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("hashing password: {e}"))
 }
 
 /// Checks a password against a stored hash. CPU-heavy: call from a blocking thread.
@@ -151,7 +170,10 @@ mod tests {
 
     #[test]
     fn passwords_hash_and_verify() {
-        let hash = hash_password("s3cret").unwrap();
+        let hash = hash_password("s3cret", HashCost::default()).unwrap();
+        assert!(hash.contains("m=19456,t=2"));
+        let cheap = hash_password("s3cret", HashCost { memory_kib: 64, passes: 1 }).unwrap();
+        assert!(verify_password("s3cret", &cheap));
         assert!(hash.starts_with("$argon2id$"));
         assert!(verify_password("s3cret", &hash));
         assert!(!verify_password("wrong", &hash));

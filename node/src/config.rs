@@ -67,6 +67,12 @@ pub struct Flags {
     /// Name of this node, stored as the origin of the messages it sequences.
     #[arg(long, env = "KEFU_NODE_ID")]
     pub node_id: Option<String>,
+    /// Memory of new argon2id password hashes, KiB (default 19456, OWASP's recommendation).
+    #[arg(long, env = "KEFU_ARGON2_MEMORY_KIB")]
+    pub argon2_memory_kib: Option<u32>,
+    /// Passes of new argon2id password hashes (default 2).
+    #[arg(long, env = "KEFU_ARGON2_PASSES")]
+    pub argon2_passes: Option<u32>,
 }
 
 /// The same settings as read from the TOML file.
@@ -86,6 +92,8 @@ struct FileSettings {
     default_groups: Option<Vec<String>>,
     token_ttl: Option<u64>,
     node_id: Option<String>,
+    argon2_memory_kib: Option<u32>,
+    argon2_passes: Option<u32>,
 }
 
 /// The resolved configuration.
@@ -117,6 +125,8 @@ pub struct Config {
     pub token_ttl: Duration,
     /// This node's name.
     pub node_id: String,
+    /// Cost of new password hashes.
+    pub password_hash_cost: crate::auth::HashCost,
 }
 
 impl Config {
@@ -152,6 +162,10 @@ impl Config {
             default_groups,
             token_ttl: Duration::from_secs(flags.token_ttl.or(file.token_ttl).unwrap_or(7 * 24 * 3600)),
             node_id: flags.node_id.or(file.node_id).unwrap_or_else(|| "local".to_string()),
+            password_hash_cost: crate::auth::HashCost {
+                memory_kib: flags.argon2_memory_kib.or(file.argon2_memory_kib).unwrap_or(crate::auth::HashCost::default().memory_kib),
+                passes: flags.argon2_passes.or(file.argon2_passes).unwrap_or(crate::auth::HashCost::default().passes),
+            },
         };
         if config.profile == Profile::Prod && config.api_key.is_none() {
             bail!("the prod profile needs --api-key (or KEFU_API_KEY) for the HTTP APIs");

@@ -135,6 +135,9 @@ fn status_name(online: bool) -> &'static str {
     }
 }
 
+/// A chat on its way through the store: resolves to the cmd 12 reply body.
+pub type PendingChat = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>>;
+
 /// Who a send is from: a logged-in session, or an API caller naming the sender.
 pub struct Sender<'a> {
     /// Sender id.
@@ -320,7 +323,7 @@ impl Core {
         if self.config.profile == Profile::Prod {
             return Ok(None);
         }
-        let password_hash = match hash(password).await {
+        let password_hash = match hash(password, self.config.password_hash_cost).await {
             Some(hash) => hash,
             None => return Ok(None),
         };
@@ -376,19 +379,31 @@ impl Core {
     /// Sends a chat message and returns the cmd 12 reply body. Shared by every transport and by
     /// the HTTP APIs.
     pub async fn send_chat(&self, sender: &Sender<'_>, chat: ChatReq) -> Vec<u8> {
+        let member = match (&chat.target, sender.groups) {
+            (Target::Group(g), None) => match self.store.is_member(g, sender.id).await {
+                Ok(member) => Some(member),
+                Err(_) => return jim::status_reply(Command::ChatResp, Status::Retryable),
+            },
+            _ => None,
+        };
+        match self.prepare_chat(sender, chat, member) {
+            Ok(pending) => pending.await,
+            Err(reply) => reply,
+        }
+    }
+
+    /// Checks a chat and hands it to the store; the returned future, which owns everything it
+    /// needs, resolves to the cmd 12 reply body once the message is committed and pushed. A
+    /// session keeps several in flight. `member` answers the group check when `sender.groups`
+    /// cannot.
+    pub fn prepare_chat(&self, sender: &Sender<'_>, chat: ChatReq, member: Option<bool>) -> Result<PendingChat, Vec<u8>> {
         let fail = |status| jim::status_reply(Command::ChatResp, status);
         let (conversation, recipient, group_id, chat_type) = match &chat.target {
             Target::User(to) => (ConversationId::private(sender.id, to), Some(to.clone()), None, 2),
             Target::Group(g) => {
-                let member = match sender.groups {
-                    Some(groups) => groups.contains(g),
-                    None => match self.store.is_member(g, sender.id).await {
-                        Ok(member) => member,
-                        Err(_) => return fail(Status::Retryable),
-                    },
-                };
+                let member = sender.groups.map(|groups| groups.contains(g)).or(member).unwrap_or(false);
                 if !member {
-                    return fail(Status::Forbidden);
+                    return Err(fail(Status::Forbidden));
                 }
                 (ConversationId::group(g), None, Some(g.clone()), 1)
             }
@@ -407,20 +422,33 @@ impl Core {
             avatar: sender.avatar.clone(),
         };
         self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-        match self.store.append(message).await {
-            Ok(delivery) => {
-                let m = &delivery.message;
-                let ack = ChatAck { client_id: m.client_id.as_deref(), conversation: m.conversation.as_str(), id: &m.id, seq: m.seq };
-                // J-IM answers a private message to an offline user with 10001; kefu has stored it
-                // and will deliver it when the user comes back.
-                let status = if m.chat_type == 2 && !delivery.recipient_online { Status::Offline } else { Status::Ok };
-                jim::resp(Command::ChatResp, status, Some(ack))
+        let store = self.store.clone();
+        Ok(Box::pin(async move {
+            match store.append(message).await {
+                Ok(delivery) => {
+                    let m = &delivery.message;
+                    let ack = ChatAck { client_id: m.client_id.as_deref(), conversation: m.conversation.as_str(), id: &m.id, seq: m.seq };
+                    // J-IM answers a private message to an offline user with 10001; kefu has
+                    // stored it and will deliver it when the user comes back.
+                    let status = if m.chat_type == 2 && !delivery.recipient_online { Status::Offline } else { Status::Ok };
+                    jim::resp(Command::ChatResp, status, Some(ack))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "append failed");
+                    fail(Status::Retryable)
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "append failed");
-                fail(Status::Retryable)
-            }
+        }))
+    }
+
+    /// Starts a chat from a logged-in session: rate limit, membership, then the pending commit.
+    pub fn begin_chat(&self, s: &mut SessionState, chat: ChatReq) -> Result<PendingChat, Vec<u8>> {
+        let Some(user) = s.user.as_ref() else { return Err(jim::status_reply(Command::ChatResp, Status::NotLoggedIn)) };
+        if !s.bucket.take(Instant::now()) {
+            return Err(jim::status_reply(Command::ChatResp, Status::RateLimited));
         }
+        let sender = Sender { id: &user.id, nick: user.nick.clone(), avatar: user.avatar.clone(), groups: Some(&user.groups) };
+        self.prepare_chat(&sender, chat, None)
     }
 
     async fn recall(&self, s: &SessionState, user: &UserCtx, id: &str) -> Outcome {
@@ -642,9 +670,9 @@ async fn verify(password: &str, hash: &str) -> bool {
     tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash)).await.unwrap_or(false)
 }
 
-async fn hash(password: &str) -> Option<String> {
+async fn hash(password: &str, cost: auth::HashCost) -> Option<String> {
     let password = password.to_string();
-    tokio::task::spawn_blocking(move || auth::hash_password(&password).ok()).await.ok().flatten()
+    tokio::task::spawn_blocking(move || auth::hash_password(&password, cost).ok()).await.ok().flatten()
 }
 
 /// A token bucket: `rate` per second, up to `burst` saved.

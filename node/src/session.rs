@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use schema::jim::{self, Request};
 use schema::{Command, ConversationId, Status};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::dispatch::{Core, Outcome, SessionState};
+use crate::dispatch::{Core, Outcome, Reply, SessionState};
 use crate::hub::Push;
 use crate::metrics::Transport;
 
@@ -71,7 +72,8 @@ where
     let (conn, rx) = core.hub.connection(transport);
     let span = tracing::info_span!("conn", id = conn.id, transport = transport.name(), %peer);
     let state = SessionState::new(&core, conn, peer);
-    let mut session = Session { core: Arc::clone(&core), state, outbound, rx, pending_cursors: HashMap::new() };
+    let mut session =
+        Session { core: Arc::clone(&core), state, outbound, rx, pending_cursors: HashMap::new(), inflight: FuturesOrdered::new() };
     async move {
         let _gauge = core.metrics.connection(transport);
         let end = session.drive(inbound, first).await;
@@ -92,7 +94,14 @@ struct Session<O> {
     rx: tokio::sync::mpsc::Receiver<Push>,
     /// Delivered cursors not yet handed to the store, newest seq per conversation.
     pending_cursors: HashMap<ConversationId, u64>,
+    /// Chats sent and not yet committed, with their synSeq; replies go out in request order.
+    inflight: FuturesOrdered<InFlight>,
 }
+
+type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (i32, Vec<u8>)> + Send>>;
+
+/// Chats one connection may have waiting for their commit; beyond it the session stops reading.
+const MAX_INFLIGHT: usize = 64;
 
 /// Why a session ended (logged at debug level).
 #[derive(Debug)]
@@ -139,14 +148,46 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                     }
                     idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
                 }
-                item = inbound.next() => {
+                Some((syn_seq, reply)) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    let outcome = Outcome { replies: vec![Reply { command: Command::ChatResp.code(), body: reply.into() }], close: false };
+                    if let Some(end) = self.deliver(outcome, syn_seq).await {
+                        return end;
+                    }
+                }
+                item = inbound.next(), if self.inflight.len() < MAX_INFLIGHT => {
                     idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
                     match item {
-                        None => return End::PeerGone,
+                        None => {
+                            self.drain_inflight().await;
+                            return End::PeerGone;
+                        }
                         Some(Inbound::Request { cmd, syn_seq, body }) => {
                             let outcome = match jim::parse_request(cmd, &body) {
-                                Ok(req) => self.core.handle(&mut self.state, req).await,
-                                Err(e) => Outcome { replies: vec![crate::dispatch::Reply { command: e.command.code(), body: e.reply().into() }], close: false },
+                                // Chats from a logged-in session are pipelined: the next request is
+                                // read while this one waits for its commit.
+                                Ok(Request::Chat(chat)) if self.state.user.is_some() => {
+                                    match self.core.begin_chat(&mut self.state, chat) {
+                                        Ok(pending) => {
+                                            self.inflight.push_back(Box::pin(async move { (syn_seq, pending.await) }));
+                                            continue;
+                                        }
+                                        Err(reply) => Outcome { replies: vec![Reply { command: Command::ChatResp.code(), body: reply.into() }], close: false },
+                                    }
+                                }
+                                // Anything else waits for the chats before it, so replies keep the
+                                // order of the requests.
+                                Ok(req) => {
+                                    if let Some(end) = self.drain_inflight().await {
+                                        return end;
+                                    }
+                                    self.core.handle(&mut self.state, req).await
+                                }
+                                Err(e) => {
+                                    if let Some(end) = self.drain_inflight().await {
+                                        return end;
+                                    }
+                                    Outcome { replies: vec![Reply { command: e.command.code(), body: e.reply().into() }], close: false }
+                                }
                             };
                             if let Some(end) = self.deliver(outcome, syn_seq).await {
                                 return end;
@@ -172,6 +213,17 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                 }
             }
         }
+    }
+
+    /// Waits for every chat in flight and writes its reply.
+    async fn drain_inflight(&mut self) -> Option<End> {
+        while let Some((syn_seq, reply)) = self.inflight.next().await {
+            let outcome = Outcome { replies: vec![Reply { command: Command::ChatResp.code(), body: reply.into() }], close: false };
+            if let Some(end) = self.deliver(outcome, syn_seq).await {
+                return Some(end);
+            }
+        }
+        None
     }
 
     /// Writes the pushes already queued (so notifications raised while handling a request go

@@ -146,3 +146,24 @@ async fn wrong_password_fails_and_closes() -> anyhow::Result<()> {
     c.closed().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn pipelined_chats_are_answered_in_request_order() -> anyhow::Result<()> {
+    let n = node().await;
+    let mut a = n.tcp_login("pipe").await?;
+    let mut b = n.tcp_login("sink").await?;
+    for i in 0..100 {
+        a.send(json!({"cmd": 11, "chatType": 2, "to": "sink", "content": format!("{i}")})).await?;
+    }
+    // A request of another kind after them waits for them: its reply comes last.
+    a.send(json!({"cmd": 13})).await?;
+    for i in 0..100u64 {
+        let reply = a.recv().await?;
+        assert_eq!((reply["command"].as_u64(), reply["data"]["seq"].as_u64()), (Some(12), Some(i + 1)));
+    }
+    assert_eq!(a.recv().await?["command"], 13);
+    for i in 0..100u64 {
+        assert_eq!(b.recv_cmd(11).await?["data"]["seq"], i + 1, "one order at the recipient");
+    }
+    Ok(())
+}
