@@ -150,8 +150,8 @@ async fn wrong_password_fails_and_closes() -> anyhow::Result<()> {
 #[tokio::test]
 async fn pipelined_chats_are_answered_in_request_order() -> anyhow::Result<()> {
     let n = node().await;
-    let mut a = n.tcp_login("pipe").await?;
     let mut b = n.tcp_login("sink").await?;
+    let mut a = n.tcp_login("pipe").await?;
     for i in 0..100 {
         a.send(json!({"cmd": 11, "chatType": 2, "to": "sink", "content": format!("{i}")})).await?;
     }
