@@ -152,6 +152,7 @@ async fn pipelined_chats_are_answered_in_request_order() -> anyhow::Result<()> {
     let n = node().await;
     let mut b = n.tcp_login("sink").await?;
     let mut a = n.tcp_login("pipe").await?;
+    a.clear_backlog(); // its own join notice
     for i in 0..100 {
         a.send(json!({"cmd": 11, "chatType": 2, "to": "sink", "content": format!("{i}")})).await?;
     }
