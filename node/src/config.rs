@@ -67,6 +67,9 @@ pub struct Flags {
     /// Name of this node, stored as the origin of the messages it sequences.
     #[arg(long, env = "KEFU_NODE_ID")]
     pub node_id: Option<String>,
+    /// Groups with more online members than this get no join/exit notices (cmd 9/10).
+    #[arg(long, env = "KEFU_PRESENCE_NOTICE_LIMIT")]
+    pub presence_notice_limit: Option<usize>,
     /// Memory of new argon2id password hashes, KiB (default 19456, OWASP's recommendation).
     #[arg(long, env = "KEFU_ARGON2_MEMORY_KIB")]
     pub argon2_memory_kib: Option<u32>,
@@ -94,6 +97,7 @@ struct FileSettings {
     node_id: Option<String>,
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
+    presence_notice_limit: Option<usize>,
 }
 
 /// The resolved configuration.
@@ -127,6 +131,8 @@ pub struct Config {
     pub node_id: String,
     /// Cost of new password hashes.
     pub password_hash_cost: crate::auth::HashCost,
+    /// Largest online group that still gets join/exit notices.
+    pub presence_notice_limit: usize,
 }
 
 impl Config {
@@ -162,6 +168,7 @@ impl Config {
             default_groups,
             token_ttl: Duration::from_secs(flags.token_ttl.or(file.token_ttl).unwrap_or(7 * 24 * 3600)),
             node_id: flags.node_id.or(file.node_id).unwrap_or_else(|| "local".to_string()),
+            presence_notice_limit: flags.presence_notice_limit.or(file.presence_notice_limit).unwrap_or(500),
             password_hash_cost: crate::auth::HashCost {
                 memory_kib: flags.argon2_memory_kib.or(file.argon2_memory_kib).unwrap_or(crate::auth::HashCost::default().memory_kib),
                 passes: flags.argon2_passes.or(file.argon2_passes).unwrap_or(crate::auth::HashCost::default().passes),

@@ -289,7 +289,7 @@ impl Core {
         // J-IM sends the join notice of every group to the group (the user included) before the
         // login reply.
         let view = user.view(true);
-        for g in &group_ids {
+        for g in group_ids.iter().filter(|g| self.announces(g)) {
             let push = Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(g, &view).into(), delivery: None };
             self.hub.send_group(g, &push, None);
         }
@@ -365,10 +365,17 @@ impl Core {
         Outcome::none()
     }
 
+    /// Whether joins and exits in `group` are announced to its members: not in groups with more
+    /// online members than the configured limit, where the notices alone would cost O(members²)
+    /// pushes as everyone logs in.
+    fn announces(&self, group: &str) -> bool {
+        self.hub.online_in_group(group) <= self.config.presence_notice_limit
+    }
+
     /// Tells the remaining members of `groups` that `user` went offline.
     pub fn notify_exit(&self, user: &str, nick: Option<String>, groups: &[Arc<str>]) {
         let view = UserView { avatar: None, nick, status: "offline", user_id: user.to_string() };
-        for g in groups {
+        for g in groups.iter().filter(|g| self.announces(g)) {
             let push = Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(g, &view).into(), delivery: None };
             self.hub.send_group(g, &push, None);
         }

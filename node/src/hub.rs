@@ -162,6 +162,11 @@ impl Hub {
         Some(WentOffline { groups: entry.groups.into_iter().collect(), nick: entry.nick })
     }
 
+    /// How many members of `group` are online here.
+    pub fn online_in_group(&self, group: &str) -> usize {
+        self.lock().groups.get(group).map_or(0, HashSet::len)
+    }
+
     /// Whether `user` has a connection here.
     pub fn is_online(&self, user: &str) -> bool {
         self.lock().users.contains_key(user)

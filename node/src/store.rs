@@ -220,6 +220,7 @@ enum WriteOp {
         user: String,
         reply: oneshot::Sender<Result<bool>>,
     },
+    Import(Vec<StoredMessage>, oneshot::Sender<Result<bool>>),
 }
 
 /// A cheap, cloneable handle to the store.
@@ -313,6 +314,14 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Join { group: group.to_string(), name, user: user.to_string(), reply: tx }).await?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores messages that were sequenced elsewhere (an import of old history, a replica), keeping
+    /// their ids and seqs; ones already present are left alone. Nothing is pushed to anyone.
+    pub async fn import(&self, messages: Vec<StoredMessage>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Import(messages, tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?.map(drop)
     }
 
     async fn reader(&self) -> tokio::sync::MutexGuard<'_, Connection> {
@@ -600,6 +609,7 @@ impl Writer {
                 (WriteOp::CreateUser(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Cursor { reply: Some(reply), .. }, Done::Flag(_, slot)) => *slot = reply,
+                (WriteOp::Import(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 _ => {}
             }
         }
@@ -640,6 +650,10 @@ impl Writer {
                     .await?;
                 Done::Flag(n > 0, oneshot::channel().0)
             }
+            WriteOp::Import(messages, _) => {
+                self.import(messages).await?;
+                Done::Flag(true, oneshot::channel().0)
+            }
             WriteOp::Join { group, name, user, .. } => {
                 self.conn
                     .execute(
@@ -667,6 +681,50 @@ impl Writer {
                 Done::Flag(added > 0, oneshot::channel().0)
             }
         })
+    }
+
+    async fn import(&mut self, messages: &[StoredMessage]) -> Result<()> {
+        for m in messages {
+            let values: Vec<Value> = vec![
+                m.conversation.as_str().into(),
+                to_i64(m.seq).into(),
+                m.id.as_str().into(),
+                m.client_id.clone().into(),
+                m.sender.as_str().into(),
+                m.recipient.clone().into(),
+                m.group_id.clone().into(),
+                i64::from(m.chat_type).into(),
+                m.msg_type.into(),
+                m.content.as_str().into(),
+                m.extras.clone().into(),
+                m.nick.clone().into(),
+                m.avatar.clone().into(),
+                m.created_at.into(),
+                m.origin.as_str().into(),
+                m.recalled_at.into(),
+            ];
+            self.conn
+                .execute(
+                    "INSERT OR IGNORE INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, content, extras, nick, avatar, created_at, origin, recalled_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                    values,
+                )
+                .await?;
+            if let Some(recipient) = &m.recipient {
+                self.conn
+                    .execute(
+                        "INSERT OR IGNORE INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?3, 0, 0), (?2, ?3, 0, 0)",
+                        params![m.sender.as_str(), recipient.as_str(), m.conversation.as_str()],
+                    )
+                    .await?;
+            }
+            // The sequencer's own cache must not fall behind what was imported.
+            let newest = self.newest_seq(&m.conversation).await?;
+            if m.seq > newest {
+                self.seqs.insert(m.conversation.clone(), m.seq);
+            }
+        }
+        Ok(())
     }
 
     async fn newest_seq(&mut self, conv: &ConversationId) -> Result<u64> {
@@ -806,7 +864,7 @@ fn fail(op: WriteOp) {
     let retry = || StoreError::Closed;
     match op {
         WriteOp::Append(_, reply) => drop(reply.send(Err(retry()))),
-        WriteOp::CreateUser(_, reply) | WriteOp::Join { reply, .. } => drop(reply.send(Err(retry()))),
+        WriteOp::CreateUser(_, reply) | WriteOp::Join { reply, .. } | WriteOp::Import(_, reply) => drop(reply.send(Err(retry()))),
         WriteOp::Cursor { reply: Some(reply), .. } => drop(reply.send(Err(retry()))),
         WriteOp::Recall { .. } | WriteOp::Cursor { reply: None, .. } => {}
     }
