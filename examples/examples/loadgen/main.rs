@@ -1,0 +1,432 @@
+//! kefu's load generator. It starts (or uses) a node, spreads client connections over worker
+//! processes that each bind their own loopback source address (127.0.0.2, 127.0.0.3, … with
+//! IP_BIND_ADDRESS_NO_PORT, so more than 20,000 connections fit under the per-process file
+//! limit), runs one scenario, and writes a JSON result plus a one-line summary.
+//!
+//! ```text
+//! cargo build --release -p node -p examples --examples
+//! target/release/examples/loadgen idle  --conns 19000 --procs 2
+//! target/release/examples/loadgen chat  --pairs 500 --messages 400000 --rate 0
+//! target/release/examples/loadgen group --members 10000 --messages 200 --procs 2
+//! target/release/examples/loadgen history --prefill 10000000 --conversations 10000 --reads 20000
+//! target/release/examples/loadgen churn --cycles 5000 --rate 500
+//! target/release/examples/loadgen coldstart --prefill-mb 1024
+//! ```
+//!
+//! Every run is bounded by `--duration` (seconds) as well as by its counts.
+
+mod opts;
+mod worker;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use hdrhistogram::serialization::Deserializer;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use opts::Opts;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("__worker") => worker::run(args.get(1).context("worker config")?).await,
+        Some(scenario @ ("idle" | "chat" | "group" | "history" | "churn" | "coldstart")) => {
+            let opts = Opts::parse(&args[1..])?;
+            run(scenario, opts).await
+        }
+        _ => {
+            eprintln!("usage: loadgen idle|chat|group|history|churn|coldstart [--options]  (see the file's header)");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The node under test: started here, or given by address (and optionally pid).
+struct Node {
+    addr: String,
+    pid: Option<u32>,
+    child: Option<Child>,
+    _data: Option<tempfile_dir::TempDir>,
+}
+
+mod tempfile_dir {
+    /// A directory removed on drop (the examples do not depend on the tempfile crate).
+    pub struct TempDir(pub std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn node_binary(opts: &Opts) -> PathBuf {
+    if let Some(bin) = opts.str("node-bin") {
+        return PathBuf::from(bin);
+    }
+    // target/release/examples/loadgen → target/release/kefu-node
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent().and_then(|p| p.parent()).map(|p| p.join("kefu-node")).unwrap_or_else(|| PathBuf::from("kefu-node"))
+}
+
+async fn start_node(opts: &Opts, data: &std::path::Path) -> anyhow::Result<(Child, String, u32, Duration)> {
+    let bin = node_binary(opts);
+    let started = Instant::now();
+    let mut child = Command::new(&bin)
+        .args(["--data-dir", &data.display().to_string(), "--jim-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        // Benchmark settings: no per-connection rate limit, cheap password hashes (logins are not
+        // what is measured), no default group, no idle timeout.
+        .args(["--msg-rate", "100000000", "--msg-burst", "100000000", "--default-groups", "", "--heartbeat-timeout", "0"])
+        .args(["--login-failures-per-minute", "0", "--argon2-memory-kib", "64", "--argon2-passes", "1"])
+        .env("KEFU_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} (build it with cargo build --release -p node)", bin.display()))?;
+    let pid = child.id().context("node pid")?;
+    let mut lines = BufReader::new(child.stdout.take().context("node stdout")?).lines();
+    let mut addr = None;
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
+        if let Some(rest) = line.strip_prefix("kefu-node listening jim=") {
+            addr = rest.split_whitespace().next().map(str::to_string);
+        }
+        if line.starts_with("kefu-node ready") {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let addr = addr.context("node did not print its address")?;
+    // Process start to the first accepted connection: a heartbeat answered.
+    let mut c = tests::TcpClient::connect(addr.parse()?).await?;
+    use tests::Client as _;
+    c.send(json!({"cmd": 13})).await?;
+    c.recv_cmd(13).await?;
+    Ok((child, addr, pid, started.elapsed()))
+}
+
+fn new_data_dir(tag: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kefu-loadgen-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Fills a data dir with `total` private messages over `conversations` conversations between
+/// users lg{2k} and lg{2k+1}, each `content_len` bytes, through the store's import path.
+async fn prefill(dir: &std::path::Path, total: u64, conversations: u64, content_len: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let metrics = std::sync::Arc::new(node::metrics::Metrics::default());
+    let (store, _feed) = node::store::Store::open(dir, "prefill", metrics).await?;
+    let per_conv = total.div_ceil(conversations.max(1));
+    let content: String = "x".repeat(content_len);
+    let now = node::store::now_ms();
+    let mut batch = Vec::with_capacity(20_000);
+    let mut done = 0u64;
+    let mut last_report = Instant::now();
+    'outer: for seq in 1..=per_conv {
+        for k in 0..conversations {
+            if done >= total {
+                break 'outer;
+            }
+            let (a, b) = (format!("lg{}", 2 * k), format!("lg{}", 2 * k + 1));
+            batch.push(node::store::StoredMessage {
+                conversation: schema::ConversationId::private(&a, &b),
+                seq,
+                id: node::store::new_message_id(),
+                client_id: None,
+                sender: if seq % 2 == 0 { a.clone() } else { b.clone() },
+                recipient: Some(if seq % 2 == 0 { b } else { a }),
+                group_id: None,
+                chat_type: 2,
+                msg_type: 0,
+                content: content.clone(),
+                extras: None,
+                nick: None,
+                avatar: None,
+                created_at: now - (per_conv - seq) as i64,
+                origin: "prefill".into(),
+                recalled_at: None,
+            });
+            done += 1;
+            if batch.len() == batch.capacity() {
+                store.import(std::mem::replace(&mut batch, Vec::with_capacity(20_000))).await?;
+                if last_report.elapsed() > Duration::from_secs(2) {
+                    eprintln!("prefill: {done}/{total} messages ({:.0}/s)", done as f64 / started.elapsed().as_secs_f64());
+                    last_report = Instant::now();
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        store.import(batch).await?;
+    }
+    Ok(started.elapsed())
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
+}
+
+async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(opts.num("duration", 60));
+    let procs = opts.num("procs", 1).max(1);
+    let transport = opts.str("transport").unwrap_or("tcp").to_string();
+    let mut result = json!({ "scenario": scenario, "transport": transport, "procs": procs, "machine": machine() });
+
+    let mut node = match opts.str("node") {
+        Some(addr) => Node { addr: addr.to_string(), pid: opts.str("node-pid").and_then(|p| p.parse().ok()), child: None, _data: None },
+        None => {
+            let dir = new_data_dir(scenario)?;
+            if scenario == "history" || scenario == "coldstart" {
+                let (total, convs, len) = if scenario == "coldstart" {
+                    let mb = opts.num("prefill-mb", 1024);
+                    (mb * 1024 * 1024 / 1100, 10_000, 1000)
+                } else {
+                    (opts.num("prefill", 1_000_000), opts.num("conversations", 10_000), 100)
+                };
+                let took = prefill(&dir, total, convs, len as usize).await?;
+                result["prefill"] =
+                    json!({ "messages": total, "conversations": convs, "seconds": took.as_secs_f64(), "db_bytes": dir_size(&dir) });
+                eprintln!("prefill: {total} messages in {:.1}s, database {} MB", took.as_secs_f64(), dir_size(&dir) / 1_000_000);
+            }
+            if scenario == "coldstart" {
+                return coldstart(&opts, &dir, result).await;
+            }
+            let (child, addr, pid, startup) = start_node(&opts, &dir).await?;
+            result["startup_ms"] = json!(startup.as_secs_f64() * 1000.0);
+            Node { addr, pid: Some(pid), child: Some(child), _data: Some(tempfile_dir::TempDir(dir)) }
+        }
+    };
+    let rss_before = node.pid.and_then(tests::rss_kib);
+
+    // Split the users over the workers.
+    let (users, per_worker_cfg): (u64, Box<dyn Fn(u64) -> Value>) = match scenario {
+        "idle" => (opts.num("conns", 1000), Box::new(|_| json!({}))),
+        "chat" => {
+            let pairs = opts.num("pairs", 100);
+            let (msgs, rate) = (opts.num("messages", 100_000), opts.num("rate", 0));
+            let p = procs;
+            (2 * pairs, Box::new(move |_| json!({ "messages": msgs / p, "rate": rate / p, "window": 32 })))
+        }
+        "group" => {
+            let (msgs, rate) = (opts.num("messages", 100), opts.num("rate", 0));
+            (opts.num("members", 1000), Box::new(move |w| json!({ "messages": if w == 0 { msgs } else { 0 }, "rate": rate, "window": 8 })))
+        }
+        "history" => {
+            let (reads, convs) = (opts.num("reads", 10_000), opts.num("conversations", 10_000));
+            let p = procs;
+            (opts.num("readers", 100), Box::new(move |_| json!({ "reads": reads / p, "conversations": convs })))
+        }
+        "churn" => {
+            let (cycles, rate) = (opts.num("cycles", 1000), opts.num("rate", 200));
+            let p = procs;
+            (0, Box::new(move |_| json!({ "cycles": cycles / p, "rate": rate / p })))
+        }
+        _ => bail!("unknown scenario"),
+    };
+    let per = users.div_ceil(procs);
+    let mut workers = Vec::new();
+    for w in 0..procs {
+        let first = w * per;
+        let count = per.min(users.saturating_sub(first));
+        let mut cfg = per_worker_cfg(w);
+        cfg["scenario"] = json!(scenario);
+        cfg["transport"] = json!(transport);
+        cfg["addr"] = json!(node.addr);
+        cfg["bind"] = json!(format!("127.0.0.{}", 2 + w));
+        cfg["first"] = json!(first);
+        cfg["count"] = json!(count);
+        cfg["duration"] = json!(duration.as_secs());
+        cfg["worker"] = json!(w);
+        let child = Command::new(std::env::current_exe()?)
+            .arg("__worker")
+            .arg(cfg.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        workers.push(child);
+    }
+    // Wait until every worker has its connections logged in.
+    let mut readers = Vec::new();
+    let connect_started = Instant::now();
+    for w in &mut workers {
+        let mut lines = BufReader::new(w.stdout.take().context("worker stdout")?).lines();
+        loop {
+            let line = tokio::time::timeout(duration + Duration::from_secs(120), lines.next_line())
+                .await??
+                .context("worker exited before it was ready")?;
+            let v: Value = serde_json::from_str(&line)?;
+            if v["type"] == "ready" {
+                break;
+            }
+        }
+        readers.push(lines);
+    }
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    eprintln!("all {users} connections logged in after {connect_secs:.1}s");
+    // Let the node settle before reading its memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_ready = node.pid.and_then(tests::rss_kib);
+    result["connect_seconds"] = json!(connect_secs);
+    result["rss_kib"] = json!({ "before": rss_before, "ready": rss_ready });
+    if let (Some(b), Some(r)) = (rss_before, rss_ready) {
+        if users > 0 {
+            result["rss_bytes_per_connection"] = json!((r.saturating_sub(b) * 1024) as f64 / users as f64);
+        }
+    }
+
+    for w in &mut workers {
+        if let Some(stdin) = w.stdin.as_mut() {
+            stdin.write_all(b"go\n").await?;
+        }
+    }
+    let started = Instant::now();
+    // Progress from every worker, merged once a second.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Value)>(1024);
+    for (i, mut lines) in readers.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send((i, v)).await;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut last: Vec<Value> = vec![json!({}); workers.len()];
+    let mut finals: Vec<Option<Value>> = vec![None; workers.len()];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let hard_stop = tokio::time::sleep(duration + Duration::from_secs(30));
+    tokio::pin!(hard_stop);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some((i, v)) if v["type"] == "result" => finals[i] = Some(v),
+                Some((i, v)) => last[i] = v,
+                None => break,
+            },
+            _ = tick.tick() => {
+                let sum = |k: &str| last.iter().chain(finals.iter().flatten()).map(|v| v[k].as_u64().unwrap_or(0)).sum::<u64>();
+                eprint!("\r[{:>4.0}s] sent={} acked={} delivered={} errors={}   ", started.elapsed().as_secs_f64(), sum("sent"), sum("acked"), sum("delivered"), sum("errors"));
+                let _ = std::io::stderr().flush();
+            }
+            _ = &mut hard_stop => { eprintln!("\nhard stop"); break; }
+        }
+        if finals.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    eprintln!();
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss_after = node.pid.and_then(tests::rss_kib);
+    result["rss_kib"]["after"] = json!(rss_after);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut totals = json!({});
+    for v in finals.iter().flatten() {
+        for k in ["sent", "acked", "delivered", "errors", "ops"] {
+            totals[k] = json!(totals[k].as_u64().unwrap_or(0) + v[k].as_u64().unwrap_or(0));
+        }
+        if let Some(b64) = v["hist"].as_str() {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b64)?;
+            let h: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..])?;
+            hist.add(h)?;
+        }
+        if let Some(s) = v["seconds"].as_f64() {
+            totals["worker_seconds"] = json!(totals["worker_seconds"].as_f64().unwrap_or(0.0).max(s));
+        }
+    }
+    let secs = totals["worker_seconds"].as_f64().unwrap_or(elapsed).max(1e-9);
+    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+    result["totals"] = totals.clone();
+    result["seconds"] = json!(secs);
+    result["latency_ms"] =
+        json!({ "count": hist.len(), "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": hist.max() as f64 / 1000.0 });
+    let rate = |k: &str| totals[k].as_u64().unwrap_or(0) as f64 / secs;
+    result["rates_per_second"] = json!({ "acked": rate("acked"), "delivered": rate("delivered"), "ops": rate("ops") });
+    let errors = totals["errors"].as_u64().unwrap_or(0);
+
+    let summary = match scenario {
+        "idle" => format!(
+            "idle: {users} {transport} connections, {:.0} B RSS each ({} KiB → {} KiB), errors {errors}",
+            result["rss_bytes_per_connection"].as_f64().unwrap_or(f64::NAN),
+            rss_before.unwrap_or(0),
+            rss_ready.unwrap_or(0)
+        ),
+        "chat" | "group" => format!(
+            "{scenario}: {:.0} acked/s, {:.0} delivered/s, latency p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms, errors {errors}",
+            rate("acked"),
+            rate("delivered"),
+            q(0.5),
+            q(0.99),
+            q(0.999)
+        ),
+        _ => format!(
+            "{scenario}: {:.0} ops/s, latency p50 {:.3} ms p99 {:.3} ms p999 {:.3} ms, errors {errors}",
+            rate("ops"),
+            q(0.5),
+            q(0.99),
+            q(0.999)
+        ),
+    };
+    if let Some(out) = opts.str("out") {
+        std::fs::write(out, serde_json::to_string_pretty(&result)?)?;
+    }
+    println!("{}", serde_json::to_string(&result)?);
+    println!("{summary}");
+    for mut w in workers {
+        let _ = w.kill().await;
+    }
+    if let Some(mut child) = node.child.take() {
+        let _ = child.kill().await;
+    }
+    if errors > 0 {
+        bail!("{errors} errors");
+    }
+    Ok(())
+}
+
+/// Cold start: time from process start to the first answered request, and idle RSS, three times.
+async fn coldstart(opts: &Opts, dir: &std::path::Path, mut result: Value) -> anyhow::Result<()> {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let (mut child, _addr, pid, startup) = start_node(opts, dir).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss = tests::rss_kib(pid);
+        runs.push(json!({ "startup_ms": startup.as_secs_f64() * 1000.0, "idle_rss_kib": rss }));
+        let _ = child.kill().await;
+    }
+    let mut startups: Vec<f64> = runs.iter().filter_map(|r| r["startup_ms"].as_f64()).collect();
+    startups.sort_by(f64::total_cmp);
+    let mut rss: Vec<u64> = runs.iter().filter_map(|r| r["idle_rss_kib"].as_u64()).collect();
+    rss.sort_unstable();
+    result["runs"] = json!(runs);
+    result["median_startup_ms"] = json!(startups.get(1));
+    result["median_idle_rss_kib"] = json!(rss.get(1));
+    let _ = std::fs::remove_dir_all(dir);
+    println!("{}", serde_json::to_string(&result)?);
+    println!(
+        "coldstart: median {:.1} ms from process start to first answered request, idle RSS {} KiB, database {} MB",
+        startups.get(1).copied().unwrap_or(f64::NAN),
+        rss.get(1).copied().unwrap_or(0),
+        result["prefill"]["db_bytes"].as_u64().unwrap_or(0) / 1_000_000
+    );
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+    });
+    json!({ "cpus": cpus, "mem_kib": mem_kib })
+}

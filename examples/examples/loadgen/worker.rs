@@ -1,0 +1,508 @@
+//! A worker process: opens its share of the connections from its own source address, logs them
+//! in, reports ready, waits for "go" on stdin, runs the scenario, and prints progress and a final
+//! result (counts and an HDR histogram of latencies in microseconds) as JSON lines.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::serialization::{Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    delivered: AtomicU64,
+    errors: AtomicU64,
+    ops: AtomicU64,
+}
+
+/// Sending half of a client connection.
+enum Tx {
+    Tcp(OwnedWriteHalf),
+    Ws(SplitSink<Ws, Message>),
+}
+
+/// Receiving half.
+enum Rx {
+    Tcp(OwnedReadHalf, BytesMut),
+    Ws(SplitStream<Ws>),
+}
+
+impl Tx {
+    async fn send(&mut self, body: &Value) -> anyhow::Result<()> {
+        let text = body.to_string();
+        match self {
+            Tx::Tcp(w) => {
+                let cmd = body["cmd"].as_u64().unwrap_or(0) as u8;
+                w.write_all(&schema::frame::encode_request(cmd, None, text.as_bytes())).await?;
+            }
+            Tx::Ws(w) => w.send(Message::text(text)).await?,
+        }
+        Ok(())
+    }
+}
+
+impl Rx {
+    /// The next frame: command and body.
+    async fn recv(&mut self) -> anyhow::Result<(u8, Bytes)> {
+        match self {
+            Rx::Tcp(r, buf) => loop {
+                if let Some(f) = schema::frame::decode(buf, usize::MAX >> 1).map_err(|e| anyhow::anyhow!("{e}"))? {
+                    return Ok((f.cmd.code(), f.body));
+                }
+                if r.read_buf(buf).await? == 0 {
+                    bail!("closed");
+                }
+            },
+            Rx::Ws(s) => loop {
+                match s.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        let body = Bytes::from(t);
+                        let v: Value = serde_json::from_slice(&body)?;
+                        return Ok((v["command"].as_u64().unwrap_or(0) as u8, body));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => bail!("closed"),
+                }
+            },
+        }
+    }
+
+    /// Frames until one with command `cmd`.
+    async fn until(&mut self, cmd: u8) -> anyhow::Result<Bytes> {
+        loop {
+            let (c, body) = self.recv().await?;
+            if c == cmd {
+                return Ok(body);
+            }
+        }
+    }
+}
+
+fn tcp_socket(bind: IpAddr) -> anyhow::Result<tokio::net::TcpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    // Lets thousands of sockets share a source address without reserving a port at bind time.
+    set_bind_address_no_port(&socket)?;
+    socket.bind(&SocketAddr::new(bind, 0).into())?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+}
+
+fn set_bind_address_no_port(socket: &socket2::Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // setsockopt with a valid fd, a pointer to a live c_int and its exact size.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::addr_of!(one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+async fn connect(cfg: &Value, user: &str) -> anyhow::Result<(Tx, Rx)> {
+    let addr: SocketAddr = cfg["addr"].as_str().context("addr")?.parse()?;
+    let bind: IpAddr = cfg["bind"].as_str().unwrap_or("127.0.0.1").parse()?;
+    let stream = tcp_socket(bind)?.connect(addr).await?;
+    let login = json!({"cmd": 5, "userId": user, "password": "pw"});
+    let (mut tx, mut rx) = if cfg["transport"] == "ws" {
+        let mut config = WebSocketConfig::default();
+        config.read_buffer_size = 4096;
+        config.write_buffer_size = 0;
+        let (ws, _) = tokio_tungstenite::client_async_with_config(format!("ws://{addr}/"), stream, Some(config)).await?;
+        let (sink, stream) = ws.split();
+        (Tx::Ws(sink), Rx::Ws(stream))
+    } else {
+        let (r, w) = stream.into_split();
+        (Tx::Tcp(w), Rx::Tcp(r, BytesMut::with_capacity(512)))
+    };
+    tx.send(&login).await?;
+    let reply: Value = serde_json::from_slice(&rx.until(6).await?)?;
+    if reply["code"] != 10007 {
+        bail!("login failed: {reply}");
+    }
+    Ok((tx, rx))
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+/// Runs the worker described by `cfg` (JSON).
+pub async fn run(cfg: &str) -> anyhow::Result<()> {
+    let cfg: Value = serde_json::from_str(cfg)?;
+    let scenario = cfg["scenario"].as_str().unwrap_or_default().to_string();
+    let first = cfg["first"].as_u64().unwrap_or(0);
+    let count = cfg["count"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(cfg["duration"].as_u64().unwrap_or(60)) + Duration::from_secs(600);
+    let counters = Arc::new(Counters::default());
+    let hist = Arc::new(Mutex::new(new_hist()));
+
+    // Connect and log in, 256 at a time.
+    let gate = Arc::new(Semaphore::new(256));
+    let mut pending = Vec::new();
+    for i in first..first + count {
+        let (cfg, gate) = (cfg.clone(), Arc::clone(&gate));
+        let scenario = scenario.clone();
+        pending.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let user = format!("lg{i}");
+            let (mut tx, mut rx) = connect(&cfg, &user).await?;
+            if scenario == "group" {
+                tx.send(&json!({"cmd": 7, "groupId": "lgbench"})).await?;
+                // Requests are answered in order: the heartbeat reply means the join is done.
+                tx.send(&json!({"cmd": 13})).await?;
+                rx.until(13).await?;
+            }
+            Ok::<_, anyhow::Error>((i, tx, rx))
+        }));
+    }
+    let mut conns = Vec::with_capacity(pending.len());
+    for p in pending {
+        conns.push(p.await??);
+    }
+    println!("{}", json!({"type": "ready", "conns": conns.len()}));
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = stdin.next_line().await? {
+        if line.trim() == "go" {
+            break;
+        }
+    }
+    let started = Instant::now();
+    let progress = {
+        let counters = Arc::clone(&counters);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                println!("{}", snapshot(&counters, None, 0.0));
+            }
+        })
+    };
+
+    match scenario.as_str() {
+        "idle" => idle(conns, &counters).await,
+        "chat" => chat(conns, &cfg, &counters, &hist, deadline).await,
+        "group" => group(conns, &cfg, &counters, &hist, deadline).await,
+        "history" => history(conns, &cfg, &counters, &hist).await,
+        "churn" => churn(&cfg, &counters, &hist, deadline).await,
+        _ => bail!("unknown scenario {scenario}"),
+    }
+    progress.abort();
+    let hist = hist.lock().map(|h| h.clone()).unwrap_or_else(|_| new_hist());
+    println!("{}", snapshot(&counters, Some(&hist), started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn snapshot(c: &Counters, hist: Option<&Histogram<u64>>, seconds: f64) -> Value {
+    let mut v = json!({
+        "type": if hist.is_some() { "result" } else { "progress" },
+        "sent": c.sent.load(Relaxed), "acked": c.acked.load(Relaxed), "delivered": c.delivered.load(Relaxed),
+        "errors": c.errors.load(Relaxed), "ops": c.ops.load(Relaxed), "seconds": seconds,
+    });
+    if let Some(h) = hist {
+        let mut buf = Vec::new();
+        if V2Serializer::new().serialize(h, &mut buf).is_ok() {
+            v["hist"] = json!(base64::engine::general_purpose::STANDARD.encode(buf));
+        }
+    }
+    v
+}
+
+/// Every connection answers one heartbeat: proves they are all alive.
+async fn idle(conns: Vec<(u64, Tx, Rx)>, counters: &Arc<Counters>) {
+    let mut tasks = Vec::new();
+    for (_, mut tx, mut rx) in conns {
+        let counters = Arc::clone(counters);
+        tasks.push(tokio::spawn(async move {
+            let ok = async {
+                tx.send(&json!({"cmd": 13})).await?;
+                rx.until(13).await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(30), ok).await {
+                Ok(Ok(())) => counters.ops.fetch_add(1, Relaxed),
+                _ => counters.errors.fetch_add(1, Relaxed),
+            };
+            (tx, rx)
+        }));
+    }
+    // Keep the connections open until every heartbeat is in.
+    let mut kept = Vec::new();
+    for t in tasks {
+        if let Ok(pair) = t.await {
+            kept.push(pair);
+        }
+    }
+    drop(kept);
+}
+
+/// Reads pushes and replies: counts acks and deliveries, records delivery latency from the send
+/// time carried in the content.
+fn spawn_reader(
+    mut rx: Rx,
+    counters: Arc<Counters>,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    acks: Arc<tokio::sync::Semaphore>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut local = new_hist();
+        let mut flushed = Instant::now();
+        while let Ok((cmd, body)) = rx.recv().await {
+            match cmd {
+                11 => {
+                    counters.delivered.fetch_add(1, Relaxed);
+                    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                        if let Some(sent) =
+                            v["data"]["content"].as_str().and_then(|c| c.split(':').next()).and_then(|t| t.parse::<u64>().ok())
+                        {
+                            let _ = local.record(now_us().saturating_sub(sent).max(1));
+                        }
+                    }
+                }
+                12 => {
+                    let ok = body.windows(12).any(|w| w == b"\"code\":10000" || w == b"\"code\":10001");
+                    if ok {
+                        counters.acked.fetch_add(1, Relaxed);
+                    } else {
+                        counters.errors.fetch_add(1, Relaxed);
+                    }
+                    acks.add_permits(1);
+                }
+                _ => {}
+            }
+            if flushed.elapsed() > Duration::from_millis(500) {
+                if let Ok(mut h) = hist.lock() {
+                    let _ = h.add(&local);
+                }
+                local.reset();
+                flushed = Instant::now();
+            }
+        }
+        if let Ok(mut h) = hist.lock() {
+            let _ = h.add(&local);
+        }
+    })
+}
+
+/// Sends `messages` chats from `tx` to `target` at `rate` per second (0 = as fast as the window
+/// of unacknowledged sends allows).
+async fn send_loop(
+    mut tx: Tx,
+    target: Value,
+    messages: u64,
+    rate: f64,
+    window: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    deadline: Instant,
+) -> Tx {
+    let interval = if rate > 0.0 { Some(Duration::from_secs_f64(1.0 / rate)) } else { None };
+    let start = Instant::now();
+    for i in 0..messages {
+        if Instant::now() > deadline {
+            break;
+        }
+        if let Some(iv) = interval {
+            let due = start + iv.mul_f64(i as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let Ok(permit) = window.acquire().await else { break };
+        permit.forget();
+        let mut body = target.clone();
+        body["cmd"] = json!(11);
+        body["content"] = json!(format!("{}:{i}", now_us()));
+        if tx.send(&body).await.is_err() {
+            counters.errors.fetch_add(1, Relaxed);
+            break;
+        }
+        counters.sent.fetch_add(1, Relaxed);
+    }
+    tx
+}
+
+async fn chat(conns: Vec<(u64, Tx, Rx)>, cfg: &Value, counters: &Arc<Counters>, hist: &Arc<Mutex<Histogram<u64>>>, deadline: Instant) {
+    let senders = conns.len().max(1) as u64;
+    let per = cfg["messages"].as_u64().unwrap_or(0) / senders;
+    let rate = cfg["rate"].as_f64().unwrap_or(0.0) / senders as f64;
+    let window = cfg["window"].as_u64().unwrap_or(32) as usize;
+    let mut readers = Vec::new();
+    let mut sends = Vec::new();
+    for (i, tx, rx) in conns {
+        let partner = if i % 2 == 0 { i + 1 } else { i - 1 };
+        let acks = Arc::new(Semaphore::new(window));
+        readers.push(spawn_reader(rx, Arc::clone(counters), Arc::clone(hist), Arc::clone(&acks)));
+        let target = json!({"chatType": 2, "to": format!("lg{partner}")});
+        sends.push(tokio::spawn(send_loop(tx, target, per, rate, acks, Arc::clone(counters), deadline)));
+    }
+    let mut txs = Vec::new();
+    for s in sends {
+        if let Ok(tx) = s.await {
+            txs.push(tx);
+        }
+    }
+    // Wait (bounded) for the last deliveries and acks.
+    let expected = counters.sent.load(Relaxed);
+    let until = Instant::now() + Duration::from_secs(30);
+    while (counters.acked.load(Relaxed) + counters.errors.load(Relaxed) < expected
+        || counters.delivered.load(Relaxed) < counters.acked.load(Relaxed))
+        && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for r in readers {
+        r.abort();
+        let _ = r.await;
+    }
+    drop(txs);
+}
+
+async fn group(conns: Vec<(u64, Tx, Rx)>, cfg: &Value, counters: &Arc<Counters>, hist: &Arc<Mutex<Histogram<u64>>>, deadline: Instant) {
+    let messages = cfg["messages"].as_u64().unwrap_or(0);
+    let rate = cfg["rate"].as_f64().unwrap_or(0.0);
+    let window = cfg["window"].as_u64().unwrap_or(8) as usize;
+    let mut readers = Vec::new();
+    let mut sender = None;
+    let acks = Arc::new(Semaphore::new(window));
+    for (n, (_, tx, rx)) in conns.into_iter().enumerate() {
+        readers.push(spawn_reader(rx, Arc::clone(counters), Arc::clone(hist), Arc::clone(&acks)));
+        if n == 0 && messages > 0 {
+            sender = Some(tx);
+        } else {
+            std::mem::forget(tx); // keep the connection open; the process exits at the end
+        }
+    }
+    if let Some(tx) = sender {
+        let target = json!({"chatType": 1, "groupId": "lgbench"});
+        let _tx = send_loop(tx, target, messages, rate, acks, Arc::clone(counters), deadline).await;
+        let until = Instant::now() + Duration::from_secs(30);
+        while counters.acked.load(Relaxed) < counters.sent.load(Relaxed) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Deliveries keep arriving after the last ack; wait until they stop growing (bounded).
+    let mut last = u64::MAX;
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = counters.delivered.load(Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    for r in readers {
+        r.abort();
+        let _ = r.await;
+    }
+}
+
+async fn history(conns: Vec<(u64, Tx, Rx)>, cfg: &Value, counters: &Arc<Counters>, hist: &Arc<Mutex<Histogram<u64>>>) {
+    let readers = conns.len().max(1) as u64;
+    let per = cfg["reads"].as_u64().unwrap_or(0) / readers;
+    let conversations = cfg["conversations"].as_u64().unwrap_or(1).max(1);
+    let mut tasks = Vec::new();
+    for (i, mut tx, mut rx) in conns {
+        let (counters, hist) = (Arc::clone(counters), Arc::clone(hist));
+        tasks.push(tokio::spawn(async move {
+            let mut local = new_hist();
+            for r in 0..per {
+                // Read a prefilled conversation between lg{2k} and lg{2k+1} as one of them (this
+                // user logs in as that participant's peer only when it is one; others read their
+                // own, empty, conversation with lg{2k}).
+                let k = (i * 7919 + r * 104_729) % conversations;
+                let peer = if i == 2 * k { 2 * k + 1 } else { 2 * k };
+                let started = Instant::now();
+                let ok = async {
+                    tx.send(&json!({"cmd": 19, "type": 1, "fromUserId": format!("lg{peer}"), "count": 50})).await?;
+                    rx.until(20).await
+                };
+                match ok.await {
+                    Ok(_) => {
+                        counters.ops.fetch_add(1, Relaxed);
+                        let _ = local.record(started.elapsed().as_micros().max(1) as u64);
+                    }
+                    Err(_) => {
+                        counters.errors.fetch_add(1, Relaxed);
+                        break;
+                    }
+                }
+            }
+            if let Ok(mut h) = hist.lock() {
+                let _ = h.add(&local);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn churn(cfg: &Value, counters: &Arc<Counters>, hist: &Arc<Mutex<Histogram<u64>>>, deadline: Instant) {
+    let cycles = cfg["cycles"].as_u64().unwrap_or(0);
+    let rate = cfg["rate"].as_f64().unwrap_or(100.0).max(1.0);
+    let worker = cfg["worker"].as_u64().unwrap_or(0);
+    let gate = Arc::new(Semaphore::new(512));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..cycles {
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+        let (cfg, counters, hist, gate) = (cfg.clone(), Arc::clone(counters), Arc::clone(hist), Arc::clone(&gate));
+        tasks.push(tokio::spawn(async move {
+            let Ok(_permit) = gate.acquire_owned().await else { return };
+            let started = Instant::now();
+            let user = format!("churn{worker}-{}", i % 1000);
+            match connect(&cfg, &user).await {
+                Ok((mut tx, mut rx)) => {
+                    let elapsed = started.elapsed().as_micros().max(1) as u64;
+                    if let Ok(mut h) = hist.lock() {
+                        let _ = h.record(elapsed);
+                    }
+                    counters.ops.fetch_add(1, Relaxed);
+                    let _ = tx.send(&json!({"cmd": 14})).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), rx.until(14)).await;
+                }
+                Err(_) => {
+                    counters.errors.fetch_add(1, Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
