@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::auth::{self, LoginThrottle, Tokens};
 use crate::config::{Config, Profile};
-use crate::hub::{Conn, Hub, Push};
+use crate::hub::{Conn, Hub, Push, SharedPush};
 use crate::metrics::Metrics;
 use crate::store::{self, NewMessage, RecallRefusal, Store, StoredMessage, UserRecord};
 
@@ -36,6 +36,9 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// Set once the node accepts connections.
     pub ready: AtomicBool,
+    /// Password hashing runs on blocking threads, at most one per core at a time: a login storm
+    /// queues here instead of spawning hundreds of threads (and their memory).
+    pub hashing: tokio::sync::Semaphore,
 }
 
 /// The authenticated user of a session.
@@ -203,7 +206,7 @@ impl Core {
                     return Outcome::status(command, status);
                 }
                 let data = target_json(&user.id, &target, None);
-                let push = Push { command: command.code(), body: jim::push(command, &data).into(), delivery: None };
+                let push = Arc::new(Push { command: command.code(), body: jim::push(command, &data).into(), delivery: None });
                 self.push_to_target(&target, &push, Some(s.conn.id));
                 Outcome::none()
             }
@@ -218,7 +221,7 @@ impl Core {
                     return Outcome::status(command, Status::Retryable);
                 }
                 let data = target_json(&user.id, &target, Some(seq));
-                let push = Push { command: command.code(), body: jim::push(command, &data).into(), delivery: None };
+                let push = Arc::new(Push { command: command.code(), body: jim::push(command, &data).into(), delivery: None });
                 self.push_to_target(&target, &push, Some(s.conn.id));
                 Outcome::none()
             }
@@ -290,7 +293,7 @@ impl Core {
         // login reply.
         let view = user.view(true);
         for g in group_ids.iter().filter(|g| self.announces(g)) {
-            let push = Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(g, &view).into(), delivery: None };
+            let push = Arc::new(Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(g, &view).into(), delivery: None });
             self.hub.send_group(g, &push, None);
         }
         let token = self.tokens.issue(&user.id, SystemTime::now());
@@ -318,15 +321,18 @@ impl Core {
             return Ok(None);
         }
         if let Some(record) = self.store.user(user_id).await? {
+            let _permit = self.hashing.acquire().await;
             return Ok(verify(password, &record.password_hash).await.then_some(record));
         }
         if self.config.profile == Profile::Prod {
             return Ok(None);
         }
+        let permit = self.hashing.acquire().await;
         let password_hash = match hash(password, self.config.password_hash_cost).await {
             Some(hash) => hash,
             None => return Ok(None),
         };
+        drop(permit);
         let record = UserRecord {
             user_id: user_id.clone(),
             password_hash,
@@ -342,6 +348,7 @@ impl Core {
             return Ok(Some(record));
         }
         // Someone registered the same id at the same moment: check against theirs.
+        let _permit = self.hashing.acquire().await;
         match self.store.user(user_id).await? {
             Some(existing) if verify(password, &existing.password_hash).await => Ok(Some(existing)),
             _ => Ok(None),
@@ -359,8 +366,11 @@ impl Core {
             u.groups.insert(group.to_string());
         }
         // As J-IM 3.x: no direct reply on success; the notice (which the joiner gets too) is it.
-        let push =
-            Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(group, &user.view(true)).into(), delivery: None };
+        let push = Arc::new(Push {
+            command: Command::JoinGroupNotify.code(),
+            body: jim::join_notify(group, &user.view(true)).into(),
+            delivery: None,
+        });
         self.hub.send_group(group, &push, None);
         Outcome::none()
     }
@@ -376,7 +386,7 @@ impl Core {
     pub fn notify_exit(&self, user: &str, nick: Option<String>, groups: &[Arc<str>]) {
         let view = UserView { avatar: None, nick, status: "offline", user_id: user.to_string() };
         for g in groups.iter().filter(|g| self.announces(g)) {
-            let push = Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(g, &view).into(), delivery: None };
+            let push = Arc::new(Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(g, &view).into(), delivery: None });
             self.hub.send_group(g, &push, None);
         }
     }
@@ -464,8 +474,11 @@ impl Core {
             Ok(Ok(recalled)) => {
                 let m = &recalled.message;
                 let data = recall_json(m, &recalled.by);
-                let push =
-                    Push { command: Command::CancelMsgResp.code(), body: jim::push(Command::CancelMsgResp, &data).into(), delivery: None };
+                let push = Arc::new(Push {
+                    command: Command::CancelMsgResp.code(),
+                    body: jim::push(Command::CancelMsgResp, &data).into(),
+                    delivery: None,
+                });
                 let skip = Some(s.conn.id);
                 let delivered = match (&m.recipient, &m.group_id) {
                     (Some(to), _) if *to == m.sender => self.hub.send_user(to, &push, skip),
@@ -493,7 +506,7 @@ impl Core {
         }
     }
 
-    fn push_to_target(&self, target: &Target, push: &Push, skip: Option<u64>) {
+    fn push_to_target(&self, target: &Target, push: &SharedPush, skip: Option<u64>) {
         match target {
             Target::User(peer) => drop(self.hub.send_user(peer, push, None)),
             Target::Group(g) => drop(self.hub.send_group(g, push, skip)),

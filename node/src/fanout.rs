@@ -25,11 +25,11 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>) {
                 let mut recipient_online = message.recipient.as_deref().is_some_and(|r| core.hub.is_online(r));
                 if !duplicate {
                     let body = jim::push(Command::ChatReq, &message.to_chat_body());
-                    let push = Push {
+                    let push = Arc::new(Push {
                         command: Command::ChatReq.code(),
                         body: body.into(),
                         delivery: Some((message.conversation.clone(), message.seq)),
-                    };
+                    });
                     let delivered = match (&message.recipient, &message.group_id) {
                         (Some(to), _) => core.hub.send_user(to, &push, None),
                         (None, Some(group)) => core.hub.send_group(group, &push, None),

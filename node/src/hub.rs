@@ -23,6 +23,10 @@ pub const QUEUE_PER_CONNECTION: usize = 1024;
 /// Bytes queued per connection before it counts as a slow consumer, whatever the frame count.
 pub const QUEUE_BYTES_PER_CONNECTION: usize = 4 * 1024 * 1024;
 
+/// A frame on its way to connections. One allocation per message, shared by every recipient;
+/// a queue slot holds only the pointer.
+pub type SharedPush = Arc<Push>;
+
 /// A frame on its way to one connection. The body is shared between all recipients.
 #[derive(Debug, Clone)]
 pub struct Push {
@@ -43,7 +47,7 @@ pub struct Conn {
     /// Transport.
     pub transport: Transport,
     /// The session's queue.
-    pub tx: mpsc::Sender<Push>,
+    pub tx: mpsc::Sender<SharedPush>,
     /// Cancelled to close the session; `reason` says why.
     pub kick: CancellationToken,
     /// Why the session was kicked, set before `kick` is cancelled.
@@ -102,7 +106,7 @@ impl Hub {
     }
 
     /// A new connection handle and the queue it reads from.
-    pub fn connection(&self, transport: Transport) -> (Conn, mpsc::Receiver<Push>) {
+    pub fn connection(&self, transport: Transport) -> (Conn, mpsc::Receiver<SharedPush>) {
         let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
         let conn = Conn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -186,7 +190,7 @@ impl Hub {
 
     /// Pushes to every connection of `user` except connection `skip`. Returns how many
     /// connections took it.
-    pub fn send_user(&self, user: &str, push: &Push, skip: Option<u64>) -> usize {
+    pub fn send_user(&self, user: &str, push: &SharedPush, skip: Option<u64>) -> usize {
         let conns: Vec<Conn> = match self.lock().users.get(user) {
             Some(entry) => entry.conns.iter().filter(|c| Some(c.id) != skip).cloned().collect(),
             None => return 0,
@@ -195,7 +199,7 @@ impl Hub {
     }
 
     /// Pushes to every connection of every online member of `group`, except connection `skip`.
-    pub fn send_group(&self, group: &str, push: &Push, skip: Option<u64>) -> usize {
+    pub fn send_group(&self, group: &str, push: &SharedPush, skip: Option<u64>) -> usize {
         let conns: Vec<Conn> = {
             let inner = self.lock();
             let Some(members) = inner.groups.get(group) else { return 0 };
@@ -204,7 +208,7 @@ impl Hub {
         conns.iter().filter(|c| self.offer(c, push)).count()
     }
 
-    fn offer(&self, conn: &Conn, push: &Push) -> bool {
+    fn offer(&self, conn: &Conn, push: &SharedPush) -> bool {
         let len = push.body.len();
         if conn.queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES_PER_CONNECTION {
             conn.queued.fetch_sub(len, Ordering::Relaxed);
@@ -212,7 +216,7 @@ impl Hub {
             conn.close(Status::SlowConsumer);
             return false;
         }
-        match conn.tx.try_send(push.clone()) {
+        match conn.tx.try_send(Arc::clone(push)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 conn.queued.fetch_sub(len, Ordering::Relaxed);

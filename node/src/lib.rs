@@ -62,6 +62,7 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         tokens,
         metrics,
         ready: AtomicBool::new(false),
+        hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
     });
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();

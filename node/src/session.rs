@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::dispatch::{Core, Outcome, Reply, SessionState};
-use crate::hub::Push;
+use crate::hub::SharedPush;
 use crate::metrics::Transport;
 
 /// How long one write may block before the client counts as gone.
@@ -64,7 +64,7 @@ pub enum Outgoing {
 
 /// Runs one session to its end. `first` is a request to carry out before reading (the
 /// WebSocket query-string login).
-pub async fn run<I, O>(core: Arc<Core>, transport: Transport, peer: SocketAddr, inbound: I, outbound: O, first: Option<Request>)
+pub async fn run<I, O>(core: Arc<Core>, transport: Transport, peer: SocketAddr, inbound: I, outbound: O, first: Option<Box<Request>>)
 where
     I: Stream<Item = Inbound> + Unpin,
     O: Sink<Outgoing> + Unpin,
@@ -91,7 +91,7 @@ struct Session<O> {
     core: Arc<Core>,
     state: SessionState,
     outbound: O,
-    rx: tokio::sync::mpsc::Receiver<Push>,
+    rx: tokio::sync::mpsc::Receiver<SharedPush>,
     /// Delivered cursors not yet handed to the store, newest seq per conversation.
     pending_cursors: HashMap<ConversationId, u64>,
     /// Chats sent and not yet committed, with their synSeq; replies go out in request order.
@@ -115,102 +115,117 @@ enum End {
     WriteFailed,
 }
 
+/// What woke the session up.
+enum Event {
+    Kicked,
+    Push(Option<SharedPush>),
+    ChatDone(i32, Vec<u8>),
+    Inbound(Option<Inbound>),
+    Idle,
+}
+
 impl<O: Sink<Outgoing> + Unpin> Session<O> {
-    async fn drive<I: Stream<Item = Inbound> + Unpin>(&mut self, mut inbound: I, first: Option<Request>) -> End {
+    /// The loop. An idle connection sits in `next_event`, whose future is small; everything that
+    /// happens after an event is in the boxed `on_event`, which exists only while it runs.
+    async fn drive<I: Stream<Item = Inbound> + Unpin>(&mut self, mut inbound: I, first: Option<Box<Request>>) -> End {
         let timeout = self.core.config.heartbeat_timeout;
         let far = Duration::from_secs(365 * 24 * 3600);
         let idle = tokio::time::sleep(timeout.unwrap_or(far));
         tokio::pin!(idle);
         if let Some(req) = first {
-            let outcome = self.core.handle(&mut self.state, req).await;
-            if let Some(end) = self.deliver(outcome, 0).await {
+            let outcome = Box::pin(self.core.handle(&mut self.state, *req)).await;
+            if let Some(end) = Box::pin(self.deliver(outcome, 0)).await {
                 return end;
             }
         }
         let kick = self.state.conn.kick.clone();
         loop {
-            tokio::select! {
+            let event = tokio::select! {
                 biased;
-                _ = kick.cancelled() => {
-                    let status = self.state.conn.reason.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(Status::CloseOk);
-                    // The frame is best effort: a slow consumer may not take it.
-                    let _ = self.write_status(Command::CloseReq, status).await;
-                    let _ = self.send(Outgoing::Close(status)).await;
-                    return End::Kicked(status);
+                _ = kick.cancelled() => Event::Kicked,
+                push = self.rx.recv() => Event::Push(push),
+                Some((syn_seq, reply)) = self.inflight.next(), if !self.inflight.is_empty() => Event::ChatDone(syn_seq, reply),
+                item = inbound.next(), if self.inflight.len() < MAX_INFLIGHT => Event::Inbound(item),
+                _ = &mut idle, if timeout.is_some() => Event::Idle,
+            };
+            if matches!(event, Event::Push(_) | Event::Inbound(_)) {
+                idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
+            }
+            if let Some(end) = Box::pin(self.on_event(event)).await {
+                return end;
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) -> Option<End> {
+        match event {
+            Event::Kicked => {
+                let status = self.state.conn.reason.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(Status::CloseOk);
+                // The frame is best effort: a slow consumer may not take it.
+                self.close_with(Command::CloseReq, status).await;
+                Some(End::Kicked(status))
+            }
+            Event::Push(None) => Some(End::Closed),
+            Event::Push(Some(push)) => {
+                if !self.write_pushes(push).await {
+                    return Some(End::WriteFailed);
                 }
-                push = self.rx.recv() => {
-                    let Some(push) = push else { return End::Closed };
-                    if !self.write_push(push).await {
-                        return End::WriteFailed;
-                    }
-                    if self.rx.is_empty() {
-                        self.flush_cursors().await;
-                    }
-                    idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
+                if self.rx.is_empty() && !self.pending_cursors.is_empty() {
+                    self.flush_cursors().await;
                 }
-                Some((syn_seq, reply)) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    let outcome = Outcome { replies: vec![Reply { command: Command::ChatResp.code(), body: reply.into() }], close: false };
-                    if let Some(end) = self.deliver(outcome, syn_seq).await {
-                        return end;
-                    }
-                }
-                item = inbound.next(), if self.inflight.len() < MAX_INFLIGHT => {
-                    idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
-                    match item {
-                        None => {
-                            self.drain_inflight().await;
-                            return End::PeerGone;
+                None
+            }
+            Event::ChatDone(syn_seq, reply) => {
+                let outcome = Outcome { replies: vec![Reply { command: Command::ChatResp.code(), body: reply.into() }], close: false };
+                self.deliver(outcome, syn_seq).await
+            }
+            Event::Inbound(None) => {
+                Box::pin(self.drain_inflight()).await;
+                Some(End::PeerGone)
+            }
+            Event::Inbound(Some(Inbound::Request { cmd, syn_seq, body })) => {
+                let outcome = match jim::parse_request(cmd, &body) {
+                    // Chats from a logged-in session are pipelined: the next request is read while
+                    // this one waits for its commit.
+                    Ok(Request::Chat(chat)) if self.state.user.is_some() => match self.core.begin_chat(&mut self.state, chat) {
+                        Ok(pending) => {
+                            self.inflight.push_back(Box::pin(async move { (syn_seq, pending.await) }));
+                            return None;
                         }
-                        Some(Inbound::Request { cmd, syn_seq, body }) => {
-                            let outcome = match jim::parse_request(cmd, &body) {
-                                // Chats from a logged-in session are pipelined: the next request is
-                                // read while this one waits for its commit.
-                                Ok(Request::Chat(chat)) if self.state.user.is_some() => {
-                                    match self.core.begin_chat(&mut self.state, chat) {
-                                        Ok(pending) => {
-                                            self.inflight.push_back(Box::pin(async move { (syn_seq, pending.await) }));
-                                            continue;
-                                        }
-                                        Err(reply) => Outcome { replies: vec![Reply { command: Command::ChatResp.code(), body: reply.into() }], close: false },
-                                    }
-                                }
-                                // Anything else waits for the chats before it, so replies keep the
-                                // order of the requests.
-                                Ok(req) => {
-                                    if let Some(end) = self.drain_inflight().await {
-                                        return end;
-                                    }
-                                    self.core.handle(&mut self.state, req).await
-                                }
-                                Err(e) => {
-                                    if let Some(end) = self.drain_inflight().await {
-                                        return end;
-                                    }
-                                    Outcome { replies: vec![Reply { command: e.command.code(), body: e.reply().into() }], close: false }
-                                }
-                            };
-                            if let Some(end) = self.deliver(outcome, syn_seq).await {
-                                return end;
-                            }
+                        Err(reply) => {
+                            Outcome { replies: vec![Reply { command: Command::ChatResp.code(), body: reply.into() }], close: false }
                         }
-                        Some(Inbound::Close) => {
-                            // A WebSocket close from the client: tungstenite has already queued
-                            // the close reply, so no frame can precede it; closing flushes it.
-                            return End::Closed;
+                    },
+                    // Anything else waits for the chats before it, so replies keep the order of
+                    // the requests.
+                    Ok(req) => {
+                        if let Some(end) = Box::pin(self.drain_inflight()).await {
+                            return Some(end);
                         }
-                        Some(Inbound::ProtocolError(status)) => {
-                            self.core.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                            let _ = self.write_status(Command::Unknown, status).await;
-                            let _ = self.send(Outgoing::Close(status)).await;
-                            return End::Protocol(status);
-                        }
+                        // Boxed: the dispatcher's future is large and lives only while a request
+                        // is handled.
+                        Box::pin(self.core.handle(&mut self.state, req)).await
                     }
-                }
-                _ = &mut idle, if timeout.is_some() => {
-                    let _ = self.write_status(Command::CloseReq, Status::HeartbeatTimeout).await;
-                    let _ = self.send(Outgoing::Close(Status::HeartbeatTimeout)).await;
-                    return End::Idle;
-                }
+                    Err(e) => {
+                        if let Some(end) = Box::pin(self.drain_inflight()).await {
+                            return Some(end);
+                        }
+                        Outcome { replies: vec![Reply { command: e.command.code(), body: e.reply().into() }], close: false }
+                    }
+                };
+                self.deliver(outcome, syn_seq).await
+            }
+            // A WebSocket close from the client: tungstenite has already queued the close reply,
+            // so no frame can precede it; closing flushes it.
+            Event::Inbound(Some(Inbound::Close)) => Some(End::Closed),
+            Event::Inbound(Some(Inbound::ProtocolError(status))) => {
+                self.core.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                self.close_with(Command::Unknown, status).await;
+                Some(End::Protocol(status))
+            }
+            Event::Idle => {
+                self.close_with(Command::CloseReq, Status::HeartbeatTimeout).await;
+                Some(End::Idle)
             }
         }
     }
@@ -230,7 +245,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
     /// out before its reply, as in J-IM), then the replies.
     async fn deliver(&mut self, outcome: Outcome, syn_seq: i32) -> Option<End> {
         while let Ok(push) = self.rx.try_recv() {
-            if !self.write_push(push).await {
+            if !self.write_pushes(push).await {
                 return Some(End::WriteFailed);
             }
         }
@@ -246,17 +261,50 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
         None
     }
 
-    async fn write_push(&mut self, push: Push) -> bool {
-        self.state.conn.queued.fetch_sub(push.body.len(), Ordering::Relaxed);
-        let ok = self.send(Outgoing::Frame { command: push.command, syn_seq: 0, body: push.body }).await;
-        if ok {
-            if let Some((conv, seq)) = push.delivery {
-                self.state.live_floor.entry(conv.clone()).or_insert(seq);
-                let e = self.pending_cursors.entry(conv).or_default();
-                *e = (*e).max(seq);
+    /// Writes `first` and whatever else is already queued (up to a bound) with one flush: one
+    /// syscall for many frames under fan-out load.
+    async fn write_pushes(&mut self, first: SharedPush) -> bool {
+        let mut next = Some(first);
+        let mut batch = 0;
+        // Deliveries count only once the flush succeeded: a cursor must never pass a message
+        // that did not reach the socket.
+        let mut deliveries = Vec::new();
+        while let Some(push) = next.take() {
+            self.state.conn.queued.fetch_sub(push.body.len(), Ordering::Relaxed);
+            if let Some(d) = &push.delivery {
+                deliveries.push(d.clone());
+            }
+            let frame = Outgoing::Frame { command: push.command, syn_seq: 0, body: push.body.clone() };
+            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.feed(frame)).await, Ok(Ok(()))) {
+                return false;
+            }
+            batch += 1;
+            if batch < 64 {
+                next = self.rx.try_recv().ok();
             }
         }
-        ok
+        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.flush()).await, Ok(Ok(()))) {
+            return false;
+        }
+        for d in deliveries {
+            self.delivered(Some(d));
+        }
+        true
+    }
+
+    /// Records that a chat push reached the socket, for the offline cursor.
+    fn delivered(&mut self, delivery: Option<(ConversationId, u64)>) {
+        if let Some((conv, seq)) = delivery {
+            self.state.live_floor.entry(conv.clone()).or_insert(seq);
+            let e = self.pending_cursors.entry(conv).or_default();
+            *e = (*e).max(seq);
+        }
+    }
+
+    /// Sends a final status frame and a close (both best effort: the client may be gone).
+    async fn close_with(&mut self, command: Command, status: Status) {
+        let _ = self.write_status(command, status).await;
+        let _ = self.send(Outgoing::Close(status)).await;
     }
 
     async fn write_status(&mut self, command: Command, status: Status) -> bool {

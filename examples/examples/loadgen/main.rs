@@ -209,7 +209,11 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
 
     // Split the users over the workers.
     let (users, per_worker_cfg): (u64, Box<dyn Fn(u64) -> Value>) = match scenario {
-        "idle" => (opts.num("conns", 1000), Box::new(|_| json!({}))),
+        "idle" => {
+            // --login 0 measures bare connections (no user bound), to separate the two costs.
+            let login = opts.num("login", 1) != 0;
+            (opts.num("conns", 1000), Box::new(move |_| json!({ "login": login })))
+        }
         "chat" => {
             let pairs = opts.num("pairs", 100);
             let (msgs, rate) = (opts.num("messages", 100_000), opts.num("rate", 0));

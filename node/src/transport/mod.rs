@@ -57,13 +57,15 @@ async fn sniff(core: Arc<Core>, stream: TcpStream, peer: SocketAddr, router: axu
         Ok(Ok(1)) => {}
         _ => return,
     }
+    // Each branch is boxed so that a connection's task is only as large as the protocol it
+    // speaks (hyper's connection state is much larger than a J-IM session).
     if first[0] == schema::frame::VERSION {
-        tcp::serve(core, stream, peer).await;
+        Box::pin(tcp::serve(core, stream, peer)).await;
         return;
     }
     let service = http::service(router, core, peer);
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+    if let Err(e) = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(stream), service)).await {
         tracing::debug!(error = %e, %peer, "http connection ended with an error");
     }
 }

@@ -6,8 +6,13 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use schema::frame::{self, FrameError};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
+
+use futures_util::Sink;
+use tokio::io::AsyncWrite;
+use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::dispatch::Core;
 use crate::metrics::Transport;
@@ -39,17 +44,6 @@ impl Decoder for JimCodec {
     }
 }
 
-impl Encoder<Outgoing> for JimCodec {
-    type Error = std::io::Error;
-
-    fn encode(&mut self, item: Outgoing, dst: &mut BytesMut) -> Result<(), std::io::Error> {
-        if let Outgoing::Frame { command, syn_seq, body } = item {
-            frame::encode(command, syn_seq, &body, dst);
-        }
-        Ok(())
-    }
-}
-
 /// Runs a J-IM binary session on `stream`.
 pub async fn serve(core: Arc<Core>, stream: TcpStream, peer: SocketAddr) {
     let (read, write) = stream.into_split();
@@ -63,6 +57,57 @@ pub async fn serve(core: Arc<Core>, stream: TcpStream, peer: SocketAddr) {
             Err(CodecError::Io(_)) => None,
         }
     });
-    let outbound = FramedWrite::new(write, JimCodec);
+    let outbound = FrameSink { write, buf: BytesMut::new() };
     session::run(core, Transport::Tcp, peer, Box::pin(inbound), outbound, None).await;
+}
+
+/// Writes frames: `start_send` encodes into a buffer, `poll_flush` writes it, so frames fed
+/// together leave in one syscall. The buffer starts empty and is given back after a large burst,
+/// so an idle connection holds no write buffer (tokio-util's FramedWrite keeps 8 KiB).
+struct FrameSink<W> {
+    write: W,
+    buf: BytesMut,
+}
+
+/// Buffered bytes above which `poll_ready` flushes before taking more.
+const FLUSH_AT: usize = 64 * 1024;
+/// Capacity kept after a flush; a larger buffer is released.
+const KEEP_CAPACITY: usize = 4 * 1024;
+
+impl<W: AsyncWrite + Unpin> Sink<Outgoing> for FrameSink<W> {
+    type Error = std::io::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        if self.buf.len() >= FLUSH_AT {
+            return self.poll_flush(cx);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Outgoing) -> Result<(), std::io::Error> {
+        if let Outgoing::Frame { command, syn_seq, body } = item {
+            frame::encode(command, syn_seq, &body, &mut self.buf);
+        }
+        Ok(())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        let this = &mut *self;
+        while !this.buf.is_empty() {
+            let n = ready!(Pin::new(&mut this.write).poll_write(cx, &this.buf))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            bytes::Buf::advance(&mut this.buf, n);
+        }
+        if this.buf.capacity() > KEEP_CAPACITY {
+            this.buf = BytesMut::new();
+        }
+        Pin::new(&mut this.write).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.write).poll_shutdown(cx)
+    }
 }

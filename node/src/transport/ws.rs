@@ -33,17 +33,17 @@ pub fn upgrade(core: Arc<Core>, ws: WebSocketUpgrade, peer: SocketAddr, query: H
 
 /// The demo page logs in with `?username=…&password=…` (or `token`). Empty values are dropped,
 /// as J-IM's query parser drops them.
-fn query_login(query: &HashMap<String, String>) -> Option<Request> {
+fn query_login(query: &HashMap<String, String>) -> Option<Box<Request>> {
     let get = |k: &str| query.get(k).filter(|v| !v.is_empty()).cloned();
     let user_id = get("username").or_else(|| get("userId"));
     let token = get("token");
     if user_id.is_none() && token.is_none() {
         return None;
     }
-    Some(Request::Login(LoginReq { user_id, password: get("password"), token, nick: get("nick") }))
+    Some(Box::new(Request::Login(LoginReq { user_id, password: get("password"), token, nick: get("nick") })))
 }
 
-async fn serve(core: Arc<Core>, socket: WebSocket, peer: SocketAddr, first: Option<Request>) {
+async fn serve(core: Arc<Core>, socket: WebSocket, peer: SocketAddr, first: Option<Box<Request>>) {
     let (sink, stream) = socket.split();
     let inbound = futures_util::stream::unfold(Some(stream), |stream| async move {
         let mut stream = stream?;
