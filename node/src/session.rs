@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use schema::jim::{self, Request};
 use schema::{Command, ConversationId, Status};
 use tokio::time::Instant;
@@ -176,8 +176,24 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                 None
             }
             Event::ChatDone(syn_seq, reply) => {
-                let outcome = Outcome { replies: vec![Reply { command: Command::ChatResp.code(), body: reply.into() }], close: false };
-                self.deliver(outcome, syn_seq).await
+                // Every chat reply that is already ready leaves with this one, in one write.
+                while let Ok(push) = self.rx.try_recv() {
+                    if !self.write_pushes(push).await {
+                        return Some(End::WriteFailed);
+                    }
+                }
+                let mut next = Some((syn_seq, reply));
+                while let Some((syn_seq, reply)) = next.take() {
+                    let frame = Outgoing::Frame { command: Command::ChatResp.code(), syn_seq, body: reply.into() };
+                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.feed(frame)).await, Ok(Ok(()))) {
+                        return Some(End::WriteFailed);
+                    }
+                    next = self.inflight.next().now_or_never().flatten();
+                }
+                if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.flush()).await, Ok(Ok(()))) {
+                    return Some(End::WriteFailed);
+                }
+                None
             }
             Event::Inbound(None) => {
                 Box::pin(self.drain_inflight()).await;

@@ -252,7 +252,15 @@ impl Store {
         }
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let (feed_tx, feed_rx) = mpsc::channel(WRITE_QUEUE);
-        let writer = Writer { conn: writer_conn, seqs: HashMap::new(), origin: origin.to_string(), feed: feed_tx, metrics, _db: db };
+        let writer = Writer {
+            conn: writer_conn,
+            seqs: HashMap::new(),
+            origin: origin.to_string(),
+            feed: feed_tx,
+            metrics,
+            stmts: HashMap::new(),
+            _db: db,
+        };
         std::thread::Builder::new().name("kefu-writer".into()).spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -549,6 +557,8 @@ struct Writer {
     origin: String,
     feed: mpsc::Sender<Committed>,
     metrics: Arc<Metrics>,
+    /// Prepared statements, by SQL text: the hot inserts are parsed once, not once per row.
+    stmts: HashMap<&'static str, libsql::Statement>,
     _db: libsql::Database,
 }
 
@@ -561,6 +571,18 @@ enum Done {
 }
 
 impl Writer {
+    /// Runs a statement from the cache, preparing it on first use.
+    async fn exec(&mut self, sql: &'static str, params: impl libsql::params::IntoParams) -> Result<u64> {
+        if !self.stmts.contains_key(sql) {
+            let stmt = self.conn.prepare(sql).await?;
+            self.stmts.insert(sql, stmt);
+        }
+        let Some(stmt) = self.stmts.get(sql) else { return Err(StoreError::Corrupt("statement cache".into())) };
+        let result = stmt.execute(params).await;
+        stmt.reset();
+        Ok(result? as u64)
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -623,8 +645,7 @@ impl Writer {
                 Done::Append(Arc::new(stored), duplicate, oneshot::channel().0)
             }
             WriteOp::Cursor { user, conversation, delivered, read, reply } => {
-                self.conn
-                    .execute(
+                self.exec(
                         "INSERT INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?2, ?3, ?4) \
                          ON CONFLICT (user_id, conversation) DO UPDATE SET delivered = MAX(delivered, excluded.delivered), read = MAX(read, excluded.read)",
                         params![user.as_str(), conversation.as_str(), to_i64(*delivered), to_i64(*read)],
@@ -655,12 +676,11 @@ impl Writer {
                 Done::Flag(true, oneshot::channel().0)
             }
             WriteOp::Join { group, name, user, .. } => {
-                self.conn
-                    .execute(
-                        "INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
-                        params![group.as_str(), name.clone(), now_ms()],
-                    )
-                    .await?;
+                self.exec(
+                    "INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
+                    params![group.as_str(), name.clone(), now_ms()],
+                )
+                .await?;
                 let added = self
                     .conn
                     .execute(
@@ -671,12 +691,11 @@ impl Writer {
                 if added > 0 {
                     let conv = ConversationId::group(group);
                     let newest = self.newest_seq(&conv).await?;
-                    self.conn
-                        .execute(
-                            "INSERT INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?2, ?3, ?3) ON CONFLICT DO NOTHING",
-                            params![user.as_str(), conv.as_str(), to_i64(newest)],
-                        )
-                        .await?;
+                    self.exec(
+                        "INSERT INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?2, ?3, ?3) ON CONFLICT DO NOTHING",
+                        params![user.as_str(), conv.as_str(), to_i64(newest)],
+                    )
+                    .await?;
                 }
                 Done::Flag(added > 0, oneshot::channel().0)
             }
@@ -703,20 +722,18 @@ impl Writer {
                 m.origin.as_str().into(),
                 m.recalled_at.into(),
             ];
-            self.conn
-                .execute(
+            self.exec(
                     "INSERT OR IGNORE INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, content, extras, nick, avatar, created_at, origin, recalled_at) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                     values,
                 )
                 .await?;
             if let Some(recipient) = &m.recipient {
-                self.conn
-                    .execute(
-                        "INSERT OR IGNORE INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?3, 0, 0), (?2, ?3, 0, 0)",
-                        params![m.sender.as_str(), recipient.as_str(), m.conversation.as_str()],
-                    )
-                    .await?;
+                self.exec(
+                    "INSERT OR IGNORE INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?3, 0, 0), (?2, ?3, 0, 0)",
+                    params![m.sender.as_str(), recipient.as_str(), m.conversation.as_str()],
+                )
+                .await?;
             }
             // The sequencer's own cache must not fall behind what was imported.
             let newest = self.newest_seq(&m.conversation).await?;
@@ -786,22 +803,21 @@ impl Writer {
             stored.created_at.into(),
             stored.origin.as_str().into(),
         ];
-        self.conn
-            .execute(
+        self.exec(
                 "INSERT INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, content, extras, nick, avatar, created_at, origin) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 values,
             )
             .await?;
         self.seqs.insert(stored.conversation.clone(), seq);
-        if let Some(recipient) = &stored.recipient {
-            // Both sides of a private chat take part in the conversation from its first message.
-            self.conn
-                .execute(
-                    "INSERT OR IGNORE INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?3, 0, 0), (?2, ?3, 0, 0)",
-                    params![stored.sender.as_str(), recipient.as_str(), stored.conversation.as_str()],
-                )
-                .await?;
+        // Both sides of a private chat take part in the conversation from its first message; later
+        // messages need no cursor rows.
+        if let (Some(recipient), 1) = (&stored.recipient, seq) {
+            self.exec(
+                "INSERT OR IGNORE INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?3, 0, 0), (?2, ?3, 0, 0)",
+                params![stored.sender.as_str(), recipient.as_str(), stored.conversation.as_str()],
+            )
+            .await?;
         }
         Ok((stored, false))
     }
@@ -824,13 +840,12 @@ impl Writer {
             if !privileged && now_ms.saturating_sub(message.created_at) > window_ms {
                 return Ok(Err(RecallRefusal::Expired));
             }
-            self.conn.execute("UPDATE messages SET recalled_at = ?1 WHERE id = ?2", params![now_ms, id]).await?;
-            self.conn
-                .execute(
-                    "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![id, message.conversation.as_str(), to_i64(message.seq), by, now_ms],
-                )
-                .await?;
+            self.exec("UPDATE messages SET recalled_at = ?1 WHERE id = ?2", params![now_ms, id]).await?;
+            self.exec(
+                "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, message.conversation.as_str(), to_i64(message.seq), by, now_ms],
+            )
+            .await?;
             message.recalled_at = Some(now_ms);
         }
         Ok(Ok(Arc::new(Recalled { message, by: by.to_string() })))
