@@ -366,11 +366,12 @@ impl Core {
             u.groups.insert(group.to_string());
         }
         // As J-IM 3.x: no direct reply on success; the notice (which the joiner gets too) is it.
-        let push = Arc::new(Push {
-            command: Command::JoinGroupNotify.code(),
-            body: jim::join_notify(group, &user.view(true)).into(),
-            delivery: None,
-        });
+        // In a group too large to announce joins in, only the joiner gets it.
+        let body = jim::join_notify(group, &user.view(true));
+        if !self.announces(group) {
+            return Outcome::reply(Command::JoinGroupNotify, body);
+        }
+        let push = Arc::new(Push { command: Command::JoinGroupNotify.code(), body: body.into(), delivery: None });
         self.hub.send_group(group, &push, None);
         Outcome::none()
     }

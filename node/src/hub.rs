@@ -189,23 +189,24 @@ impl Hub {
     }
 
     /// Pushes to every connection of `user` except connection `skip`. Returns how many
-    /// connections took it.
+    /// connections took it. Offering never blocks, so it happens under the lock, without cloning
+    /// connection handles.
     pub fn send_user(&self, user: &str, push: &SharedPush, skip: Option<u64>) -> usize {
-        let conns: Vec<Conn> = match self.lock().users.get(user) {
-            Some(entry) => entry.conns.iter().filter(|c| Some(c.id) != skip).cloned().collect(),
-            None => return 0,
-        };
-        conns.iter().filter(|c| self.offer(c, push)).count()
+        let inner = self.lock();
+        let Some(entry) = inner.users.get(user) else { return 0 };
+        entry.conns.iter().filter(|c| Some(c.id) != skip && self.offer(c, push)).count()
     }
 
     /// Pushes to every connection of every online member of `group`, except connection `skip`.
     pub fn send_group(&self, group: &str, push: &SharedPush, skip: Option<u64>) -> usize {
-        let conns: Vec<Conn> = {
-            let inner = self.lock();
-            let Some(members) = inner.groups.get(group) else { return 0 };
-            members.iter().filter_map(|u| inner.users.get(u)).flat_map(|e| e.conns.iter().filter(|c| Some(c.id) != skip).cloned()).collect()
-        };
-        conns.iter().filter(|c| self.offer(c, push)).count()
+        let inner = self.lock();
+        let Some(members) = inner.groups.get(group) else { return 0 };
+        members
+            .iter()
+            .filter_map(|u| inner.users.get(u))
+            .flat_map(|e| e.conns.iter())
+            .filter(|c| Some(c.id) != skip && self.offer(c, push))
+            .count()
     }
 
     fn offer(&self, conn: &Conn, push: &SharedPush) -> bool {

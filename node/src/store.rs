@@ -26,6 +26,8 @@ const MAX_BATCH: usize = 2048;
 const WRITE_QUEUE: usize = 8192;
 /// Reader connections.
 const READERS: usize = 4;
+/// Longest a fire-and-forget cursor move waits for a transaction to ride along with.
+const CURSOR_DELAY: Duration = Duration::from_millis(100);
 
 /// A storage failure. Every one is reported to the client as retryable: nothing was half-stored.
 #[derive(Debug, thiserror::Error)]
@@ -259,6 +261,7 @@ impl Store {
             feed: feed_tx,
             metrics,
             stmts: HashMap::new(),
+            pending_cursors: HashMap::new(),
             _db: db,
         };
         std::thread::Builder::new().name("kefu-writer".into()).spawn(move || {
@@ -559,6 +562,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Prepared statements, by SQL text: the hot inserts are parsed once, not once per row.
     stmts: HashMap<&'static str, libsql::Statement>,
+    /// Cursor moves waiting for the next transaction, merged by max.
+    pending_cursors: HashMap<(String, ConversationId), (u64, u64)>,
     _db: libsql::Database,
 }
 
@@ -585,9 +590,44 @@ impl Writer {
 
     async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut cursor_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let received = match cursor_deadline {
+                None => rx.recv_many(&mut batch, MAX_BATCH).await,
+                Some(deadline) => tokio::select! {
+                    n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+                    _ = tokio::time::sleep_until(deadline) => usize::MAX,
+                },
+            };
+            let closed = received == 0;
+            // Fire-and-forget cursor moves are merged in memory (by max) and written with the
+            // next batch that has real work, or after CURSOR_DELAY: one push to each of 10,000
+            // group members must not cost 10,000 transactions.
+            batch.retain(|op| match op {
+                WriteOp::Cursor { user, conversation, delivered, read, reply: None } => {
+                    let e = self.pending_cursors.entry((user.clone(), conversation.clone())).or_default();
+                    e.0 = e.0.max(*delivered);
+                    e.1 = e.1.max(*read);
+                    false
+                }
+                _ => true,
+            });
+            let due = cursor_deadline.is_some_and(|d| d <= tokio::time::Instant::now());
+            if batch.is_empty() && !closed && !due && self.pending_cursors.len() < MAX_BATCH {
+                if !self.pending_cursors.is_empty() && cursor_deadline.is_none() {
+                    cursor_deadline = Some(tokio::time::Instant::now() + CURSOR_DELAY);
+                }
+                continue;
+            }
+            cursor_deadline = None;
+            if batch.is_empty() && self.pending_cursors.is_empty() {
+                if closed {
+                    return;
+                }
+                continue;
+            }
             let started = Instant::now();
-            let ops = batch.len();
+            let ops = batch.len() + self.pending_cursors.len();
             match self.apply(&mut batch).await {
                 Ok(done) => {
                     self.metrics.commit(started.elapsed(), ops);
@@ -603,6 +643,9 @@ impl Writer {
                 }
             }
             batch.clear();
+            if closed {
+                return;
+            }
         }
     }
 
@@ -611,7 +654,11 @@ impl Writer {
         self.conn.execute("BEGIN IMMEDIATE", ()).await?;
         // Ops are only taken out of `batch` once the transaction has committed, so a failure can
         // still answer each of them.
+        let cursors = std::mem::take(&mut self.pending_cursors);
         let result = async {
+            for ((user, conversation), (delivered, read)) in &cursors {
+                self.upsert_cursor(user, conversation, *delivered, *read).await?;
+            }
             for op in batch.iter() {
                 done.push(self.apply_one(op).await?);
             }
@@ -645,12 +692,7 @@ impl Writer {
                 Done::Append(Arc::new(stored), duplicate, oneshot::channel().0)
             }
             WriteOp::Cursor { user, conversation, delivered, read, reply } => {
-                self.exec(
-                        "INSERT INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?2, ?3, ?4) \
-                         ON CONFLICT (user_id, conversation) DO UPDATE SET delivered = MAX(delivered, excluded.delivered), read = MAX(read, excluded.read)",
-                        params![user.as_str(), conversation.as_str(), to_i64(*delivered), to_i64(*read)],
-                    )
-                    .await?;
+                self.upsert_cursor(user, conversation, *delivered, *read).await?;
                 if reply.is_some() {
                     Done::Flag(true, oneshot::channel().0)
                 } else {
@@ -663,8 +705,7 @@ impl Writer {
             }
             WriteOp::CreateUser(user, _) => {
                 let n = self
-                    .conn
-                    .execute(
+                    .exec(
                         "INSERT OR IGNORE INTO users (user_id, password_hash, nick, avatar, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         params![user.user_id.as_str(), user.password_hash.as_str(), user.nick.clone(), user.avatar.clone(), user.role.as_str(), now_ms()],
                     )
@@ -676,14 +717,10 @@ impl Writer {
                 Done::Flag(true, oneshot::channel().0)
             }
             WriteOp::Join { group, name, user, .. } => {
-                self.exec(
-                    "INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
-                    params![group.as_str(), name.clone(), now_ms()],
-                )
-                .await?;
+                self.exec("INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)", params![group.as_str(), name.clone(), now_ms()])
+                    .await?;
                 let added = self
-                    .conn
-                    .execute(
+                    .exec(
                         "INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at) VALUES (?1, ?2, ?3)",
                         params![group.as_str(), user.as_str(), now_ms()],
                     )
@@ -700,6 +737,16 @@ impl Writer {
                 Done::Flag(added > 0, oneshot::channel().0)
             }
         })
+    }
+
+    async fn upsert_cursor(&mut self, user: &str, conversation: &ConversationId, delivered: u64, read: u64) -> Result<()> {
+        self.exec(
+            "INSERT INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (user_id, conversation) DO UPDATE SET delivered = MAX(delivered, excluded.delivered), read = MAX(read, excluded.read)",
+            params![user, conversation.as_str(), to_i64(delivered), to_i64(read)],
+        )
+        .await?;
+        Ok(())
     }
 
     async fn import(&mut self, messages: &[StoredMessage]) -> Result<()> {
