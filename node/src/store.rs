@@ -230,6 +230,7 @@ enum WriteOp {
 pub struct Store {
     writer: mpsc::Sender<WriteOp>,
     readers: Arc<Readers>,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 struct Readers {
@@ -264,14 +265,26 @@ impl Store {
             pending_cursors: HashMap::new(),
             _db: db,
         };
-        std::thread::Builder::new().name("kefu-writer".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("kefu-writer".into()).spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return tracing::error!(error = %e, "cannot start the writer runtime"),
             };
             rt.block_on(writer.run(rx));
         })?;
-        Ok((Store { writer: tx, readers: Arc::new(Readers { conns, next: AtomicUsize::new(0) }) }, feed_rx))
+        let thread = Arc::new(std::sync::Mutex::new(Some(thread)));
+        Ok((Store { writer: tx, readers: Arc::new(Readers { conns, next: AtomicUsize::new(0) }), thread }, feed_rx))
+    }
+
+    /// Stops the writer once everything queued is committed, and waits for it (it checkpoints the
+    /// WAL on the way out), so another process can open the database right after. Every other
+    /// clone of this handle must be dropped first, or the writer keeps running.
+    pub async fn close(self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(self);
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 
     async fn send(&self, op: WriteOp) -> Result<()> {
@@ -516,6 +529,8 @@ async fn configure(conn: &Connection, writer: bool) -> Result<()> {
         // FULL: the WAL is fsynced at every commit, so an acknowledged message survives power loss
         // as well as kill -9. Group commit makes that one fsync per batch.
         conn.execute("PRAGMA synchronous = FULL", ()).await?;
+        // After a checkpoint the WAL file is cut back to 64 MiB instead of keeping its largest size.
+        drop(conn.query("PRAGMA journal_size_limit = 67108864", ()).await?);
     }
     Ok(())
 }
@@ -622,6 +637,7 @@ impl Writer {
             cursor_deadline = None;
             if batch.is_empty() && self.pending_cursors.is_empty() {
                 if closed {
+                    self.checkpoint().await;
                     return;
                 }
                 continue;
@@ -644,8 +660,16 @@ impl Writer {
             }
             batch.clear();
             if closed {
+                self.checkpoint().await;
                 return;
             }
+        }
+    }
+
+    /// Folds the WAL back into the database file before the writer exits.
+    async fn checkpoint(&self) {
+        if let Ok(rows) = self.conn.query("PRAGMA wal_checkpoint(TRUNCATE)", ()).await {
+            drop(rows);
         }
     }
 
@@ -717,8 +741,11 @@ impl Writer {
                 Done::Flag(true, oneshot::channel().0)
             }
             WriteOp::Join { group, name, user, .. } => {
-                self.exec("INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)", params![group.as_str(), name.clone(), now_ms()])
-                    .await?;
+                self.exec(
+                    "INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
+                    params![group.as_str(), name.clone(), now_ms()],
+                )
+                .await?;
                 let added = self
                     .exec(
                         "INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at) VALUES (?1, ?2, ?3)",

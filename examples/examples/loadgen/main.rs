@@ -119,9 +119,10 @@ fn new_data_dir(tag: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Fills a data dir with `total` private messages over `conversations` conversations between
-/// users lg{2k} and lg{2k+1}, each `content_len` bytes, through the store's import path.
-async fn prefill(dir: &std::path::Path, total: u64, conversations: u64, content_len: usize) -> anyhow::Result<Duration> {
+/// Fills a data dir with `total` private messages over `conversations` conversations, each
+/// `content_len` bytes, through the store's import path. Conversation k is between reader
+/// lg{k % readers} and peer{k}, so every reader takes part in conversations/readers of them.
+async fn prefill(dir: &std::path::Path, total: u64, conversations: u64, content_len: usize, readers: u64) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let metrics = std::sync::Arc::new(node::metrics::Metrics::default());
     let (store, _feed) = node::store::Store::open(dir, "prefill", metrics).await?;
@@ -136,7 +137,7 @@ async fn prefill(dir: &std::path::Path, total: u64, conversations: u64, content_
             if done >= total {
                 break 'outer;
             }
-            let (a, b) = (format!("lg{}", 2 * k), format!("lg{}", 2 * k + 1));
+            let (a, b) = (format!("lg{}", k % readers.max(1)), format!("peer{k}"));
             batch.push(node::store::StoredMessage {
                 conversation: schema::ConversationId::private(&a, &b),
                 seq,
@@ -168,6 +169,8 @@ async fn prefill(dir: &std::path::Path, total: u64, conversations: u64, content_
     if !batch.is_empty() {
         store.import(batch).await?;
     }
+    // The node opens this database next: the writer must be gone first.
+    store.close().await;
     Ok(started.elapsed())
 }
 
@@ -192,7 +195,7 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
                 } else {
                     (opts.num("prefill", 1_000_000), opts.num("conversations", 10_000), 100)
                 };
-                let took = prefill(&dir, total, convs, len as usize).await?;
+                let took = prefill(&dir, total, convs, len as usize, opts.num("readers", 100)).await?;
                 result["prefill"] =
                     json!({ "messages": total, "conversations": convs, "seconds": took.as_secs_f64(), "db_bytes": dir_size(&dir) });
                 eprintln!("prefill: {total} messages in {:.1}s, database {} MB", took.as_secs_f64(), dir_size(&dir) / 1_000_000);
@@ -225,9 +228,9 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
             (opts.num("members", 1000), Box::new(move |w| json!({ "messages": if w == 0 { msgs } else { 0 }, "rate": rate, "window": 8 })))
         }
         "history" => {
-            let (reads, convs) = (opts.num("reads", 10_000), opts.num("conversations", 10_000));
+            let (reads, convs, readers) = (opts.num("reads", 10_000), opts.num("conversations", 10_000), opts.num("readers", 100));
             let p = procs;
-            (opts.num("readers", 100), Box::new(move |_| json!({ "reads": reads / p, "conversations": convs })))
+            (readers, Box::new(move |_| json!({ "reads": reads / p, "conversations": convs, "readers_total": readers })))
         }
         "churn" => {
             let (cycles, rate) = (opts.num("cycles", 1000), opts.num("rate", 200));

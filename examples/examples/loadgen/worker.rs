@@ -438,26 +438,32 @@ async fn history(conns: Vec<(u64, Tx, Rx)>, cfg: &Value, counters: &Arc<Counters
     let readers = conns.len().max(1) as u64;
     let per = cfg["reads"].as_u64().unwrap_or(0) / readers;
     let conversations = cfg["conversations"].as_u64().unwrap_or(1).max(1);
+    let readers_total = cfg["readers_total"].as_u64().unwrap_or(readers).max(1);
     let mut tasks = Vec::new();
     for (i, mut tx, mut rx) in conns {
         let (counters, hist) = (Arc::clone(counters), Arc::clone(hist));
         tasks.push(tokio::spawn(async move {
             let mut local = new_hist();
             for r in 0..per {
-                // Read a prefilled conversation between lg{2k} and lg{2k+1} as one of them (this
-                // user logs in as that participant's peer only when it is one; others read their
-                // own, empty, conversation with lg{2k}).
-                let k = (i * 7919 + r * 104_729) % conversations;
-                let peer = if i == 2 * k { 2 * k + 1 } else { 2 * k };
+                // One of this reader's prefilled conversations (with peer{k}, k ≡ i mod readers),
+                // spread over all of them.
+                let own = (conversations / readers_total).max(1);
+                let k = i + readers_total * ((r * 104_729 + i * 7919) % own);
                 let started = Instant::now();
                 let ok = async {
-                    tx.send(&json!({"cmd": 19, "type": 1, "fromUserId": format!("lg{peer}"), "count": 50})).await?;
+                    tx.send(&json!({"cmd": 19, "type": 1, "fromUserId": format!("peer{k}"), "count": 50})).await?;
                     rx.until(20).await
                 };
                 match ok.await {
-                    Ok(_) => {
-                        counters.ops.fetch_add(1, Relaxed);
+                    Ok(body) => {
                         let _ = local.record(started.elapsed().as_micros().max(1) as u64);
+                        // Each read must really return the newest 50 of a prefilled conversation.
+                        let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                        if v["data"]["friends"][format!("peer{k}")].as_array().map(Vec::len) == Some(50) {
+                            counters.ops.fetch_add(1, Relaxed);
+                        } else {
+                            counters.errors.fetch_add(1, Relaxed);
+                        }
                     }
                     Err(_) => {
                         counters.errors.fetch_add(1, Relaxed);
