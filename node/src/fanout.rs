@@ -17,9 +17,16 @@ use crate::dispatch::Core;
 use crate::hub::Push;
 use crate::store::{Committed, Delivery};
 
-/// Runs until the store's writer stops.
-pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>) {
-    while let Some(event) = feed.recv().await {
+/// Runs until the store's writer stops or the node shuts down.
+pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = feed.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+        };
         match event {
             Committed::Message { message, duplicate, reply } => {
                 let mut recipient_online = message.recipient.as_deref().is_some_and(|r| core.hub.is_online(r));

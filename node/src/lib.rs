@@ -66,7 +66,7 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     });
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    tasks.spawn(fanout::run(Arc::clone(&core), feed));
+    tasks.spawn(fanout::run(Arc::clone(&core), feed, shutdown.clone()));
     let handle = NodeHandle {
         jim_addr: jim.local_addr()?,
         admin_addr: admin.local_addr()?,

@@ -1,22 +1,8 @@
-//! kefu's load generator. It starts (or uses) a node, spreads client connections over worker
-//! processes that each bind their own loopback source address (127.0.0.2, 127.0.0.3, … with
-//! IP_BIND_ADDRESS_NO_PORT, so more than 20,000 connections fit under the per-process file
-//! limit), runs one scenario, and writes a JSON result plus a one-line summary.
-//!
-//! ```text
-//! cargo build --release -p node -p examples --examples
-//! target/release/examples/loadgen idle  --conns 19000 --procs 2
-//! target/release/examples/loadgen chat  --pairs 500 --messages 400000 --rate 0
-//! target/release/examples/loadgen group --members 10000 --messages 200 --procs 2
-//! target/release/examples/loadgen history --prefill 10000000 --conversations 10000 --reads 20000
-//! target/release/examples/loadgen churn --cycles 5000 --rate 500
-//! target/release/examples/loadgen coldstart --prefill-mb 1024
-//! ```
-//!
-//! Every run is bounded by `--duration` (seconds) as well as by its counts.
+//! The load generator behind `examples/examples/loadgen.rs`: the parent (node start, prefill,
+//! worker processes, merging, the JSON result) lives here; `worker` runs connections.
 
-mod opts;
-mod worker;
+pub mod opts;
+pub mod worker;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -31,11 +17,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
-use opts::Opts;
+use self::opts::Opts;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+/// The command line: a scenario and its options, or `__worker CONFIG` in a worker process.
+pub async fn main(args: Vec<String>) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("__worker") => worker::run(args.get(1).context("worker config")?).await,
         Some(scenario @ ("idle" | "chat" | "group" | "history" | "churn" | "coldstart")) => {

@@ -167,9 +167,27 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
 }
 
-/// Runs the worker described by `cfg` (JSON).
+/// Where a worker's progress and result lines go.
+pub type Report = Arc<dyn Fn(Value) + Send + Sync>;
+
+/// Runs the worker described by `cfg` (JSON) as a process: "ready" and results on stdout, "go"
+/// awaited on stdin.
 pub async fn run(cfg: &str) -> anyhow::Result<()> {
     let cfg: Value = serde_json::from_str(cfg)?;
+    let go = async {
+        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = stdin.next_line().await {
+            if line.trim() == "go" {
+                break;
+            }
+        }
+    };
+    run_with(cfg, go, Arc::new(|v: Value| println!("{v}"))).await
+}
+
+/// Runs a worker: connects, reports ready, waits for `go`, runs the scenario, reports progress
+/// every second and the result at the end.
+pub async fn run_with(cfg: Value, go: impl std::future::Future<Output = ()>, report: Report) -> anyhow::Result<()> {
     let scenario = cfg["scenario"].as_str().unwrap_or_default().to_string();
     let first = cfg["first"].as_u64().unwrap_or(0);
     let count = cfg["count"].as_u64().unwrap_or(0);
@@ -200,20 +218,15 @@ pub async fn run(cfg: &str) -> anyhow::Result<()> {
     for p in pending {
         conns.push(p.await??);
     }
-    println!("{}", json!({"type": "ready", "conns": conns.len()}));
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    while let Some(line) = stdin.next_line().await? {
-        if line.trim() == "go" {
-            break;
-        }
-    }
+    report(json!({"type": "ready", "conns": conns.len()}));
+    go.await;
     let started = Instant::now();
     let progress = {
-        let counters = Arc::clone(&counters);
+        let (counters, report) = (Arc::clone(&counters), Arc::clone(&report));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                println!("{}", snapshot(&counters, None, 0.0));
+                report(snapshot(&counters, None, 0.0));
             }
         })
     };
@@ -228,7 +241,7 @@ pub async fn run(cfg: &str) -> anyhow::Result<()> {
     }
     progress.abort();
     let hist = hist.lock().map(|h| h.clone()).unwrap_or_else(|_| new_hist());
-    println!("{}", snapshot(&counters, Some(&hist), started.elapsed().as_secs_f64()));
+    report(snapshot(&counters, Some(&hist), started.elapsed().as_secs_f64()));
     Ok(())
 }
 
