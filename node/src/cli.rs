@@ -25,13 +25,30 @@ async fn run() -> anyhow::Result<()> {
     let node = crate::start(config).await?;
     // Tests and scripts read these lines from stdout to find the ports.
     println!("kefu-node listening jim={} (J-IM tcp, http, ws)", node.jim_addr);
+    println!("kefu-node listening tls={} (J-IM tcp, https, wss; ALPN kefu-tcp/1, h2, http/1.1)", node.tls_addr);
     println!("kefu-node listening admin={} (healthz, readyz, metrics)", node.admin_addr);
+    println!("kefu-node tls fingerprint sha256={}", node.core().certs.fingerprint());
     println!("kefu-node ready data_dir={} profile={:?} startup_ms={}", data_dir.display(), profile, started.elapsed().as_millis());
     if profile == Profile::Dev {
         eprintln!(
             "note: dev profile: unknown users are registered on first login{}",
             if api_key { "" } else { "; the HTTP APIs need no API key" }
         );
+    }
+    #[cfg(unix)]
+    {
+        // SIGHUP re-reads the certificate files (or renews a self-signed certificate that is due).
+        let certs = std::sync::Arc::clone(&node.core().certs);
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match certs.reload(std::time::SystemTime::now()) {
+                        Ok(changed) => tracing::info!(changed, fingerprint = %certs.fingerprint(), "reloaded the TLS certificate"),
+                        Err(e) => tracing::error!(error = %e, "reloading the TLS certificate failed; keeping the old one"),
+                    }
+                }
+            });
+        }
     }
     shutdown_signal().await;
     eprintln!("shutting down");

@@ -40,6 +40,15 @@ pub struct Flags {
     /// Health, readiness and Prometheus metrics.
     #[arg(long, env = "KEFU_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
+    /// The J-IM port's protocols inside TLS (ALPN kefu-tcp/1, h2, http/1.1).
+    #[arg(long, env = "KEFU_TLS_ADDR")]
+    pub tls_addr: Option<SocketAddr>,
+    /// PEM certificate chain; without it (and --tls-key) a self-signed one is made in the data dir.
+    #[arg(long, env = "KEFU_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert. Both files are read again on SIGHUP.
+    #[arg(long, env = "KEFU_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Seconds without traffic before a connection is closed; 0 turns the check off.
     #[arg(long, env = "KEFU_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: Option<u64>,
@@ -86,6 +95,9 @@ struct FileSettings {
     profile: Option<Profile>,
     jim_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     heartbeat_timeout: Option<u64>,
     api_key: Option<String>,
     msg_rate: Option<u32>,
@@ -111,6 +123,10 @@ pub struct Config {
     pub jim_addr: SocketAddr,
     /// Admin port.
     pub admin_addr: SocketAddr,
+    /// TLS port.
+    pub tls_addr: SocketAddr,
+    /// Configured certificate and key files.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Idle timeout; `None` = off.
     pub heartbeat_timeout: Option<Duration>,
     /// API key for the HTTP APIs.
@@ -156,6 +172,12 @@ impl Config {
             profile,
             jim_addr: flags.jim_addr.or(file.jim_addr).unwrap_or_else(|| ([127, 0, 0, 1], 8888).into()),
             admin_addr: flags.admin_addr.or(file.admin_addr).unwrap_or_else(|| ([127, 0, 0, 1], 9090).into()),
+            tls_addr: flags.tls_addr.or(file.tls_addr).unwrap_or_else(|| ([127, 0, 0, 1], 8443).into()),
+            tls_files: match (flags.tls_cert.or(file.tls_cert), flags.tls_key.or(file.tls_key)) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => bail!("--tls-cert and --tls-key go together"),
+            },
             heartbeat_timeout: match flags.heartbeat_timeout.or(file.heartbeat_timeout).unwrap_or(120) {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
@@ -186,6 +208,7 @@ impl Config {
             data_dir: Some(data_dir.to_path_buf()),
             jim_addr: Some(([127, 0, 0, 1], 0).into()),
             admin_addr: Some(([127, 0, 0, 1], 0).into()),
+            tls_addr: Some(([127, 0, 0, 1], 0).into()),
             ..Flags::default()
         };
         // The flags above are valid by construction.

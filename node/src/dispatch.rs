@@ -39,6 +39,8 @@ pub struct Core {
     /// Password hashing runs on blocking threads, at most one per core at a time: a login storm
     /// queues here instead of spawning hundreds of threads (and their memory).
     pub hashing: tokio::sync::Semaphore,
+    /// The TLS certificate (reloaded on SIGHUP, renewed when self-signed).
+    pub certs: Arc<crate::tls::CertStore>,
 }
 
 /// The authenticated user of a session.

@@ -15,6 +15,7 @@ pub mod hub;
 pub mod metrics;
 pub mod session;
 pub mod store;
+pub mod tls;
 pub mod transport;
 
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub struct NodeHandle {
     pub jim_addr: SocketAddr,
     /// Where the admin port listens.
     pub admin_addr: SocketAddr,
+    /// Where the TLS port listens.
+    pub tls_addr: SocketAddr,
     core: Arc<Core>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -54,6 +57,12 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     let tokens = Tokens::load_or_create(&config.data_dir, config.token_ttl).context("loading the token key")?;
     let jim = TcpListener::bind(config.jim_addr).await.with_context(|| format!("binding the J-IM port {}", config.jim_addr))?;
     let admin = TcpListener::bind(config.admin_addr).await.with_context(|| format!("binding the admin port {}", config.admin_addr))?;
+    let tls_listener = TcpListener::bind(config.tls_addr).await.with_context(|| format!("binding the TLS port {}", config.tls_addr))?;
+    let (cert, key) = match &config.tls_files {
+        Some((cert, key)) => (Some(cert.as_path()), Some(key.as_path())),
+        None => (None, None),
+    };
+    let certs = tls::CertStore::load(&config.data_dir, cert, key).context("loading the TLS certificate")?;
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),
         hub: Hub::new(Arc::clone(&metrics)),
@@ -63,6 +72,7 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         metrics,
         ready: AtomicBool::new(false),
         hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
+        certs: Arc::clone(&certs),
     });
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -70,10 +80,13 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     let handle = NodeHandle {
         jim_addr: jim.local_addr()?,
         admin_addr: admin.local_addr()?,
+        tls_addr: tls_listener.local_addr()?,
         core: Arc::clone(&core),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     };
+    tasks.spawn(transport::tls::serve_tls(Arc::clone(&core), tls_listener, Arc::clone(&certs), shutdown.clone(), tasks.clone()));
+    tasks.spawn(Arc::clone(&certs).renew_loop(Duration::from_secs(3600), shutdown.clone()));
     tasks.spawn(transport::serve_jim(Arc::clone(&core), jim, shutdown.clone(), tasks.clone()));
     let admin_router = admin::router(Arc::clone(&core));
     let admin_shutdown = shutdown.clone();

@@ -14,6 +14,7 @@ mod offline;
 mod parity;
 mod recall;
 mod security;
+mod tls;
 mod ws;
 
 use tests::TestNode;

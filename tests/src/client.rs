@@ -74,9 +74,13 @@ pub trait Client {
     }
 }
 
-/// J-IM binary over TCP.
+/// A byte stream a client can run over: plain TCP or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// J-IM binary over TCP (or over TLS with ALPN `kefu-tcp/1`).
 pub struct TcpClient {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     buf: BytesMut,
     /// The mask byte of the last frame received.
     pub last_mask: u8,
@@ -90,7 +94,12 @@ impl TcpClient {
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<TcpClient> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(TcpClient { stream, buf: BytesMut::new(), last_mask: 0, last_syn_seq: None, backlog: VecDeque::new() })
+        Ok(TcpClient::over(stream))
+    }
+
+    /// A client over an established stream (e.g. a TLS stream).
+    pub fn over(stream: impl Io + 'static) -> TcpClient {
+        TcpClient { stream: Box::new(stream), buf: BytesMut::new(), last_mask: 0, last_syn_seq: None, backlog: VecDeque::new() }
     }
 
     /// Writes raw bytes.
@@ -162,9 +171,9 @@ impl Client for TcpClient {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
-/// J-IM JSON over WebSocket.
+/// J-IM JSON over WebSocket (plain or inside TLS).
 pub struct WsClient {
     ws: Ws,
     backlog: VecDeque<Value>,
@@ -173,7 +182,17 @@ pub struct WsClient {
 impl WsClient {
     /// Connects to `url` (e.g. `ws://127.0.0.1:8888/?username=a&password=b`).
     pub async fn connect(url: &str) -> anyhow::Result<WsClient> {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
+        let host = uri.host().ok_or_else(|| anyhow!("no host in {url}"))?;
+        let port = uri.port_u16().unwrap_or(80);
+        let tcp = TcpStream::connect((host, port)).await?;
+        let (ws, _) = tokio_tungstenite::client_async(url, Box::new(tcp) as Box<dyn Io>).await?;
+        Ok(WsClient { ws, backlog: VecDeque::new() })
+    }
+
+    /// Opens a WebSocket to `url` over an established stream (e.g. TLS for `wss://`).
+    pub async fn connect_over(url: &str, stream: impl Io + 'static) -> anyhow::Result<WsClient> {
+        let (ws, _) = tokio_tungstenite::client_async(url, Box::new(stream) as Box<dyn Io>).await?;
         Ok(WsClient { ws, backlog: VecDeque::new() })
     }
 

@@ -24,6 +24,10 @@ pub struct TestNode {
     pub jim: SocketAddr,
     /// The admin port.
     pub admin: SocketAddr,
+    /// The TLS port.
+    pub tls: SocketAddr,
+    /// The TLS certificate's SHA-256 fingerprint as the node printed it.
+    pub fingerprint: String,
     /// Milliseconds the node reported from process start to ready.
     pub startup_ms: u64,
     bin: PathBuf,
@@ -49,8 +53,18 @@ impl NodeBuilder {
     /// Starts the node with a fresh data dir.
     pub async fn start(self) -> anyhow::Result<TestNode> {
         let data = tempfile::Builder::new().prefix("kefu-test-").tempdir()?;
-        let (child, jim, admin, startup_ms) = spawn(&self.bin, data.path(), &self.args).await?;
-        Ok(TestNode { jim, admin, startup_ms, bin: self.bin, args: self.args, data, child })
+        let s = spawn(&self.bin, data.path(), &self.args).await?;
+        Ok(TestNode {
+            jim: s.jim,
+            admin: s.admin,
+            tls: s.tls,
+            fingerprint: s.fingerprint,
+            startup_ms: s.startup_ms,
+            bin: self.bin,
+            args: self.args,
+            data,
+            child: s.child,
+        })
     }
 }
 
@@ -95,11 +109,13 @@ impl TestNode {
     /// Starts the process again on the same data dir (new ports).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let _ = self.kill().await;
-        let (child, jim, admin, startup_ms) = spawn(&self.bin, self.data.path(), &self.args).await?;
-        self.child = child;
-        self.jim = jim;
-        self.admin = admin;
-        self.startup_ms = startup_ms;
+        let s = spawn(&self.bin, self.data.path(), &self.args).await?;
+        self.child = s.child;
+        self.jim = s.jim;
+        self.admin = s.admin;
+        self.tls = s.tls;
+        self.fingerprint = s.fingerprint;
+        self.startup_ms = s.startup_ms;
         Ok(())
     }
 
@@ -155,21 +171,37 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<(Child, SocketAddr, SocketAddr, u64)> {
+struct Spawned {
+    child: Child,
+    jim: SocketAddr,
+    admin: SocketAddr,
+    tls: SocketAddr,
+    fingerprint: String,
+    startup_ms: u64,
+}
+
+async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<Spawned> {
     let mut cmd = Command::new(bin);
-    cmd.arg("--data-dir").arg(data).args(["--jim-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"]).args(extra);
+    cmd.arg("--data-dir")
+        .arg(data)
+        .args(["--jim-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--tls-addr", "127.0.0.1:0"])
+        .args(extra);
     cmd.env_remove("KEFU_CONFIG").env("KEFU_LOG", std::env::var("KEFU_LOG").unwrap_or_else(|_| "warn".into()));
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null()).kill_on_drop(true);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let (mut jim, mut admin, mut startup) = (None, None, 0);
+    let (mut jim, mut admin, mut tls, mut fingerprint, mut startup) = (None, None, None, String::new(), 0);
     let read = async {
         while let Some(line) = lines.next_line().await? {
             if let Some(rest) = line.strip_prefix("kefu-node listening jim=") {
                 jim = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("kefu-node listening admin=") {
                 admin = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            } else if let Some(rest) = line.strip_prefix("kefu-node listening tls=") {
+                tls = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            } else if let Some(rest) = line.strip_prefix("kefu-node tls fingerprint sha256=") {
+                fingerprint = rest.trim().to_string();
             } else if line.starts_with("kefu-node ready") {
                 startup = line.rsplit("startup_ms=").next().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
                 return Ok::<_, anyhow::Error>(());
@@ -180,9 +212,47 @@ async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<(Chi
     tokio::time::timeout(START_TIMEOUT, read).await.context("node start timed out")??;
     // Keep draining stdout so the node never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    match (jim, admin) {
-        (Some(jim), Some(admin)) => Ok((child, jim, admin, startup)),
+    match (jim, admin, tls) {
+        (Some(jim), Some(admin), Some(tls)) => Ok(Spawned { child, jim, admin, tls, fingerprint, startup_ms: startup }),
         _ => bail!("the node did not print its ports"),
+    }
+}
+
+/// A TLS connection to `addr` offering `alpn`, trusting only `root` (e.g. the node's
+/// self-signed certificate), with `localhost` as the server name.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    alpn: &[&[u8]],
+    root: rustls::pki_types::CertificateDer<'static>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    Ok(connector.connect(name, tcp).await?)
+}
+
+impl TestNode {
+    /// The node's self-signed certificate (from its data dir).
+    pub fn self_signed_cert(&self) -> anyhow::Result<rustls::pki_types::CertificateDer<'static>> {
+        use rustls::pki_types::pem::PemObject;
+        Ok(rustls::pki_types::CertificateDer::from_pem_file(self.data_dir().join("tls/self-signed.pem"))?)
+    }
+
+    /// Sends SIGHUP (reload the TLS certificate).
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().ok_or_else(|| anyhow!("exited"))?;
+        if signal(pid, libc::SIGHUP) != 0 {
+            bail!("kill failed");
+        }
+        Ok(())
     }
 }
 

@@ -3,9 +3,11 @@
 //!
 //! The J-IM port is sniffed on the first byte, as J-IM does: 0x01 is the binary protocol,
 //! anything else is HTTP, and an HTTP request with `Sec-WebSocket-Key` becomes a WebSocket.
+//! The TLS port (`tls.rs`) does the same inside TLS, with ALPN choosing when the client offers it.
 
 pub mod http;
 pub mod tcp;
+pub mod tls;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::dispatch::Core;
 
 /// How long a new connection may stay silent before its first byte.
-const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts on the J-IM port until `shutdown` is cancelled. Every connection task is tracked.
 pub async fn serve_jim(core: Arc<Core>, listener: TcpListener, shutdown: CancellationToken, tasks: TaskTracker) {
@@ -63,9 +65,17 @@ async fn sniff(core: Arc<Core>, stream: TcpStream, peer: SocketAddr, router: axu
         Box::pin(tcp::serve(core, stream, peer)).await;
         return;
     }
+    Box::pin(serve_http(core, stream, peer, router)).await;
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (and WebSocket upgrades) on any byte stream.
+pub(crate) async fn serve_http<S>(core: Arc<Core>, stream: S, peer: SocketAddr, router: axum::Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let service = http::service(router, core, peer);
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(stream), service)).await {
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
         tracing::debug!(error = %e, %peer, "http connection ended with an error");
     }
 }

@@ -11,7 +11,7 @@ use std::task::{ready, Context, Poll};
 use tokio::net::TcpStream;
 
 use futures_util::Sink;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::dispatch::Core;
@@ -44,9 +44,23 @@ impl Decoder for JimCodec {
     }
 }
 
-/// Runs a J-IM binary session on `stream`.
+/// Runs a J-IM binary session on a plain TCP stream.
 pub async fn serve(core: Arc<Core>, stream: TcpStream, peer: SocketAddr) {
     let (read, write) = stream.into_split();
+    serve_halves(core, read, write, peer).await;
+}
+
+/// Runs a J-IM binary session on any byte stream (TLS, a QUIC stream).
+pub async fn serve_io<S: AsyncRead + AsyncWrite + Send + 'static>(core: Arc<Core>, stream: S, peer: SocketAddr) {
+    let (read, write) = tokio::io::split(stream);
+    serve_halves(core, read, write, peer).await;
+}
+
+async fn serve_halves<R, W>(core: Arc<Core>, read: R, write: W, peer: SocketAddr)
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
     let reader = FramedRead::with_capacity(read, JimCodec, READ_BUFFER);
     let inbound = futures_util::stream::unfold(Some(reader), |reader| async move {
         let mut reader = reader?;
