@@ -26,6 +26,7 @@ async fn run() -> anyhow::Result<()> {
     // Tests and scripts read these lines from stdout to find the ports.
     println!("kefu-node listening jim={} (J-IM tcp, http, ws)", node.jim_addr);
     println!("kefu-node listening tls={} (J-IM tcp, https, wss; ALPN kefu-tcp/1, h2, http/1.1)", node.tls_addr);
+    println!("kefu-node listening quic={} (udp; ALPN kefu/1)", node.quic_addr);
     println!("kefu-node listening admin={} (healthz, readyz, metrics)", node.admin_addr);
     println!("kefu-node tls fingerprint sha256={}", node.core().certs.fingerprint());
     println!("kefu-node ready data_dir={} profile={:?} startup_ms={}", data_dir.display(), profile, started.elapsed().as_millis());

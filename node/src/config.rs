@@ -43,6 +43,12 @@ pub struct Flags {
     /// The J-IM port's protocols inside TLS (ALPN kefu-tcp/1, h2, http/1.1).
     #[arg(long, env = "KEFU_TLS_ADDR")]
     pub tls_addr: Option<SocketAddr>,
+    /// QUIC (UDP): ALPN kefu/1, J-IM binary framing on bidirectional streams.
+    #[arg(long, env = "KEFU_QUIC_ADDR")]
+    pub quic_addr: Option<SocketAddr>,
+    /// Seconds without packets before a QUIC connection is closed (clients keep alive below it).
+    #[arg(long, env = "KEFU_QUIC_IDLE_TIMEOUT")]
+    pub quic_idle_timeout: Option<u64>,
     /// PEM certificate chain; without it (and --tls-key) a self-signed one is made in the data dir.
     #[arg(long, env = "KEFU_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -96,6 +102,8 @@ struct FileSettings {
     jim_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     tls_addr: Option<SocketAddr>,
+    quic_addr: Option<SocketAddr>,
+    quic_idle_timeout: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     heartbeat_timeout: Option<u64>,
@@ -125,6 +133,10 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// TLS port.
     pub tls_addr: SocketAddr,
+    /// QUIC port (UDP).
+    pub quic_addr: SocketAddr,
+    /// QUIC idle timeout.
+    pub quic_idle_timeout: Duration,
     /// Configured certificate and key files.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Idle timeout; `None` = off.
@@ -173,6 +185,8 @@ impl Config {
             jim_addr: flags.jim_addr.or(file.jim_addr).unwrap_or_else(|| ([127, 0, 0, 1], 8888).into()),
             admin_addr: flags.admin_addr.or(file.admin_addr).unwrap_or_else(|| ([127, 0, 0, 1], 9090).into()),
             tls_addr: flags.tls_addr.or(file.tls_addr).unwrap_or_else(|| ([127, 0, 0, 1], 8443).into()),
+            quic_addr: flags.quic_addr.or(file.quic_addr).unwrap_or_else(|| ([127, 0, 0, 1], 8443).into()),
+            quic_idle_timeout: Duration::from_secs(flags.quic_idle_timeout.or(file.quic_idle_timeout).unwrap_or(60).max(1)),
             tls_files: match (flags.tls_cert.or(file.tls_cert), flags.tls_key.or(file.tls_key)) {
                 (Some(cert), Some(key)) => Some((cert, key)),
                 (None, None) => None,
@@ -209,6 +223,7 @@ impl Config {
             jim_addr: Some(([127, 0, 0, 1], 0).into()),
             admin_addr: Some(([127, 0, 0, 1], 0).into()),
             tls_addr: Some(([127, 0, 0, 1], 0).into()),
+            quic_addr: Some(([127, 0, 0, 1], 0).into()),
             ..Flags::default()
         };
         // The flags above are valid by construction.

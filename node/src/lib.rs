@@ -44,6 +44,8 @@ pub struct NodeHandle {
     pub admin_addr: SocketAddr,
     /// Where the TLS port listens.
     pub tls_addr: SocketAddr,
+    /// Where the QUIC endpoint listens (UDP).
+    pub quic_addr: SocketAddr,
     core: Arc<Core>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -63,6 +65,9 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         None => (None, None),
     };
     let certs = tls::CertStore::load(&config.data_dir, cert, key).context("loading the TLS certificate")?;
+    let quic =
+        transport::quic::endpoint(config.quic_addr, &certs, transport::quic::QuicSettings { idle_timeout: config.quic_idle_timeout })
+            .with_context(|| format!("binding the QUIC port {}", config.quic_addr))?;
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),
         hub: Hub::new(Arc::clone(&metrics)),
@@ -81,11 +86,13 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         jim_addr: jim.local_addr()?,
         admin_addr: admin.local_addr()?,
         tls_addr: tls_listener.local_addr()?,
+        quic_addr: quic.local_addr()?,
         core: Arc::clone(&core),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     };
     tasks.spawn(transport::tls::serve_tls(Arc::clone(&core), tls_listener, Arc::clone(&certs), shutdown.clone(), tasks.clone()));
+    tasks.spawn(transport::quic::serve_quic(Arc::clone(&core), quic, shutdown.clone(), tasks.clone()));
     tasks.spawn(Arc::clone(&certs).renew_loop(Duration::from_secs(3600), shutdown.clone()));
     tasks.spawn(transport::serve_jim(Arc::clone(&core), jim, shutdown.clone(), tasks.clone()));
     let admin_router = admin::router(Arc::clone(&core));

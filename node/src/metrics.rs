@@ -14,6 +14,8 @@ pub enum Transport {
     Ws,
     /// HTTP API (no long-lived session).
     Http,
+    /// QUIC stream (ALPN kefu/1).
+    Quic,
 }
 
 impl Transport {
@@ -23,6 +25,7 @@ impl Transport {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
             Transport::Http => "http",
+            Transport::Quic => "quic",
         }
     }
 
@@ -31,7 +34,7 @@ impl Transport {
     }
 }
 
-const TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::Ws, Transport::Http];
+const TRANSPORTS: [Transport; 4] = [Transport::Tcp, Transport::Ws, Transport::Http, Transport::Quic];
 
 /// A fixed-bucket histogram.
 pub struct Histogram {
@@ -79,8 +82,8 @@ impl Histogram {
 
 /// The node's metrics.
 pub struct Metrics {
-    connections: [AtomicI64; 3],
-    connections_total: [AtomicU64; 3],
+    connections: [AtomicI64; 4],
+    connections_total: [AtomicU64; 4],
     /// Chat messages accepted from clients.
     pub messages_in: AtomicU64,
     /// Frames pushed to clients (chat, notifications).

@@ -98,6 +98,18 @@ impl CertStore {
         config
     }
 
+    /// A TLS 1.3-only rustls config (QUIC) that takes its certificate from this store.
+    pub fn server_config_tls13(self: &Arc<Self>, alpn: &[&[u8]]) -> rustls::ServerConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap_or_else(|_| unreachable!("ring supports TLS 1.3"))
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config
+    }
+
     /// Keeps the self-signed certificate fresh: checks every `every` until `shutdown`.
     pub async fn renew_loop(self: Arc<Self>, every: Duration, shutdown: tokio_util::sync::CancellationToken) {
         loop {

@@ -12,6 +12,7 @@ mod http_api;
 mod jim_tcp;
 mod offline;
 mod parity;
+mod quic;
 mod recall;
 mod security;
 mod tls;

@@ -26,6 +26,8 @@ pub struct TestNode {
     pub admin: SocketAddr,
     /// The TLS port.
     pub tls: SocketAddr,
+    /// The QUIC port (UDP).
+    pub quic: SocketAddr,
     /// The TLS certificate's SHA-256 fingerprint as the node printed it.
     pub fingerprint: String,
     /// Milliseconds the node reported from process start to ready.
@@ -58,6 +60,7 @@ impl NodeBuilder {
             jim: s.jim,
             admin: s.admin,
             tls: s.tls,
+            quic: s.quic,
             fingerprint: s.fingerprint,
             startup_ms: s.startup_ms,
             bin: self.bin,
@@ -114,6 +117,7 @@ impl TestNode {
         self.jim = s.jim;
         self.admin = s.admin;
         self.tls = s.tls;
+        self.quic = s.quic;
         self.fingerprint = s.fingerprint;
         self.startup_ms = s.startup_ms;
         Ok(())
@@ -176,6 +180,7 @@ struct Spawned {
     jim: SocketAddr,
     admin: SocketAddr,
     tls: SocketAddr,
+    quic: SocketAddr,
     fingerprint: String,
     startup_ms: u64,
 }
@@ -184,20 +189,22 @@ async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<Spaw
     let mut cmd = Command::new(bin);
     cmd.arg("--data-dir")
         .arg(data)
-        .args(["--jim-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--tls-addr", "127.0.0.1:0"])
+        .args(["--jim-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--tls-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
         .args(extra);
     cmd.env_remove("KEFU_CONFIG").env("KEFU_LOG", std::env::var("KEFU_LOG").unwrap_or_else(|_| "warn".into()));
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null()).kill_on_drop(true);
     let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let (mut jim, mut admin, mut tls, mut fingerprint, mut startup) = (None, None, None, String::new(), 0);
+    let (mut jim, mut admin, mut tls, mut quic, mut fingerprint, mut startup) = (None, None, None, None, String::new(), 0);
     let read = async {
         while let Some(line) = lines.next_line().await? {
             if let Some(rest) = line.strip_prefix("kefu-node listening jim=") {
                 jim = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("kefu-node listening admin=") {
                 admin = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            } else if let Some(rest) = line.strip_prefix("kefu-node listening quic=") {
+                quic = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("kefu-node listening tls=") {
                 tls = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("kefu-node tls fingerprint sha256=") {
@@ -212,8 +219,8 @@ async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<Spaw
     tokio::time::timeout(START_TIMEOUT, read).await.context("node start timed out")??;
     // Keep draining stdout so the node never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    match (jim, admin, tls) {
-        (Some(jim), Some(admin), Some(tls)) => Ok(Spawned { child, jim, admin, tls, fingerprint, startup_ms: startup }),
+    match (jim, admin, tls, quic) {
+        (Some(jim), Some(admin), Some(tls), Some(quic)) => Ok(Spawned { child, jim, admin, tls, quic, fingerprint, startup_ms: startup }),
         _ => bail!("the node did not print its ports"),
     }
 }
@@ -237,6 +244,37 @@ pub async fn tls_connect(
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost")?;
     Ok(connector.connect(name, tcp).await?)
+}
+
+/// A QUIC client endpoint on 127.0.0.1 connected to `addr` with `alpn`, trusting only `root`.
+pub async fn quic_connect(
+    addr: SocketAddr,
+    alpn: &[&[u8]],
+    root: rustls::pki_types::CertificateDer<'static>,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(20)));
+    config.transport_config(std::sync::Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(addr, "localhost")?.await?;
+    Ok((endpoint, conn))
+}
+
+/// A J-IM client on a new bidirectional stream of a QUIC connection.
+pub async fn quic_stream(conn: &quinn::Connection) -> anyhow::Result<TcpClient> {
+    let (send, recv) = conn.open_bi().await?;
+    Ok(TcpClient::over(tokio::io::join(recv, send)))
 }
 
 impl TestNode {

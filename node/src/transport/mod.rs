@@ -6,6 +6,7 @@
 //! The TLS port (`tls.rs`) does the same inside TLS, with ALPN choosing when the client offers it.
 
 pub mod http;
+pub mod quic;
 pub mod tcp;
 pub mod tls;
 pub mod ws;

@@ -47,16 +47,21 @@ impl Decoder for JimCodec {
 /// Runs a J-IM binary session on a plain TCP stream.
 pub async fn serve(core: Arc<Core>, stream: TcpStream, peer: SocketAddr) {
     let (read, write) = stream.into_split();
-    serve_halves(core, read, write, peer).await;
+    serve_halves(core, read, write, peer, Transport::Tcp).await;
 }
 
 /// Runs a J-IM binary session on any byte stream (TLS, a QUIC stream).
 pub async fn serve_io<S: AsyncRead + AsyncWrite + Send + 'static>(core: Arc<Core>, stream: S, peer: SocketAddr) {
-    let (read, write) = tokio::io::split(stream);
-    serve_halves(core, read, write, peer).await;
+    serve_io_as(core, stream, peer, Transport::Tcp).await;
 }
 
-async fn serve_halves<R, W>(core: Arc<Core>, read: R, write: W, peer: SocketAddr)
+/// [`serve_io`], counted under another transport.
+pub async fn serve_io_as<S: AsyncRead + AsyncWrite + Send + 'static>(core: Arc<Core>, stream: S, peer: SocketAddr, transport: Transport) {
+    let (read, write) = tokio::io::split(stream);
+    serve_halves(core, read, write, peer, transport).await;
+}
+
+async fn serve_halves<R, W>(core: Arc<Core>, read: R, write: W, peer: SocketAddr, transport: Transport)
 where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
@@ -72,7 +77,7 @@ where
         }
     });
     let outbound = FrameSink { write, buf: BytesMut::new() };
-    session::run(core, Transport::Tcp, peer, Box::pin(inbound), outbound, None).await;
+    session::run(core, transport, peer, Box::pin(inbound), outbound, None).await;
 }
 
 /// Writes frames: `start_send` encodes into a buffer, `poll_flush` writes it, so frames fed
