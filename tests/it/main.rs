@@ -9,6 +9,7 @@ mod browser;
 mod durability;
 mod extensions;
 mod http_api;
+mod interop;
 mod jim_tcp;
 mod offline;
 mod parity;
