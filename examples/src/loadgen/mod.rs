@@ -37,6 +37,8 @@ pub async fn main(args: Vec<String>) -> anyhow::Result<()> {
 /// The node under test: started here, or given by address (and optionally pid).
 struct Node {
     addr: String,
+    quic_addr: Option<String>,
+    ca: Option<String>,
     pid: Option<u32>,
     child: Option<Child>,
     _data: Option<tempfile_dir::TempDir>,
@@ -61,11 +63,12 @@ fn node_binary(opts: &Opts) -> PathBuf {
     exe.parent().and_then(|p| p.parent()).map(|p| p.join("kefu-node")).unwrap_or_else(|| PathBuf::from("kefu-node"))
 }
 
-async fn start_node(opts: &Opts, data: &std::path::Path) -> anyhow::Result<(Child, String, u32, Duration)> {
+async fn start_node(opts: &Opts, data: &std::path::Path) -> anyhow::Result<(Child, String, String, u32, Duration)> {
     let bin = node_binary(opts);
     let started = Instant::now();
     let mut child = Command::new(&bin)
         .args(["--data-dir", &data.display().to_string(), "--jim-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--tls-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
         // Benchmark settings: no per-connection rate limit, cheap password hashes (logins are not
         // what is measured), no default group, no idle timeout.
         .args(["--msg-rate", "100000000", "--msg-burst", "100000000", "--default-groups", "", "--heartbeat-timeout", "0"])
@@ -78,10 +81,13 @@ async fn start_node(opts: &Opts, data: &std::path::Path) -> anyhow::Result<(Chil
         .with_context(|| format!("starting {} (build it with cargo build --release -p node)", bin.display()))?;
     let pid = child.id().context("node pid")?;
     let mut lines = BufReader::new(child.stdout.take().context("node stdout")?).lines();
-    let mut addr = None;
+    let (mut addr, mut quic) = (None, None);
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
         if let Some(rest) = line.strip_prefix("kefu-node listening jim=") {
             addr = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some(rest) = line.strip_prefix("kefu-node listening quic=") {
+            quic = rest.split_whitespace().next().map(str::to_string);
         }
         if line.starts_with("kefu-node ready") {
             break;
@@ -94,7 +100,7 @@ async fn start_node(opts: &Opts, data: &std::path::Path) -> anyhow::Result<(Chil
     use tests::Client as _;
     c.send(json!({"cmd": 13})).await?;
     c.recv_cmd(13).await?;
-    Ok((child, addr, pid, started.elapsed()))
+    Ok((child, addr, quic.context("node did not print its QUIC address")?, pid, started.elapsed()))
 }
 
 fn new_data_dir(tag: &str) -> anyhow::Result<PathBuf> {
@@ -170,7 +176,14 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
     let mut result = json!({ "scenario": scenario, "transport": transport, "procs": procs, "machine": machine() });
 
     let mut node = match opts.str("node") {
-        Some(addr) => Node { addr: addr.to_string(), pid: opts.str("node-pid").and_then(|p| p.parse().ok()), child: None, _data: None },
+        Some(addr) => Node {
+            addr: addr.to_string(),
+            quic_addr: opts.str("quic").map(str::to_string),
+            ca: opts.str("ca").map(str::to_string),
+            pid: opts.str("node-pid").and_then(|p| p.parse().ok()),
+            child: None,
+            _data: None,
+        },
         None => {
             let dir = new_data_dir(scenario)?;
             if scenario == "history" || scenario == "coldstart" {
@@ -188,9 +201,10 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
             if scenario == "coldstart" {
                 return coldstart(&opts, &dir, result).await;
             }
-            let (child, addr, pid, startup) = start_node(&opts, &dir).await?;
+            let (child, addr, quic, pid, startup) = start_node(&opts, &dir).await?;
             result["startup_ms"] = json!(startup.as_secs_f64() * 1000.0);
-            Node { addr, pid: Some(pid), child: Some(child), _data: Some(tempfile_dir::TempDir(dir)) }
+            let ca = dir.join("tls/self-signed.pem").display().to_string();
+            Node { addr, quic_addr: Some(quic), ca: Some(ca), pid: Some(pid), child: Some(child), _data: Some(tempfile_dir::TempDir(dir)) }
         }
     };
     let rss_before = node.pid.and_then(tests::rss_kib);
@@ -233,6 +247,8 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
         cfg["scenario"] = json!(scenario);
         cfg["transport"] = json!(transport);
         cfg["addr"] = json!(node.addr);
+        cfg["quic_addr"] = json!(node.quic_addr);
+        cfg["ca"] = json!(node.ca);
         cfg["bind"] = json!(format!("127.0.0.{}", 2 + w));
         cfg["first"] = json!(first);
         cfg["count"] = json!(count);
@@ -391,7 +407,7 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
 async fn coldstart(opts: &Opts, dir: &std::path::Path, mut result: Value) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for _ in 0..3 {
-        let (mut child, _addr, pid, startup) = start_node(opts, dir).await?;
+        let (mut child, _addr, _quic, pid, startup) = start_node(opts, dir).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let rss = tests::rss_kib(pid);
         runs.push(json!({ "startup_ms": startup.as_secs_f64() * 1000.0, "idle_rss_kib": rss }));

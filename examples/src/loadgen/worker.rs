@@ -37,12 +37,14 @@ struct Counters {
 /// Sending half of a client connection.
 enum Tx {
     Tcp(OwnedWriteHalf),
+    Quic(quinn::SendStream),
     Ws(SplitSink<Ws, Message>),
 }
 
 /// Receiving half.
 enum Rx {
     Tcp(OwnedReadHalf, BytesMut),
+    Quic(quinn::RecvStream, BytesMut),
     Ws(SplitStream<Ws>),
 }
 
@@ -51,6 +53,10 @@ impl Tx {
         let text = body.to_string();
         match self {
             Tx::Tcp(w) => {
+                let cmd = body["cmd"].as_u64().unwrap_or(0) as u8;
+                w.write_all(&schema::frame::encode_request(cmd, None, text.as_bytes())).await?;
+            }
+            Tx::Quic(w) => {
                 let cmd = body["cmd"].as_u64().unwrap_or(0) as u8;
                 w.write_all(&schema::frame::encode_request(cmd, None, text.as_bytes())).await?;
             }
@@ -65,6 +71,14 @@ impl Rx {
     async fn recv(&mut self) -> anyhow::Result<(u8, Bytes)> {
         match self {
             Rx::Tcp(r, buf) => loop {
+                if let Some(f) = schema::frame::decode(buf, usize::MAX >> 1).map_err(|e| anyhow::anyhow!("{e}"))? {
+                    return Ok((f.cmd.code(), f.body));
+                }
+                if r.read_buf(buf).await? == 0 {
+                    bail!("closed");
+                }
+            },
+            Rx::Quic(r, buf) => loop {
                 if let Some(f) = schema::frame::decode(buf, usize::MAX >> 1).map_err(|e| anyhow::anyhow!("{e}"))? {
                     return Ok((f.cmd.code(), f.body));
                 }
@@ -129,7 +143,54 @@ fn set_bind_address_no_port(socket: &socket2::Socket) -> std::io::Result<()> {
     }
 }
 
+/// One QUIC endpoint (one UDP socket) per worker, shared by all its connections.
+static QUIC: tokio::sync::OnceCell<quinn::Endpoint> = tokio::sync::OnceCell::const_new();
+
+async fn quic_endpoint(cfg: &Value) -> anyhow::Result<&'static quinn::Endpoint> {
+    QUIC.get_or_try_init(|| async {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from_pem_file(cfg["ca"].as_str().context("ca")?)?)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"kefu/1".to_vec()];
+        let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(20)));
+        config.transport_config(Arc::new(transport));
+        let bind: IpAddr = cfg["bind"].as_str().unwrap_or("127.0.0.1").parse()?;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        let _ = socket.set_recv_buffer_size(8 * 1024 * 1024);
+        socket.bind(&SocketAddr::new(bind, 0).into())?;
+        let runtime = quinn::default_runtime().context("runtime")?;
+        let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), runtime)?;
+        endpoint.set_default_client_config(config);
+        Ok::<_, anyhow::Error>(endpoint)
+    })
+    .await
+}
+
 async fn connect(cfg: &Value, user: &str) -> anyhow::Result<(Tx, Rx)> {
+    if cfg["transport"] == "quic" {
+        let addr: SocketAddr = cfg["quic_addr"].as_str().context("quic_addr")?.parse()?;
+        let conn = quic_endpoint(cfg).await?.connect(addr, "localhost")?.await?;
+        let (send, recv) = conn.open_bi().await?;
+        let (mut tx, mut rx) = (Tx::Quic(send), Rx::Quic(recv, BytesMut::with_capacity(512)));
+        if cfg["login"] == false {
+            tx.send(&json!({"cmd": 13})).await?;
+            rx.until(13).await?;
+            return Ok((tx, rx));
+        }
+        tx.send(&json!({"cmd": 5, "userId": user, "password": "pw"})).await?;
+        let reply: Value = serde_json::from_slice(&rx.until(6).await?)?;
+        if reply["code"] != 10007 {
+            bail!("login failed: {reply}");
+        }
+        return Ok((tx, rx));
+    }
     let addr: SocketAddr = cfg["addr"].as_str().context("addr")?.parse()?;
     let bind: IpAddr = cfg["bind"].as_str().unwrap_or("127.0.0.1").parse()?;
     let stream = tcp_socket(bind)?.connect(addr).await?;
@@ -195,8 +256,8 @@ pub async fn run_with(cfg: Value, go: impl std::future::Future<Output = ()>, rep
     let counters = Arc::new(Counters::default());
     let hist = Arc::new(Mutex::new(new_hist()));
 
-    // Connect and log in, 256 at a time.
-    let gate = Arc::new(Semaphore::new(256));
+    // Connect and log in, 256 at a time (64 for QUIC, whose handshakes cost more CPU).
+    let gate = Arc::new(Semaphore::new(if cfg["transport"] == "quic" { 64 } else { 256 }));
     let mut pending = Vec::new();
     for i in first..first + count {
         let (cfg, gate) = (cfg.clone(), Arc::clone(&gate));

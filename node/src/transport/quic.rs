@@ -21,7 +21,7 @@ pub const ALPN_KEFU: &[u8] = b"kefu/1";
 /// Streams a client may have open at once.
 const MAX_STREAMS: u32 = 16;
 /// How long a new connection may take to open its control stream.
-const FIRST_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The QUIC endpoint's settings.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +47,23 @@ pub fn endpoint(addr: SocketAddr, certs: &Arc<CertStore>, settings: QuicSettings
         .send_window(1024 * 1024);
     config.transport_config(Arc::new(transport));
     config.migration(true);
-    Ok(quinn::Endpoint::server(config, addr)?)
+    let socket = udp_socket(addr)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
+    Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)?)
+}
+
+/// Bytes of kernel receive buffer asked for the QUIC socket. Every connection shares this one
+/// socket, so the default (~208 KiB) overflows during a burst of handshakes and drops packets.
+const UDP_RECV_BUFFER: usize = 8 * 1024 * 1024;
+
+fn udp_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // The kernel caps this at net.core.rmem_max; a smaller buffer is not an error.
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        tracing::warn!(error = %e, "could not enlarge the QUIC socket's receive buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Accepts QUIC connections until `shutdown`.
