@@ -55,6 +55,21 @@ async fn login_chat_group_users_history_heartbeat_close() -> anyhow::Result<()> 
     let ids: Vec<&str> = group["users"].as_array().unwrap().iter().map(|u| u["userId"].as_str().unwrap()).collect();
     assert_eq!(ids, ["bob", "hello_client"]);
 
+    // Type 1 lists only offline members, type 2 everyone.
+    let mut gone = n.tcp_login("gone").await?;
+    gone.send(json!({"cmd": 14})).await?;
+    gone.closed().await?;
+    assert_eq!(b.recv_cmd(10).await?["data"]["user"]["userId"], "gone", "exit notice to the remaining members");
+    a.send(json!({"cmd": 17, "type": 1, "userId": "hello_client"})).await?;
+    let offline = a.recv_cmd(18).await?;
+    assert_eq!(offline["code"], 10006);
+    let ids: Vec<&str> = offline["data"]["groups"][0]["users"].as_array().unwrap().iter().map(|u| u["userId"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["gone"]);
+    a.send(json!({"cmd": 17, "type": 2, "userId": "hello_client"})).await?;
+    let all = a.recv_cmd(18).await?;
+    assert_eq!(all["code"], 10003);
+    assert_eq!(all["data"]["groups"][0]["users"].as_array().unwrap().len(), 3);
+
     // History, private and group.
     b.send(json!({"cmd": 19, "type": 1, "fromUserId": "hello_client", "userId": "bob"})).await?;
     let history = b.recv_cmd(20).await?;

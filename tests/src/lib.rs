@@ -246,12 +246,8 @@ pub async fn tls_connect(
     Ok(connector.connect(name, tcp).await?)
 }
 
-/// A QUIC client endpoint on 127.0.0.1 connected to `addr` with `alpn`, trusting only `root`.
-pub async fn quic_connect(
-    addr: SocketAddr,
-    alpn: &[&[u8]],
-    root: rustls::pki_types::CertificateDer<'static>,
-) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+/// A QUIC client config offering `alpn`, trusting only `root`, keeping alive every 20 s.
+pub fn quic_client_config(alpn: &[&[u8]], root: rustls::pki_types::CertificateDer<'static>) -> anyhow::Result<quinn::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root)?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -265,6 +261,16 @@ pub async fn quic_connect(
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(20)));
     config.transport_config(std::sync::Arc::new(transport));
+    Ok(config)
+}
+
+/// A QUIC client endpoint on 127.0.0.1 connected to `addr` with `alpn`, trusting only `root`.
+pub async fn quic_connect(
+    addr: SocketAddr,
+    alpn: &[&[u8]],
+    root: rustls::pki_types::CertificateDer<'static>,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let config = quic_client_config(alpn, root)?;
     let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
     endpoint.set_default_client_config(config);
     let conn = endpoint.connect(addr, "localhost")?.await?;

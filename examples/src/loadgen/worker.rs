@@ -149,18 +149,8 @@ static QUIC: tokio::sync::OnceCell<quinn::Endpoint> = tokio::sync::OnceCell::con
 async fn quic_endpoint(cfg: &Value) -> anyhow::Result<&'static quinn::Endpoint> {
     QUIC.get_or_try_init(|| async {
         use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(rustls::pki_types::CertificateDer::from_pem_file(cfg["ca"].as_str().context("ca")?)?)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"kefu/1".to_vec()];
-        let mut config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(20)));
-        config.transport_config(Arc::new(transport));
+        let root = rustls::pki_types::CertificateDer::from_pem_file(cfg["ca"].as_str().context("ca")?)?;
+        let config = tests::quic_client_config(&[b"kefu/1"], root)?;
         let bind: IpAddr = cfg["bind"].as_str().unwrap_or("127.0.0.1").parse()?;
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
         let _ = socket.set_recv_buffer_size(8 * 1024 * 1024);

@@ -28,19 +28,7 @@ pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepts on the J-IM port until `shutdown` is cancelled. Every connection task is tracked.
 pub async fn serve_jim(core: Arc<Core>, listener: TcpListener, shutdown: CancellationToken, tasks: TaskTracker) {
     let router = http::router(Arc::clone(&core));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and similar: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = accept(&listener, &shutdown).await {
         let core = Arc::clone(&core);
         let router = router.clone();
         let shutdown = shutdown.clone();
@@ -50,6 +38,23 @@ pub async fn serve_jim(core: Arc<Core>, listener: TcpListener, shutdown: Cancell
                 _ = sniff(core, stream, peer, router) => {}
             }
         });
+    }
+}
+
+/// The next connection, or `None` once `shutdown` is cancelled. Accept errors (out of file
+/// descriptors and the like) are logged and retried after a short pause rather than spun on.
+pub(crate) async fn accept(listener: &TcpListener, shutdown: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
     }
 }
 

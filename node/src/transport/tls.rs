@@ -25,18 +25,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve_tls(core: Arc<Core>, listener: TcpListener, certs: Arc<CertStore>, shutdown: CancellationToken, tasks: TaskTracker) {
     let acceptor = TlsAcceptor::from(Arc::new(certs.server_config(&[ALPN_KEFU_TCP, b"h2", b"http/1.1"])));
     let router = super::http::router(Arc::clone(&core));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "tls accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = super::accept(&listener, &shutdown).await {
         let (core, acceptor, router, shutdown) = (Arc::clone(&core), acceptor.clone(), router.clone(), shutdown.clone());
         tasks.spawn(async move {
             tokio::select! {
