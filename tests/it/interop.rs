@@ -42,3 +42,23 @@ async fn aioquic_client_chats_with_a_tcp_user() -> anyhow::Result<()> {
     assert!(child.wait().await?.success());
     Ok(())
 }
+
+#[tokio::test]
+async fn aioquic_http3_request_to_the_v1_api() -> anyhow::Result<()> {
+    let python = python();
+    anyhow::ensure!(Path::new(&python).exists(), "{python} missing: run .ci/run (it makes the virtualenv with aioquic)");
+    let n = node().await;
+    let ca = n.data_dir().join("tls/self-signed.pem");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/aioquic_h3.py");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::process::Command::new(&python)
+            .arg(script)
+            .args(["127.0.0.1", &n.quic.port().to_string(), &ca.display().to_string()])
+            .output(),
+    )
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success() && stdout.trim() == "OK", "h3 client: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! anything else is HTTP, and an HTTP request with `Sec-WebSocket-Key` becomes a WebSocket.
 //! The TLS port (`tls.rs`) does the same inside TLS, with ALPN choosing when the client offers it.
 
+pub mod h3;
 pub mod http;
 pub mod quic;
 pub mod tcp;

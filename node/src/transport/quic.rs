@@ -1,4 +1,4 @@
-//! QUIC (quinn) with ALPN `kefu/1`: every bidirectional stream a client opens carries the J-IM
+//! QUIC (quinn). ALPN `h3` is HTTP/3 (`h3.rs`). ALPN `kefu/1`: every bidirectional stream a client opens carries the J-IM
 //! binary framing of the TCP port and is one session; the first is the control stream, and a
 //! client may open more (logged in with its token) so that conversations do not block each
 //! other. The server pushes on the streams the client opened. Connections migrate (quinn follows a
@@ -18,6 +18,8 @@ use crate::tls::CertStore;
 
 /// ALPN of kefu's QUIC protocol.
 pub const ALPN_KEFU: &[u8] = b"kefu/1";
+/// ALPN of HTTP/3.
+pub const ALPN_H3: &[u8] = b"h3";
 /// Streams a client may have open at once.
 const MAX_STREAMS: u32 = 16;
 /// How long a new connection may take to open its control stream.
@@ -32,7 +34,7 @@ pub struct QuicSettings {
 
 /// Binds the QUIC endpoint.
 pub fn endpoint(addr: SocketAddr, certs: &Arc<CertStore>, settings: QuicSettings) -> anyhow::Result<quinn::Endpoint> {
-    let mut tls = certs.server_config_tls13(&[ALPN_KEFU]);
+    let mut tls = certs.server_config_tls13(&[ALPN_KEFU, ALPN_H3]);
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| anyhow::anyhow!("QUIC TLS config: {e}"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -93,6 +95,10 @@ async fn connection(core: Arc<Core>, incoming: quinn::Incoming, tasks: TaskTrack
         Ok(conn) => conn,
         Err(e) => return tracing::debug!(error = %e, %peer, "quic handshake failed"),
     };
+    let alpn = conn.handshake_data().and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok()).and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(ALPN_H3) {
+        return super::h3::serve(core, conn, tasks).await;
+    }
     // The first stream must come soon; later ones whenever the client likes.
     let mut first = true;
     loop {
