@@ -117,3 +117,37 @@ async fn stream_limit_holds_and_others_are_served() -> anyhow::Result<()> {
     fine.login("fine", "pw").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn typing_indicators_travel_as_datagrams() -> anyhow::Result<()> {
+    let n = node().await;
+    let (_endpoint, conn) = quic_connect(n.quic, &[b"kefu/1"], n.self_signed_cert()?).await?;
+    let mut mobile = quic_stream(&conn).await?;
+    mobile.login("typist", "pw").await?;
+    let mut desk = n.tcp_login("reader").await?;
+    assert!(conn.max_datagram_size().is_some(), "the node offers datagrams");
+    // Phone → desk: a typing frame in a datagram. Datagrams may be lost, so resend (bounded).
+    let typing = schema::frame::encode_request(100, None, json!({"cmd": 100, "to": "reader"}).to_string().as_bytes());
+    let mut got = None;
+    for _ in 0..25 {
+        conn.send_datagram(typing.clone().into())?;
+        if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_millis(200), desk.recv_cmd(100)).await {
+            got = Some(v);
+            break;
+        }
+    }
+    let got = got.expect("a typing datagram arrived within 25 tries");
+    assert_eq!(got["data"]["from"], "typist");
+    // Desk → phone: the push arrives as a datagram, not on the stream.
+    desk.send(json!({"cmd": 100, "to": "typist"})).await?;
+    let datagram = tokio::time::timeout(Duration::from_secs(5), conn.read_datagram()).await??;
+    let mut buf = bytes::BytesMut::from(&datagram[..]);
+    let frame = schema::frame::decode(&mut buf, 4096)?.unwrap();
+    assert_eq!(frame.cmd, schema::Command::TypingStart);
+    let body: serde_json::Value = serde_json::from_slice(&frame.body)?;
+    assert_eq!(body["data"]["from"], "reader");
+    // Chat still flows on the stream.
+    desk.chat(json!({"chatType": 2, "to": "typist", "content": "done typing?"})).await?;
+    assert_eq!(mobile.recv_cmd(11).await?["data"]["content"], "done typing?");
+    Ok(())
+}

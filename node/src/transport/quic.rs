@@ -8,12 +8,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::{Sink, StreamExt};
 use quinn::crypto::rustls::QuicServerConfig;
+use schema::Command;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::dispatch::Core;
 use crate::metrics::Transport;
+use crate::session::{self, Inbound, Outgoing};
 use crate::tls::CertStore;
 
 /// ALPN of kefu's QUIC protocol.
@@ -101,6 +107,7 @@ async fn connection(core: Arc<Core>, incoming: quinn::Incoming, tasks: TaskTrack
     }
     // The first stream must come soon; later ones whenever the client likes.
     let mut first = true;
+    let mut stream_index = 0u32;
     loop {
         let accepted = if first {
             match tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await {
@@ -120,8 +127,78 @@ async fn connection(core: Arc<Core>, incoming: quinn::Incoming, tasks: TaskTrack
         };
         let core = Arc::clone(&core);
         let peer = conn.remote_address();
+        // The first stream is the control stream: typing indicators travel as datagrams on it,
+        // both ways, when the client negotiated them.
+        let datagrams = (stream_index == 0 && conn.max_datagram_size().is_some()).then(|| conn.clone());
+        stream_index += 1;
         tasks.spawn(async move {
-            super::tcp::serve_io_as(core, tokio::io::join(recv, send), peer, Transport::Quic).await;
+            match datagrams {
+                Some(conn) => {
+                    // When the control stream ends the session ends, whatever datagrams do.
+                    let control = super::tcp::inbound(recv).chain(futures_util::stream::once(async { Inbound::Close }));
+                    let inbound = futures_util::stream::select(Box::pin(control), Box::pin(datagram_typing(conn.clone())));
+                    let outbound = DatagramTyping { conn, inner: super::tcp::frame_sink(send) };
+                    session::run(core, Transport::Quic, peer, Box::pin(inbound), outbound, None).await;
+                }
+                None => super::tcp::serve_io_as(core, tokio::io::join(recv, send), peer, Transport::Quic).await,
+            }
         });
+    }
+}
+
+/// Typing indicators (cmd 100/101) a client sends as datagrams, each one J-IM frame. Datagrams
+/// may be lost or reordered, which suits a typing hint and nothing else: other commands in a
+/// datagram are ignored.
+fn datagram_typing(conn: quinn::Connection) -> impl futures_util::Stream<Item = Inbound> + Send {
+    futures_util::stream::unfold(conn, |conn| async move {
+        loop {
+            let datagram = conn.read_datagram().await.ok()?;
+            let mut buf = bytes::BytesMut::from(&datagram[..]);
+            if let Ok(Some(frame)) = schema::frame::decode(&mut buf, MAX_DATAGRAM_FRAME) {
+                if matches!(frame.cmd, Command::TypingStart | Command::TypingStop) {
+                    let item = Inbound::Request { cmd: Some(frame.cmd), syn_seq: 0, body: frame.body };
+                    return Some((item, conn));
+                }
+            }
+        }
+    })
+}
+
+/// Largest frame taken from a datagram.
+const MAX_DATAGRAM_FRAME: usize = 1200;
+
+/// Sends typing pushes as datagrams (falling back to the stream when one does not fit), and
+/// everything else on the control stream.
+struct DatagramTyping<S> {
+    conn: quinn::Connection,
+    inner: S,
+}
+
+impl<S: Sink<Outgoing, Error = std::io::Error> + Unpin> Sink<Outgoing> for DatagramTyping<S> {
+    type Error = std::io::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        Pin::new(&mut self.inner).poll_ready(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Outgoing) -> Result<(), std::io::Error> {
+        if let Outgoing::Frame { command, syn_seq, body } = &item {
+            if *command == Command::TypingStart.code() || *command == Command::TypingStop.code() {
+                let mut frame = bytes::BytesMut::new();
+                schema::frame::encode(*command, *syn_seq, body, &mut frame);
+                if self.conn.send_datagram(frame.freeze()).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        Pin::new(&mut self.inner).start_send(item)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        Pin::new(&mut self.inner).poll_close(cx)
     }
 }

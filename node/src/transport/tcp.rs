@@ -66,18 +66,25 @@ where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
+    session::run(core, transport, peer, Box::pin(inbound(read)), frame_sink(write), None).await;
+}
+
+/// The requests framed on a byte stream; a protocol error ends it after reporting it.
+pub fn inbound<R: AsyncRead + Send + Unpin + 'static>(read: R) -> impl futures_util::Stream<Item = Inbound> + Send {
     let reader = FramedRead::with_capacity(read, JimCodec, READ_BUFFER);
-    let inbound = futures_util::stream::unfold(Some(reader), |reader| async move {
+    futures_util::stream::unfold(Some(reader), |reader| async move {
         let mut reader = reader?;
         match reader.next().await? {
             Ok(f) => Some((Inbound::Request { cmd: Some(f.cmd), syn_seq: f.syn_seq.unwrap_or(0), body: f.body }, Some(reader))),
-            // A protocol error ends the stream after reporting it.
             Err(CodecError::Frame(e)) => Some((Inbound::ProtocolError(e.status()), None)),
             Err(CodecError::Io(_)) => None,
         }
-    });
-    let outbound = FrameSink { write, buf: BytesMut::new() };
-    session::run(core, transport, peer, Box::pin(inbound), outbound, None).await;
+    })
+}
+
+/// The frame writer for a byte stream.
+pub fn frame_sink<W: AsyncWrite + Send + Unpin + 'static>(write: W) -> impl Sink<Outgoing, Error = std::io::Error> + Send + Unpin {
+    FrameSink { write, buf: BytesMut::new() }
 }
 
 /// Writes frames: `start_send` encodes into a buffer, `poll_flush` writes it, so frames fed
