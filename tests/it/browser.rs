@@ -3,6 +3,9 @@
 
 use std::path::Path;
 
+use serde_json::json;
+use tests::Client;
+
 use crate::node;
 
 #[tokio::test]
@@ -20,5 +23,40 @@ async fn demo_page_chats_between_two_tabs() -> anyhow::Result<()> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     anyhow::ensure!(out.status.success() && stdout.contains("demo chat ok"), "browser test failed\nstdout: {stdout}\nstderr: {stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn chromium_webtransport_chats_with_a_websocket_user() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    anyhow::ensure!(dir.join("node_modules/playwright-core").exists(), "run `npm ci --prefix tests/browser` first (.ci/run does)");
+    anyhow::ensure!(Path::new("/usr/bin/chromium").exists(), "install Debian's chromium first (.ci/run does)");
+    let n = node().await;
+    let mut ws = n.ws_login("wsuser").await?;
+    let mut browser = tokio::process::Command::new("node")
+        .arg(dir.join("webtransport.mjs"))
+        .args([format!("{}/", n.http()), n.quic.port().to_string(), n.fingerprint.clone(), "wsuser".to_string()])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let got = tokio::time::timeout(std::time::Duration::from_secs(30), ws.recv_cmd(11)).await;
+    let got = match got {
+        Ok(Ok(v)) => v,
+        _ => {
+            let out = browser.wait_with_output().await?;
+            anyhow::bail!(
+                "no message from the browser\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    assert_eq!((got["data"]["from"].as_str(), got["data"]["content"].as_str()), (Some("wtuser"), Some("from webtransport")));
+    ws.chat(json!({"chatType": 2, "to": "wtuser", "content": "to webtransport"})).await?;
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), browser.wait_with_output()).await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(stdout.trim() == "got to webtransport", "browser: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }

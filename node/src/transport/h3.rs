@@ -18,7 +18,15 @@ const MAX_BODY: usize = schema::frame::MAX_BODY;
 /// Serves the requests of one HTTP/3 connection.
 pub async fn serve(core: Arc<Core>, conn: quinn::Connection, tasks: TaskTracker) {
     let peer = conn.remote_address();
-    let mut h3 = match h3::server::Connection::<_, Bytes>::new(h3_quinn::Connection::new(conn)).await {
+    let built = h3::server::builder()
+        .enable_webtransport(true)
+        .enable_extended_connect(true)
+        .enable_datagram(true)
+        .max_webtransport_sessions(1)
+        .send_grease(true)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .await;
+    let mut h3 = match built {
         Ok(h3) => h3,
         Err(e) => return tracing::debug!(error = %e, %peer, "h3 setup failed"),
     };
@@ -29,9 +37,22 @@ pub async fn serve(core: Arc<Core>, conn: quinn::Connection, tasks: TaskTracker)
             Ok(None) => return,
             Err(e) => return tracing::debug!(error = %e, %peer, "h3 connection ended"),
         };
+        let Ok((req, stream)) = resolver.resolve_request().await else { continue };
+        let webtransport = req.method() == http::Method::CONNECT
+            && req.extensions().get::<h3::ext::Protocol>() == Some(&h3::ext::Protocol::WEB_TRANSPORT)
+            && req.uri().path() == super::webtransport::PATH;
+        if webtransport {
+            // The session takes the connection over: one WebTransport session per connection.
+            let query =
+                axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(req.uri()).map(|q| q.0).unwrap_or_default();
+            match h3_webtransport::server::WebTransportSession::accept(req, stream, h3).await {
+                Ok(session) => super::webtransport::serve(core, session, query, peer).await,
+                Err(e) => tracing::debug!(error = %e, %peer, "webtransport session refused"),
+            }
+            return;
+        }
         let router = router.clone();
         tasks.spawn(async move {
-            let Ok((req, stream)) = resolver.resolve_request().await else { return };
             if let Err(e) = request(router, req, stream, peer).await {
                 tracing::debug!(error = %e, %peer, "h3 request failed");
             }

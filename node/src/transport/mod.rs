@@ -10,6 +10,7 @@ pub mod http;
 pub mod quic;
 pub mod tcp;
 pub mod tls;
+pub mod webtransport;
 pub mod ws;
 
 use std::net::SocketAddr;

@@ -48,11 +48,14 @@ pub fn endpoint(addr: SocketAddr, certs: &Arc<CertStore>, settings: QuicSettings
     transport
         .max_idle_timeout(Some(settings.idle_timeout.try_into().map_err(|e| anyhow::anyhow!("idle timeout: {e}"))?))
         .max_concurrent_bidi_streams(MAX_STREAMS.into())
-        .max_concurrent_uni_streams(0u32.into())
+        // HTTP/3 needs at least three (control and QPACK streams); kefu/1 refuses them.
+        .max_concurrent_uni_streams(8u32.into())
         // Small per-stream windows: a J-IM frame is at most 2 MiB, and idle connections are many.
         .stream_receive_window((256u32 * 1024).into())
         .receive_window((1024u32 * 1024).into())
-        .send_window(1024 * 1024);
+        .send_window(1024 * 1024)
+        // HTTP/3 datagrams (WebTransport) and typing indicators on kefu/1.
+        .datagram_receive_buffer_size(Some(64 * 1024));
     config.transport_config(Arc::new(transport));
     config.migration(true);
     let socket = udp_socket(addr)?;
@@ -105,6 +108,13 @@ async fn connection(core: Arc<Core>, incoming: quinn::Incoming, tasks: TaskTrack
     if alpn.as_deref() == Some(ALPN_H3) {
         return super::h3::serve(core, conn, tasks).await;
     }
+    // kefu/1 has no use for unidirectional streams: stop each one as it arrives.
+    let uni = conn.clone();
+    tasks.spawn(async move {
+        while let Ok(mut recv) = uni.accept_uni().await {
+            let _ = recv.stop(0u32.into());
+        }
+    });
     // The first stream must come soon; later ones whenever the client likes.
     let mut first = true;
     let mut stream_index = 0u32;

@@ -33,7 +33,7 @@ pub fn upgrade(core: Arc<Core>, ws: WebSocketUpgrade, peer: SocketAddr, query: H
 
 /// The demo page logs in with `?username=…&password=…` (or `token`). Empty values are dropped,
 /// as J-IM's query parser drops them.
-fn query_login(query: &HashMap<String, String>) -> Option<Box<Request>> {
+pub(crate) fn query_login(query: &HashMap<String, String>) -> Option<Box<Request>> {
     let get = |k: &str| query.get(k).filter(|v| !v.is_empty()).cloned();
     let user_id = get("username").or_else(|| get("userId"));
     let token = get("token");
