@@ -33,7 +33,7 @@ async fn chromium_webtransport_chats_with_a_websocket_user() -> anyhow::Result<(
     anyhow::ensure!(Path::new("/usr/bin/chromium").exists(), "install Debian's chromium first (.ci/run does)");
     let n = node().await;
     let mut ws = n.ws_login("wsuser").await?;
-    let mut browser = tokio::process::Command::new("node")
+    let browser = tokio::process::Command::new("node")
         .arg(dir.join("webtransport.mjs"))
         .args([format!("{}/", n.http()), n.quic.port().to_string(), n.fingerprint.clone(), "wsuser".to_string()])
         .current_dir(&dir)
