@@ -92,6 +92,8 @@ pub struct Metrics {
     pub protocol_errors: AtomicU64,
     /// Connections closed because they did not read.
     pub slow_consumers: AtomicU64,
+    /// QUIC requests that arrived in 0-RTT and waited for the handshake.
+    pub early_data_held: AtomicU64,
     /// Seconds from BEGIN to COMMIT of one write batch.
     pub commit_seconds: Histogram,
     /// Operations per committed write batch.
@@ -107,6 +109,7 @@ impl Default for Metrics {
             messages_out: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
+            early_data_held: AtomicU64::new(0),
             commit_seconds: Histogram::new(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
             commit_batch_size: Histogram::new(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0]),
         }
@@ -149,6 +152,7 @@ impl Metrics {
             ("kefu_messages_out_total", "Frames pushed to clients.", &self.messages_out),
             ("kefu_protocol_errors_total", "Connections closed for a protocol error.", &self.protocol_errors),
             ("kefu_slow_consumers_total", "Connections closed because they did not read.", &self.slow_consumers),
+            ("kefu_quic_early_data_held_total", "QUIC requests sent in 0-RTT that waited for the handshake.", &self.early_data_held),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
         }

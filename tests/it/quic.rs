@@ -151,3 +151,30 @@ async fn typing_indicators_travel_as_datagrams() -> anyhow::Result<()> {
     assert_eq!(mobile.recv_cmd(11).await?["data"]["content"], "done typing?");
     Ok(())
 }
+
+#[tokio::test]
+async fn resume_in_zero_rtt_then_chat_after_the_handshake() -> anyhow::Result<()> {
+    let n = node().await;
+    let config = tests::quic_client_config(&[b"kefu/1"], n.self_signed_cert()?)?;
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+    endpoint.set_default_client_config(config);
+    // First visit: a full handshake, a login, a session ticket.
+    let conn = endpoint.connect(n.quic, "localhost")?.await?;
+    let mut phone = quic_stream(&conn).await?;
+    let token = phone.login("early", "pw").await?["data"]["token"].as_str().unwrap().to_string();
+    phone.send(json!({"cmd": 13})).await?;
+    phone.recv_cmd(13).await?;
+    conn.close(0u32.into(), b"bye");
+    let mut desk = n.tcp_login("desk4").await?;
+    // Second visit: the token login and a chat are sent before the handshake completes.
+    let (conn, accepted) = endpoint.connect(n.quic, "localhost")?.into_0rtt().map_err(|_| anyhow::anyhow!("no 0-RTT ticket"))?;
+    let (send, recv) = conn.open_bi().await?;
+    let mut phone = tests::TcpClient::over(tokio::io::join(recv, send));
+    phone.send(json!({"cmd": 5, "token": token})).await?;
+    phone.send(json!({"cmd": 11, "chatType": 2, "to": "desk4", "content": "sent early"})).await?;
+    assert!(accepted.await, "the node accepted 0-RTT");
+    assert_eq!(phone.recv_cmd(6).await?["code"], 10007);
+    assert_eq!(phone.recv_cmd(12).await?["code"], 10000);
+    assert_eq!(desk.recv_cmd(11).await?["data"]["content"], "sent early");
+    Ok(())
+}

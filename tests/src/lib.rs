@@ -246,7 +246,8 @@ pub async fn tls_connect(
     Ok(connector.connect(name, tcp).await?)
 }
 
-/// A QUIC client config offering `alpn`, trusting only `root`, keeping alive every 20 s.
+/// A QUIC client config offering `alpn`, trusting only `root`, keeping alive every 20 s, ready
+/// to resume with 0-RTT on a later connection made with the same config.
 pub fn quic_client_config(alpn: &[&[u8]], root: rustls::pki_types::CertificateDer<'static>) -> anyhow::Result<quinn::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root)?;
@@ -256,6 +257,7 @@ pub fn quic_client_config(alpn: &[&[u8]], root: rustls::pki_types::CertificateDe
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tls.enable_early_data = true;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

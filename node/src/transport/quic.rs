@@ -41,7 +41,9 @@ pub struct QuicSettings {
 /// Binds the QUIC endpoint.
 pub fn endpoint(addr: SocketAddr, certs: &Arc<CertStore>, settings: QuicSettings) -> anyhow::Result<quinn::Endpoint> {
     let mut tls = certs.server_config_tls13(&[ALPN_KEFU, ALPN_H3]);
-    tls.max_early_data_size = 0;
+    // 0-RTT is accepted (QUIC requires exactly this value to enable it); what a client may do in
+    // it is limited in `connection` to the resume step.
+    tls.max_early_data_size = u32::MAX;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| anyhow::anyhow!("QUIC TLS config: {e}"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -100,12 +102,53 @@ pub async fn serve_quic(core: Arc<Core>, endpoint: quinn::Endpoint, shutdown: Ca
 
 async fn connection(core: Arc<Core>, incoming: quinn::Incoming, tasks: TaskTracker) {
     let peer = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e) => return tracing::debug!(error = %e, %peer, "quic handshake failed"),
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => return tracing::debug!(error = %e, %peer, "quic connection refused"),
     };
-    let alpn = conn.handshake_data().and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok()).and_then(|d| d.protocol);
+    // Take the connection before the handshake completes, so a resuming client's 0-RTT login is
+    // read at once; `confirmed` turns true when the handshake is done (and drops on failure).
+    let (conn, handshake) = match connecting.into_0rtt() {
+        Ok(pair) => pair,
+        Err(connecting) => match connecting.await {
+            Ok(conn) => return Box::pin(established(core, conn, None, tasks)).await,
+            Err(e) => return tracing::debug!(error = %e, %peer, "quic handshake failed"),
+        },
+    };
+    let (confirm, confirmed) = tokio::sync::watch::channel(false);
+    let watched = conn.clone();
+    tasks.spawn(async move {
+        // On a server the future's value means nothing; it completes when the handshake does
+        // (or fails, in which case the connection is closed and there is nothing to release).
+        handshake.await;
+        if watched.close_reason().is_none() {
+            let _ = confirm.send(true);
+        }
+    });
+    established(core, conn, Some(confirmed), tasks).await;
+}
+
+async fn established(core: Arc<Core>, conn: quinn::Connection, confirmed: Option<tokio::sync::watch::Receiver<bool>>, tasks: TaskTracker) {
+    let alpn_of = |conn: &quinn::Connection| {
+        conn.handshake_data().and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok()).and_then(|d| d.protocol)
+    };
+    let mut alpn = alpn_of(&conn);
+    if alpn.is_none() {
+        // Not known yet this early: wait for the handshake.
+        if let Some(mut confirmed) = confirmed.clone() {
+            if confirmed.wait_for(|c| *c).await.is_err() {
+                return;
+            }
+        }
+        alpn = alpn_of(&conn);
+    }
     if alpn.as_deref() == Some(ALPN_H3) {
+        // HTTP/3 requests are not replay-safe in general: serve them after the handshake.
+        if let Some(mut confirmed) = confirmed {
+            if confirmed.wait_for(|c| *c).await.is_err() {
+                return;
+            }
+        }
         return super::h3::serve(core, conn, tasks).await;
     }
     // kefu/1 has no use for unidirectional streams: stop each one as it arrives.
@@ -137,6 +180,7 @@ async fn connection(core: Arc<Core>, incoming: quinn::Incoming, tasks: TaskTrack
         };
         let core = Arc::clone(&core);
         let peer = conn.remote_address();
+        let recv = EarlyGate::wrap(super::tcp::inbound(recv), confirmed.clone(), &core);
         // The first stream is the control stream: typing indicators travel as datagrams on it,
         // both ways, when the client negotiated them.
         let datagrams = (stream_index == 0 && conn.max_datagram_size().is_some()).then(|| conn.clone());
@@ -145,12 +189,12 @@ async fn connection(core: Arc<Core>, incoming: quinn::Incoming, tasks: TaskTrack
             match datagrams {
                 Some(conn) => {
                     // When the control stream ends the session ends, whatever datagrams do.
-                    let control = super::tcp::inbound(recv).chain(futures_util::stream::once(async { Inbound::Close }));
+                    let control = recv.chain(futures_util::stream::once(async { Inbound::Close }));
                     let inbound = futures_util::stream::select(Box::pin(control), Box::pin(datagram_typing(conn.clone())));
                     let outbound = DatagramTyping { conn, inner: super::tcp::frame_sink(send) };
                     session::run(core, Transport::Quic, peer, Box::pin(inbound), outbound, None).await;
                 }
-                None => super::tcp::serve_io_as(core, tokio::io::join(recv, send), peer, Transport::Quic).await,
+                None => session::run(core, Transport::Quic, peer, Box::pin(recv), super::tcp::frame_sink(send), None).await,
             }
         });
     }
@@ -210,5 +254,61 @@ impl<S: Sink<Outgoing, Error = std::io::Error> + Unpin> Sink<Outgoing> for Datag
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
         Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// Holds back every request that is not part of resuming (login or auth, heartbeat) until the
+/// handshake is confirmed: 0-RTT data can be replayed by an attacker, so a chat sent in it must
+/// not take effect before the client is known to be live.
+struct EarlyGate;
+
+impl EarlyGate {
+    fn wrap(
+        inner: impl futures_util::Stream<Item = Inbound> + Send + 'static,
+        confirmed: Option<tokio::sync::watch::Receiver<bool>>,
+        core: &Arc<Core>,
+    ) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = Inbound> + Send>> {
+        let Some(confirmed) = confirmed else { return Box::pin(inner) };
+        let core = Arc::clone(core);
+        Box::pin(futures_util::stream::unfold((Box::pin(inner), confirmed, core), |(mut inner, mut confirmed, core)| async move {
+            let item = inner.next().await?;
+            let resume_step =
+                matches!(&item, Inbound::Request { cmd: Some(Command::LoginReq | Command::AuthReq | Command::HeartbeatReq), .. });
+            if !resume_step && !*confirmed.borrow() {
+                core.metrics.early_data_held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The handshake failed: whatever came early is dropped with the connection.
+                confirmed.wait_for(|c| *c).await.ok()?;
+            }
+            Some((item, (inner, confirmed, core)))
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    fn request(cmd: Command) -> Inbound {
+        Inbound::Request { cmd: Some(cmd), syn_seq: 0, body: bytes::Bytes::from_static(b"{}") }
+    }
+
+    #[tokio::test]
+    async fn early_data_lets_only_the_resume_step_through() {
+        let dir = std::env::temp_dir().join(format!("kefu-quic-gate-{}", std::process::id()));
+        let core = crate::start(crate::Config::for_tests(&dir)).await.unwrap();
+        let items = futures_util::stream::iter(vec![request(Command::LoginReq), request(Command::ChatReq), request(Command::HeartbeatReq)]);
+        let (confirm, confirmed) = tokio::sync::watch::channel(false);
+        let mut gated = EarlyGate::wrap(items, Some(confirmed), core.core());
+        assert!(matches!(gated.next().await, Some(Inbound::Request { cmd: Some(Command::LoginReq), .. })), "login passes in 0-RTT");
+        assert!(gated.next().now_or_never().is_none(), "a chat waits for the handshake");
+        confirm.send(true).unwrap();
+        assert!(matches!(gated.next().await, Some(Inbound::Request { cmd: Some(Command::ChatReq), .. })));
+        assert!(matches!(gated.next().await, Some(Inbound::Request { cmd: Some(Command::HeartbeatReq), .. })));
+        assert_eq!(core.core().metrics.early_data_held.load(std::sync::atomic::Ordering::Relaxed), 1);
+        core.shutdown().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
