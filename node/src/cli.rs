@@ -23,19 +23,8 @@ async fn run() -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let api_key = config.api_key.is_some();
     let node = crate::start(config).await?;
-    // Tests and scripts read these lines from stdout to find the ports.
-    println!("kefu-node listening jim={} (J-IM tcp, http, ws)", node.jim_addr);
-    println!("kefu-node listening tls={} (J-IM tcp, https, wss; ALPN kefu-tcp/1, h2, http/1.1)", node.tls_addr);
-    println!("kefu-node listening quic={} (udp; ALPN kefu/1)", node.quic_addr);
-    println!("kefu-node listening admin={} (healthz, readyz, metrics)", node.admin_addr);
-    println!("kefu-node tls fingerprint sha256={}", node.core().certs.fingerprint());
-    println!("kefu-node ready data_dir={} profile={:?} startup_ms={}", data_dir.display(), profile, started.elapsed().as_millis());
-    if profile == Profile::Dev {
-        eprintln!(
-            "note: dev profile: unknown users are registered on first login{}",
-            if api_key { "" } else { "; the HTTP APIs need no API key" }
-        );
-    }
+    // Installed before the ready line: a SIGHUP that arrives right after it must not find the
+    // default action (which ends the process).
     #[cfg(unix)]
     {
         // SIGHUP re-reads the certificate files (or renews a self-signed certificate that is due).
@@ -50,6 +39,19 @@ async fn run() -> anyhow::Result<()> {
                 }
             });
         }
+    }
+    // Tests and scripts read these lines from stdout to find the ports.
+    println!("kefu-node listening jim={} (J-IM tcp, http, ws)", node.jim_addr);
+    println!("kefu-node listening tls={} (J-IM tcp, https, wss; ALPN kefu-tcp/1, h2, http/1.1)", node.tls_addr);
+    println!("kefu-node listening quic={} (udp; ALPN kefu/1, h3 + WebTransport at /wt)", node.quic_addr);
+    println!("kefu-node listening admin={} (healthz, readyz, metrics)", node.admin_addr);
+    println!("kefu-node tls fingerprint sha256={}", node.core().certs.fingerprint());
+    println!("kefu-node ready data_dir={} profile={:?} startup_ms={}", data_dir.display(), profile, started.elapsed().as_millis());
+    if profile == Profile::Dev {
+        eprintln!(
+            "note: dev profile: unknown users are registered on first login{}",
+            if api_key { "" } else { "; the HTTP APIs need no API key" }
+        );
     }
     shutdown_signal().await;
     eprintln!("shutting down");

@@ -89,6 +89,11 @@ async fn bad_input_on_quic_streams() -> anyhow::Result<()> {
     let mut silent = quic_stream(&conn).await?;
     silent.write_raw(&[0x01]).await?;
     assert_eq!(silent.recv_frame().await?.1["code"], 11011);
+    // A forged resume token: login refused, stream closed.
+    let mut forged = quic_stream(&conn).await?;
+    forged.send(json!({"cmd": 5, "token": "v1.Zm9yZ2Vk.9999999999.bm90LWEtc2lnbmF0dXJl"})).await?;
+    assert_eq!(forged.recv_cmd(6).await?["code"], 10008);
+    forged.closed().await?;
     // A wrong ALPN is refused in the handshake.
     assert!(quic_connect(n.quic, &[b"h9"], cert).await.is_err());
     Ok(())
