@@ -176,15 +176,16 @@ impl Core {
     }
 
     async fn handle_user(&self, s: &mut SessionState, user: &UserCtx, req: Request) -> Outcome {
-        let limited = matches!(req, Request::Chat(_) | Request::Typing { .. } | Request::Receipt { .. } | Request::Recall { .. });
+        // Chats are limited in `begin_chat`, the one path every chat from a session takes.
+        let limited = matches!(req, Request::Typing { .. } | Request::Receipt { .. } | Request::Recall { .. });
         if limited && !s.bucket.take(Instant::now()) {
             return Outcome::status(reply_command(&req), Status::RateLimited);
         }
         match req {
-            Request::Chat(chat) => {
-                let sender = Sender { id: &user.id, nick: user.nick.clone(), avatar: user.avatar.clone(), groups: Some(&user.groups) };
-                Outcome::reply(Command::ChatResp, self.send_chat(&sender, chat).await)
-            }
+            Request::Chat(chat) => match self.begin_chat(s, chat) {
+                Ok(pending) => Outcome::reply(Command::ChatResp, pending.await),
+                Err(reply) => Outcome::reply(Command::ChatResp, reply),
+            },
             Request::JoinGroup { group_id, name } => self.join(s, user, &group_id, name).await,
             Request::Close { user_id } => match user_id {
                 Some(other) if other != user.id && user.role != "admin" => Outcome::status(Command::CloseReq, Status::Forbidden),
