@@ -11,9 +11,11 @@
 //! target/release/examples/loadgen history --prefill 10000000 --conversations 10000 --reads 20000
 //! target/release/examples/loadgen churn --cycles 5000 --rate 500
 //! target/release/examples/loadgen coldstart --prefill-mb 1024
+//! target/release/examples/loadgen idle  --conns 100000 --procs 4 --transport quic
 //! ```
 //!
-//! Every run is bounded by `--duration` (seconds) as well as by its counts.
+//! `--transport` is `tcp` (default), `ws` or `quic`. Every run is bounded by `--duration`
+//! (seconds) as well as by its counts.
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
