@@ -185,12 +185,12 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                 let mut next = Some((syn_seq, reply));
                 while let Some((syn_seq, reply)) = next.take() {
                     let frame = Outgoing::Frame { command: Command::ChatResp.code(), syn_seq, body: reply.into() };
-                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.feed(frame)).await, Ok(Ok(()))) {
+                    if !self.feed(frame).await {
                         return Some(End::WriteFailed);
                     }
                     next = self.inflight.next().now_or_never().flatten();
                 }
-                if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.flush()).await, Ok(Ok(()))) {
+                if !self.flush().await {
                     return Some(End::WriteFailed);
                 }
                 None
@@ -291,7 +291,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                 deliveries.push(d.clone());
             }
             let frame = Outgoing::Frame { command: push.command, syn_seq: 0, body: push.body.clone() };
-            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.feed(frame)).await, Ok(Ok(()))) {
+            if !self.feed(frame).await {
                 return false;
             }
             batch += 1;
@@ -299,7 +299,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                 next = self.rx.try_recv().ok();
             }
         }
-        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.flush()).await, Ok(Ok(()))) {
+        if !self.flush().await {
             return false;
         }
         for d in deliveries {
@@ -327,8 +327,19 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
         self.send(Outgoing::Frame { command: command.code(), syn_seq: 0, body: jim::status_reply(command, status).into() }).await
     }
 
+    /// Buffers a frame (writing earlier ones if the buffer is full); false if the client is gone
+    /// or does not read within WRITE_TIMEOUT.
+    async fn feed(&mut self, item: Outgoing) -> bool {
+        matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.feed(item)).await, Ok(Ok(())))
+    }
+
+    /// Writes everything buffered, under the same timeout.
+    async fn flush(&mut self) -> bool {
+        matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.flush()).await, Ok(Ok(())))
+    }
+
     async fn send(&mut self, item: Outgoing) -> bool {
-        matches!(tokio::time::timeout(WRITE_TIMEOUT, self.outbound.send(item)).await, Ok(Ok(())))
+        self.feed(item).await && self.flush().await
     }
 
     /// Hands the delivered cursors to the store, coalesced: under load many pushes make one

@@ -489,6 +489,35 @@ impl Store {
 const MSG_COLS: &str = "m.conversation, m.seq, m.id, m.client_id, m.sender, m.recipient, m.group_id, m.chat_type, m.msg_type, \
                         m.content, m.extras, m.nick, m.avatar, m.created_at, m.origin, m.recalled_at";
 
+/// Inserts a message sequenced here; a clash on (conversation, seq) or id is an error.
+const INSERT_MESSAGE: &str = "INSERT INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, \
+     content, extras, nick, avatar, created_at, origin, recalled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+/// Inserts a message sequenced elsewhere, leaving one already present alone.
+const INSERT_MESSAGE_IF_NEW: &str = "INSERT OR IGNORE INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, \
+     msg_type, content, extras, nick, avatar, created_at, origin, recalled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+
+/// The parameters of [`INSERT_MESSAGE`] and [`INSERT_MESSAGE_IF_NEW`], in column order.
+fn row_values(m: &StoredMessage) -> Vec<Value> {
+    vec![
+        m.conversation.as_str().into(),
+        to_i64(m.seq).into(),
+        m.id.as_str().into(),
+        m.client_id.clone().into(),
+        m.sender.as_str().into(),
+        m.recipient.clone().into(),
+        m.group_id.clone().into(),
+        i64::from(m.chat_type).into(),
+        m.msg_type.into(),
+        m.content.as_str().into(),
+        m.extras.clone().into(),
+        m.nick.clone().into(),
+        m.avatar.clone().into(),
+        m.created_at.into(),
+        m.origin.as_str().into(),
+        m.recalled_at.into(),
+    ]
+}
+
 fn message_from_row(row: &libsql::Row) -> Result<StoredMessage> {
     let conv: String = row.get(0)?;
     let conversation = ConversationId::parse(&conv).ok_or_else(|| StoreError::Corrupt(format!("conversation id {conv:?}")))?;
@@ -778,37 +807,8 @@ impl Writer {
 
     async fn import(&mut self, messages: &[StoredMessage]) -> Result<()> {
         for m in messages {
-            let values: Vec<Value> = vec![
-                m.conversation.as_str().into(),
-                to_i64(m.seq).into(),
-                m.id.as_str().into(),
-                m.client_id.clone().into(),
-                m.sender.as_str().into(),
-                m.recipient.clone().into(),
-                m.group_id.clone().into(),
-                i64::from(m.chat_type).into(),
-                m.msg_type.into(),
-                m.content.as_str().into(),
-                m.extras.clone().into(),
-                m.nick.clone().into(),
-                m.avatar.clone().into(),
-                m.created_at.into(),
-                m.origin.as_str().into(),
-                m.recalled_at.into(),
-            ];
-            self.exec(
-                    "INSERT OR IGNORE INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, content, extras, nick, avatar, created_at, origin, recalled_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-                    values,
-                )
-                .await?;
-            if let Some(recipient) = &m.recipient {
-                self.exec(
-                    "INSERT OR IGNORE INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?3, 0, 0), (?2, ?3, 0, 0)",
-                    params![m.sender.as_str(), recipient.as_str(), m.conversation.as_str()],
-                )
-                .await?;
-            }
+            self.exec(INSERT_MESSAGE_IF_NEW, row_values(m)).await?;
+            self.add_private_participants(m).await?;
             // The sequencer's own cache must not fall behind what was imported.
             let newest = self.newest_seq(&m.conversation).await?;
             if m.seq > newest {
@@ -860,40 +860,27 @@ impl Writer {
             origin: self.origin.clone(),
             recalled_at: None,
         };
-        let values: Vec<Value> = vec![
-            stored.conversation.as_str().into(),
-            to_i64(seq).into(),
-            stored.id.as_str().into(),
-            stored.client_id.clone().into(),
-            stored.sender.as_str().into(),
-            stored.recipient.clone().into(),
-            stored.group_id.clone().into(),
-            i64::from(stored.chat_type).into(),
-            stored.msg_type.into(),
-            stored.content.as_str().into(),
-            stored.extras.clone().into(),
-            stored.nick.clone().into(),
-            stored.avatar.clone().into(),
-            stored.created_at.into(),
-            stored.origin.as_str().into(),
-        ];
-        self.exec(
-                "INSERT INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, content, extras, nick, avatar, created_at, origin) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-                values,
-            )
-            .await?;
+        self.exec(INSERT_MESSAGE, row_values(&stored)).await?;
         self.seqs.insert(stored.conversation.clone(), seq);
         // Both sides of a private chat take part in the conversation from its first message; later
         // messages need no cursor rows.
-        if let (Some(recipient), 1) = (&stored.recipient, seq) {
+        if seq == 1 {
+            self.add_private_participants(&stored).await?;
+        }
+        Ok((stored, false))
+    }
+
+    /// Gives both sides of a private message a cursor row: from then on they take part in the
+    /// conversation (its messages count as offline for them). Group messages need none.
+    async fn add_private_participants(&mut self, m: &StoredMessage) -> Result<()> {
+        if let Some(recipient) = &m.recipient {
             self.exec(
                 "INSERT OR IGNORE INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?3, 0, 0), (?2, ?3, 0, 0)",
-                params![stored.sender.as_str(), recipient.as_str(), stored.conversation.as_str()],
+                params![m.sender.as_str(), recipient.as_str(), m.conversation.as_str()],
             )
             .await?;
         }
-        Ok((stored, false))
+        Ok(())
     }
 
     async fn recall(
