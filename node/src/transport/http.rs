@@ -33,19 +33,24 @@ pub struct Peer(pub SocketAddr);
 
 /// The router for the J-IM port.
 pub fn router(core: Arc<Core>) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/index.html", get(index))
+    // Every API route needs the key (when one is configured); the pages and the OpenAPI
+    // document do not.
+    let api = Router::new()
         .route("/api/message/send", any(api_send))
         .route("/api/user/online", any(api_online))
         .route("/api/user/close", any(api_close))
-        .route("/v1/openapi.json", get(openapi))
         .route("/v1/messages", post(v1_send))
         .route("/v1/conversations/{conversation}/messages", get(v1_history))
         .route("/v1/users/{user}", get(v1_user))
         .route("/v1/groups/{group}", get(v1_group))
         .route("/v1/presence", get(v1_presence_all))
         .route("/v1/presence/{user}", get(v1_presence))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&core), require_key));
+    Router::new()
+        .route("/", get(index))
+        .route("/index.html", get(index))
+        .route("/v1/openapi.json", get(openapi))
+        .merge(api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_HTTP_BODY))
         .with_state(core)
@@ -126,6 +131,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if authorized(&core, req.headers()) {
+        next.run(req).await
+    } else {
+        unauthorized()
+    }
+}
+
 fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, json_body(&json!({ "code": Status::InvalidVerification.code(), "msg": "api key required 需要API密钥" })))
         .into_response()
@@ -138,10 +151,7 @@ fn code_only(status: Status) -> Response {
 // -- J-IM API -----------------------------------------------------------------------------------
 
 /// `/api/message/send`: the body is a cmd 11 chat JSON, `from` names the sender.
-async fn api_send(State(core): State<Arc<Core>>, headers: HeaderMap, body: Bytes) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn api_send(State(core): State<Arc<Core>>, body: Bytes) -> Response {
     // J-IM answers 200 whatever the code in the body.
     let (_, reply) = send_from_api(&core, &body).await;
     raw_json(StatusCode::OK, reply)
@@ -172,10 +182,7 @@ struct UserParam {
     userid: Option<String>,
 }
 
-async fn api_online(State(core): State<Arc<Core>>, headers: HeaderMap, Query(q): Query<UserParam>) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn api_online(State(core): State<Arc<Core>>, Query(q): Query<UserParam>) -> Response {
     match q.userid.filter(|u| !u.is_empty()) {
         None => code_only(Status::InvalidVerification),
         Some(user) if core.hub.is_online(&user) => code_only(Status::Online),
@@ -183,10 +190,7 @@ async fn api_online(State(core): State<Arc<Core>>, headers: HeaderMap, Query(q):
     }
 }
 
-async fn api_close(State(core): State<Arc<Core>>, headers: HeaderMap, Query(q): Query<UserParam>) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn api_close(State(core): State<Arc<Core>>, Query(q): Query<UserParam>) -> Response {
     match q.userid.filter(|u| !u.is_empty()) {
         None => code_only(Status::InvalidVerification),
         Some(user) => {
@@ -210,10 +214,7 @@ fn http_status(status: Status) -> StatusCode {
 }
 
 /// `POST /v1/messages` with `{"from","to"|"groupId","content","msgType"?,"id"?,"extras"?}`.
-async fn v1_send(State(core): State<Arc<Core>>, headers: HeaderMap, Json(mut body): Json<Value>) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn v1_send(State(core): State<Arc<Core>>, Json(mut body): Json<Value>) -> Response {
     let Some(obj) = body.as_object_mut() else {
         return raw_json(StatusCode::BAD_REQUEST, jim::status_reply(Command::ChatResp, Status::SendFailed));
     };
@@ -231,15 +232,7 @@ struct HistoryParams {
 }
 
 /// `GET /v1/conversations/{id}/messages?after=SEQ&limit=N`: without `after`, the newest N.
-async fn v1_history(
-    State(core): State<Arc<Core>>,
-    headers: HeaderMap,
-    Path(conversation): Path<String>,
-    Query(p): Query<HistoryParams>,
-) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn v1_history(State(core): State<Arc<Core>>, Path(conversation): Path<String>, Query(p): Query<HistoryParams>) -> Response {
     let Some(conv) = ConversationId::parse(&conversation) else {
         return (StatusCode::BAD_REQUEST, code_only(Status::BadRequest)).into_response();
     };
@@ -257,10 +250,7 @@ async fn v1_history(
     }
 }
 
-async fn v1_user(State(core): State<Arc<Core>>, headers: HeaderMap, Path(user): Path<String>) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn v1_user(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Response {
     let (record, groups) = match (core.store.user(&user).await, core.store.user_groups(&user).await) {
         (Ok(r), Ok(g)) => (r, g),
         _ => return (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
@@ -273,10 +263,7 @@ async fn v1_user(State(core): State<Arc<Core>>, headers: HeaderMap, Path(user): 
     }))
 }
 
-async fn v1_group(State(core): State<Arc<Core>>, headers: HeaderMap, Path(group): Path<String>) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn v1_group(State(core): State<Arc<Core>>, Path(group): Path<String>) -> Response {
     let (info, members) = match (core.store.group(&group).await, core.store.group_members(&group).await) {
         (Ok(i), Ok(m)) => (i, m),
         _ => return (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
@@ -287,17 +274,11 @@ async fn v1_group(State(core): State<Arc<Core>>, headers: HeaderMap, Path(group)
     json_body(&json!({ "groupId": group, "name": name, "members": members }))
 }
 
-async fn v1_presence_all(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn v1_presence_all(State(core): State<Arc<Core>>) -> Response {
     json_body(&json!({ "online": core.hub.online_users() }))
 }
 
-async fn v1_presence(State(core): State<Arc<Core>>, headers: HeaderMap, Path(user): Path<String>) -> Response {
-    if !authorized(&core, &headers) {
-        return unauthorized();
-    }
+async fn v1_presence(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Response {
     let terminals = core.hub.terminals(&user);
     json_body(&json!({ "userId": user, "online": !terminals.is_empty(), "terminals": terminals }))
 }
