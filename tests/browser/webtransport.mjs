@@ -13,6 +13,7 @@ const browser = await chromium.launch({
 });
 try {
   const page = await browser.newPage();
+  page.on("console", (m) => console.error("page:", m.text()));
   await page.goto(pageUrl);
   const result = await page.evaluate(async ({ port, fingerprint, peer }) => {
     const hash = new Uint8Array(fingerprint.split(":").map((h) => parseInt(h, 16)));
@@ -40,26 +41,30 @@ try {
         buf += dec.decode(value, { stream: true });
       }
     };
-    const until = async (cmd) => {
+    // Frames of other commands are kept for later: the node writes pushes queued for a session
+    // before a reply, so a chat from PEER may arrive ahead of our own send's acknowledgement.
+    const kept = [];
+    const until = async (cmd, want = () => true) => {
+      const i = kept.findIndex((m) => m.command === cmd && want(m));
+      if (i >= 0) return kept.splice(i, 1)[0];
       for (;;) {
         const m = await next();
-        if (m.command === cmd) return m;
+        if (m.command === cmd && want(m)) return m;
+        kept.push(m);
       }
     };
     // The stream reaches the server with its first bytes; the query-string login runs then.
     await send({ cmd: 13 });
     const login = await until(6);
     if (login.code !== 10007) return "login failed: " + JSON.stringify(login);
+    console.log("logged in");
     await send({ cmd: 11, chatType: 2, to: peer, content: "from webtransport" });
     const reply = await until(12);
+    console.log("send acknowledged");
     if (reply.code !== 10000) return "send failed: " + JSON.stringify(reply);
-    for (;;) {
-      const m = await until(11);
-      if (m.data.from === peer) {
-        wt.close();
-        return "got " + m.data.content;
-      }
-    }
+    const m = await until(11, (m) => m.data.from === peer);
+    wt.close();
+    return "got " + m.data.content;
   }, { port, fingerprint, peer });
   console.log(result);
 } finally {

@@ -55,7 +55,10 @@ async fn chromium_webtransport_chats_with_a_websocket_user() -> anyhow::Result<(
     };
     assert_eq!((got["data"]["from"].as_str(), got["data"]["content"].as_str()), (Some("wtuser"), Some("from webtransport")));
     ws.chat(json!({"chatType": 2, "to": "wtuser", "content": "to webtransport"})).await?;
-    let out = tokio::time::timeout(std::time::Duration::from_secs(30), browser.wait_with_output()).await??;
+    let out = browser.wait_with_output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), out)
+        .await
+        .map_err(|_| anyhow::anyhow!("the browser did not finish within 30 s"))??;
     let stdout = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(stdout.trim() == "got to webtransport", "browser: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
