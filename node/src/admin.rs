@@ -26,5 +26,9 @@ async fn readyz(State(core): State<Arc<Core>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], core.metrics.render())
+    let mut text = core.metrics.render();
+    if let Some(mesh) = &core.mesh {
+        text.push_str(&mesh.render_metrics());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -45,6 +45,9 @@ async fn run() -> anyhow::Result<()> {
     println!("kefu-node listening tls={} (J-IM tcp, https, wss; ALPN kefu-tcp/1, h2, http/1.1)", node.tls_addr);
     println!("kefu-node listening quic={} (udp; ALPN kefu/1, h3 + WebTransport at /wt)", node.quic_addr);
     println!("kefu-node listening admin={} (healthz, readyz, metrics)", node.admin_addr);
+    if let (Some(addr), Some(mesh)) = (node.mesh_addr, &node.core().mesh) {
+        println!("kefu-node listening mesh={addr} (udp; ALPN kefu-mesh/1) node={} region={}", mesh.me.id, mesh.me.region);
+    }
     println!("kefu-node tls fingerprint sha256={}", node.core().certs.fingerprint());
     println!("kefu-node ready data_dir={} profile={:?} startup_ms={}", data_dir.display(), profile, started.elapsed().as_millis());
     if profile == Profile::Dev {

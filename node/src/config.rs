@@ -79,9 +79,40 @@ pub struct Flags {
     /// Lifetime of login tokens, in seconds.
     #[arg(long, env = "KEFU_TOKEN_TTL")]
     pub token_ttl: Option<u64>,
-    /// Name of this node, stored as the origin of the messages it sequences.
+    /// Name of this node, stored as the origin of the messages it sequences (default: made once
+    /// and kept in the data dir; FLY_MACHINE_ID on Fly).
     #[arg(long, env = "KEFU_NODE_ID")]
     pub node_id: Option<String>,
+    /// This node's region (default `local`; FLY_REGION on Fly).
+    #[arg(long, env = "KEFU_REGION")]
+    pub region: Option<String>,
+    /// UDP address of the mesh between nodes (default 127.0.0.1:7443). Only bound with peers.
+    #[arg(long, env = "KEFU_MESH_ADDR")]
+    pub mesh_addr: Option<SocketAddr>,
+    /// A peer node: `ID=HOST:PORT`, or `ID@REGION=HOST:PORT` when it is in another region.
+    /// Repeatable; the environment variable takes a comma-separated list.
+    #[arg(long = "peer", env = "KEFU_PEERS", value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
+    /// Finds the peers in DNS: TXT records of NAME list `ID REGION` pairs (Fly's
+    /// `vms.<app>.internal`); each peer is reached at `ID.vm.<app>.internal` on the mesh port.
+    #[arg(long, env = "KEFU_PEERS_DNS")]
+    pub peers_dns: Option<String>,
+    /// PEM certificate of the cluster CA every node's certificate is signed by.
+    #[arg(long, env = "KEFU_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// PEM certificate of this node, signed by the cluster CA, with the node id as its name.
+    #[arg(long, env = "KEFU_NODE_CERT")]
+    pub node_cert: Option<PathBuf>,
+    /// PEM key of --node-cert.
+    #[arg(long, env = "KEFU_NODE_KEY")]
+    pub node_key: Option<PathBuf>,
+    /// Seconds without heartbeats before a peer counts as down (its users offline; default 3).
+    #[arg(long, env = "KEFU_PEER_DOWN_AFTER")]
+    pub peer_down_after: Option<f64>,
+    /// Milliseconds a send forwarded to its conversation's owner may take before the sender gets
+    /// the retryable status 11007 (default 3000).
+    #[arg(long, env = "KEFU_FORWARD_TIMEOUT_MS")]
+    pub forward_timeout_ms: Option<u64>,
     /// Groups with more online members than this get no join/exit notices (cmd 9/10).
     #[arg(long, env = "KEFU_PRESENCE_NOTICE_LIMIT")]
     pub presence_notice_limit: Option<usize>,
@@ -115,6 +146,15 @@ struct FileSettings {
     default_groups: Option<Vec<String>>,
     token_ttl: Option<u64>,
     node_id: Option<String>,
+    region: Option<String>,
+    mesh_addr: Option<SocketAddr>,
+    peers: Option<Vec<String>>,
+    peers_dns: Option<String>,
+    cluster_ca: Option<PathBuf>,
+    node_cert: Option<PathBuf>,
+    node_key: Option<PathBuf>,
+    peer_down_after: Option<f64>,
+    forward_timeout_ms: Option<u64>,
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
     presence_notice_limit: Option<usize>,
@@ -157,6 +197,24 @@ pub struct Config {
     pub token_ttl: Duration,
     /// This node's name.
     pub node_id: String,
+    /// This node's region.
+    pub region: String,
+    /// Mesh UDP address.
+    pub mesh_addr: SocketAddr,
+    /// Configured peers.
+    pub peers: Vec<PeerConfig>,
+    /// DNS name listing the peers.
+    pub peers_dns: Option<String>,
+    /// Cluster CA file.
+    pub cluster_ca: Option<PathBuf>,
+    /// Node certificate file.
+    pub node_cert: Option<PathBuf>,
+    /// Node key file.
+    pub node_key: Option<PathBuf>,
+    /// A peer silent this long is down.
+    pub peer_down_after: Duration,
+    /// Longest wait for the owner of a conversation to answer a forwarded send.
+    pub forward_timeout: Duration,
     /// Cost of new password hashes.
     pub password_hash_cost: crate::auth::HashCost,
     /// Largest online group that still gets join/exit notices.
@@ -203,7 +261,21 @@ impl Config {
             recall_window: Duration::from_secs(flags.recall_window.or(file.recall_window).unwrap_or(120)),
             default_groups,
             token_ttl: Duration::from_secs(flags.token_ttl.or(file.token_ttl).unwrap_or(7 * 24 * 3600)),
-            node_id: flags.node_id.or(file.node_id).unwrap_or_else(|| "local".to_string()),
+            node_id: String::new(),
+            region: flags
+                .region
+                .or(file.region)
+                .or_else(|| std::env::var("FLY_REGION").ok())
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "local".to_string()),
+            mesh_addr: flags.mesh_addr.or(file.mesh_addr).unwrap_or_else(|| ([127, 0, 0, 1], 7443).into()),
+            peers: Vec::new(),
+            peers_dns: flags.peers_dns.or(file.peers_dns).filter(|d| !d.is_empty()),
+            cluster_ca: flags.cluster_ca.or(file.cluster_ca),
+            node_cert: flags.node_cert.or(file.node_cert),
+            node_key: flags.node_key.or(file.node_key),
+            peer_down_after: Duration::from_secs_f64(flags.peer_down_after.or(file.peer_down_after).unwrap_or(3.0).clamp(0.5, 3600.0)),
+            forward_timeout: Duration::from_millis(flags.forward_timeout_ms.or(file.forward_timeout_ms).unwrap_or(3000).max(1)),
             presence_notice_limit: flags.presence_notice_limit.or(file.presence_notice_limit).unwrap_or(500),
             password_hash_cost: crate::auth::HashCost {
                 memory_kib: flags.argon2_memory_kib.or(file.argon2_memory_kib).unwrap_or(crate::auth::HashCost::default().memory_kib),
@@ -212,6 +284,24 @@ impl Config {
         };
         if config.profile == Profile::Prod && config.api_key.is_none() {
             bail!("the prod profile needs --api-key (or KEFU_API_KEY) for the HTTP APIs");
+        }
+        let mut config = config;
+        config.node_id = match flags.node_id.or(file.node_id).or_else(|| std::env::var("FLY_MACHINE_ID").ok()).filter(|n| !n.is_empty()) {
+            Some(id) => id,
+            None => stored_node_id(&config.data_dir)?,
+        };
+        if !valid_node_id(&config.node_id) {
+            bail!("node id {:?}: use letters, digits and '-' (it is the peer's TLS name)", config.node_id);
+        }
+        for spec in flags.peers.or(file.peers).unwrap_or_default().iter().filter(|p| !p.is_empty()) {
+            let peer = PeerConfig::parse(spec, &config.region)?;
+            if peer.id == config.node_id {
+                continue; // The same peer list can be given to every node.
+            }
+            if config.peers.iter().any(|p| p.id == peer.id) {
+                bail!("peer {} is given twice", peer.id);
+            }
+            config.peers.push(peer);
         }
         Ok(config)
     }
@@ -231,6 +321,57 @@ impl Config {
     }
 }
 
+/// A peer as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Node id (also its TLS name).
+    pub id: String,
+    /// Region.
+    pub region: String,
+    /// `HOST:PORT` of its mesh endpoint.
+    pub addr: String,
+}
+
+impl PeerConfig {
+    /// Parses `ID=HOST:PORT` or `ID@REGION=HOST:PORT`; without a region the peer is in
+    /// `default_region`.
+    pub fn parse(spec: &str, default_region: &str) -> anyhow::Result<PeerConfig> {
+        let (name, addr) = spec.split_once('=').with_context(|| format!("peer {spec:?}: expected ID=HOST:PORT"))?;
+        let (id, region) = match name.split_once('@') {
+            Some((id, region)) => (id, region),
+            None => (name, default_region),
+        };
+        if !valid_node_id(id) || region.is_empty() || !addr.contains(':') {
+            bail!("peer {spec:?}: expected ID=HOST:PORT or ID@REGION=HOST:PORT");
+        }
+        Ok(PeerConfig { id: id.to_string(), region: region.to_string(), addr: addr.to_string() })
+    }
+}
+
+/// Node ids double as TLS names: letters, digits and '-', not starting or ending with '-'.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-')
+}
+
+/// The node id kept in `data_dir/node-id`, made on first start.
+fn stored_node_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if valid_node_id(&id) {
+            return Ok(id);
+        }
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let id = format!("n-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
 fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
@@ -246,10 +387,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kefu-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("kefu.toml");
-        std::fs::write(&file, "data_dir = \"/from/file\"\nheartbeat_timeout = 0\nmsg_rate = 5\n").unwrap();
+        let data = dir.join("from-file");
+        std::fs::write(&file, format!("data_dir = {:?}\nheartbeat_timeout = 0\nmsg_rate = 5\n", data.display().to_string())).unwrap();
         let flags = Flags { config: Some(file.clone()), msg_rate: Some(9), ..Flags::default() };
         let c = Config::resolve(flags).unwrap();
-        assert_eq!(c.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(c.data_dir, data);
+        assert!(c.node_id.starts_with("n-"), "made and kept in the data dir");
+        let again = Config::resolve(Flags { config: Some(file.clone()), ..Flags::default() }).unwrap();
+        assert_eq!(again.node_id, c.node_id, "stable across restarts");
         assert_eq!(c.heartbeat_timeout, None);
         assert_eq!(c.msg_rate, 9);
         assert_eq!(c.jim_addr.to_string(), "127.0.0.1:8888");
@@ -258,5 +403,16 @@ mod tests {
         assert!(Config::resolve(Flags { config: Some(file), ..Flags::default() }).is_err());
         assert!(Config::resolve(Flags { profile: Some(Profile::Prod), ..Flags::default() }).is_err(), "prod needs an API key");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn peers_parse_with_and_without_a_region() {
+        let p = PeerConfig::parse("fra-1@fra=10.0.0.2:7443", "iad").unwrap();
+        assert_eq!((p.id.as_str(), p.region.as_str(), p.addr.as_str()), ("fra-1", "fra", "10.0.0.2:7443"));
+        let p = PeerConfig::parse("iad-2=host.internal:7443", "iad").unwrap();
+        assert_eq!(p.region, "iad");
+        for bad in ["nohost", "=1.2.3.4:1", "a b=1.2.3.4:1", "x@=1.2.3.4:1", "x=noport"] {
+            assert!(PeerConfig::parse(bad, "iad").is_err(), "{bad}");
+        }
     }
 }

@@ -17,8 +17,10 @@ use serde_json::json;
 use crate::auth::{self, LoginThrottle, Tokens};
 use crate::config::{Config, Profile};
 use crate::hub::{Conn, Hub, Push, SharedPush};
+use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::store::{self, NewMessage, RecallRefusal, Store, StoredMessage, UserRecord};
+use schema::mesh::RelayTarget;
 
 /// Everything a node shares between its connections. Cheap to reach through an `Arc`.
 pub struct Core {
@@ -41,6 +43,8 @@ pub struct Core {
     pub hashing: tokio::sync::Semaphore,
     /// The TLS certificate (reloaded on SIGHUP, renewed when self-signed).
     pub certs: Arc<crate::tls::CertStore>,
+    /// The mesh to the other nodes; `None` for a single node.
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 /// The authenticated user of a session.
@@ -233,6 +237,7 @@ impl Core {
                     Ok(conv) => conv,
                     Err(status) => return Outcome::status(Command::SyncResp, status),
                 };
+                self.fill_gaps(&user.id, Some(&conv), after).await;
                 match self.store.since(&conv, after, limit + 1).await {
                     Ok(mut messages) => {
                         let more = messages.len() > limit as usize;
@@ -297,7 +302,7 @@ impl Core {
         let view = user.view(true);
         for g in group_ids.iter().filter(|g| self.announces(g)) {
             let push = Arc::new(Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(g, &view).into(), delivery: None });
-            self.hub.send_group(g, &push, None);
+            self.push_everywhere(RelayTarget::Group(g.clone()), &push, None);
         }
         let token = self.tokens.issue(&user.id, SystemTime::now());
         let data = json!({ "token": token, "userId": user.id });
@@ -375,7 +380,7 @@ impl Core {
             return Outcome::reply(Command::JoinGroupNotify, body);
         }
         let push = Arc::new(Push { command: Command::JoinGroupNotify.code(), body: body.into(), delivery: None });
-        self.hub.send_group(group, &push, None);
+        self.push_everywhere(RelayTarget::Group(group.to_string()), &push, None);
         Outcome::none()
     }
 
@@ -391,7 +396,7 @@ impl Core {
         let view = UserView { avatar: None, nick, status: "offline", user_id: user.to_string() };
         for g in groups.iter().filter(|g| self.announces(g)) {
             let push = Arc::new(Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(g, &view).into(), delivery: None });
-            self.hub.send_group(g, &push, None);
+            self.push_everywhere(RelayTarget::Group(g.to_string()), &push, None);
         }
     }
 
@@ -442,6 +447,25 @@ impl Core {
             nick: sender.nick.clone(),
             avatar: sender.avatar.clone(),
         };
+        if let Some(mesh) = &self.mesh {
+            let owner = mesh.owner(&message.conversation).id.clone();
+            if owner != mesh.me.id {
+                // Another node sequences this conversation: forward, and answer after its commit.
+                let mesh = Arc::clone(mesh);
+                let recipient_online = message.recipient.as_deref().is_some_and(|r| self.hub.is_online_anywhere(r));
+                return Ok(Box::pin(async move {
+                    match mesh.forward(&owner, message).await {
+                        Ok(m) => {
+                            let ack =
+                                ChatAck { client_id: m.client_id.as_deref(), conversation: m.conversation.as_str(), id: &m.id, seq: m.seq };
+                            let status = if m.chat_type == 2 && !recipient_online { Status::Offline } else { Status::Ok };
+                            jim::resp(Command::ChatResp, status, Some(ack))
+                        }
+                        Err(status) => fail(status),
+                    }
+                }));
+            }
+        }
         self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
         let store = self.store.clone();
         Ok(Box::pin(async move {
@@ -484,13 +508,15 @@ impl Core {
                     delivery: None,
                 });
                 let skip = Some(s.conn.id);
-                let delivered = match (&m.recipient, &m.group_id) {
-                    (Some(to), _) if *to == m.sender => self.hub.send_user(to, &push, skip),
-                    (Some(to), _) => self.hub.send_user(&m.sender, &push, skip) + self.hub.send_user(to, &push, skip),
-                    (None, Some(group)) => self.hub.send_group(group, &push, skip),
-                    (None, None) => 0,
-                };
-                self.metrics.messages_out.fetch_add(delivered as u64, Ordering::Relaxed);
+                match (&m.recipient, &m.group_id) {
+                    (Some(to), _) if *to == m.sender => self.push_everywhere(RelayTarget::User(to.clone()), &push, skip),
+                    (Some(to), _) => {
+                        self.push_everywhere(RelayTarget::User(m.sender.clone()), &push, skip);
+                        self.push_everywhere(RelayTarget::User(to.clone()), &push, skip);
+                    }
+                    (None, Some(group)) => self.push_everywhere(RelayTarget::Group(group.clone()), &push, skip),
+                    (None, None) => {}
+                }
                 return Outcome::reply(Command::CancelMsgResp, jim::resp(Command::CancelMsgResp, Status::Ok, Some(data)));
             }
             Ok(Err(RecallRefusal::NotFound)) => Status::NotFound,
@@ -512,8 +538,73 @@ impl Core {
 
     fn push_to_target(&self, target: &Target, push: &SharedPush, skip: Option<u64>) {
         match target {
-            Target::User(peer) => drop(self.hub.send_user(peer, push, None)),
-            Target::Group(g) => drop(self.hub.send_group(g, push, skip)),
+            Target::User(peer) => self.push_everywhere(RelayTarget::User(peer.clone()), push, None),
+            Target::Group(g) => self.push_everywhere(RelayTarget::Group(g.clone()), push, skip),
+        }
+    }
+
+    /// Pushes a frame to the matching connections here (except connection `skip`) and relays it
+    /// to every other node, which pushes it to its own.
+    pub fn push_everywhere(&self, to: RelayTarget, push: &SharedPush, skip: Option<u64>) {
+        match &to {
+            RelayTarget::User(u) => drop(self.hub.send_user(u, push, skip)),
+            RelayTarget::Group(g) => drop(self.hub.send_group(g, push, skip)),
+        }
+        if let Some(mesh) = &self.mesh {
+            mesh.relay(to, None, push.command, &push.body);
+        }
+    }
+
+    /// Pushes a committed chat message to the connections on this node that should see it: the
+    /// recipient of a private message, every online member of a group. Returns how many took it.
+    pub fn deliver_local(&self, message: &StoredMessage) -> usize {
+        let body = jim::push(Command::ChatReq, &message.to_chat_body());
+        let push = Arc::new(Push {
+            command: Command::ChatReq.code(),
+            body: body.into(),
+            delivery: Some((message.conversation.clone(), message.seq)),
+        });
+        let delivered = match (&message.recipient, &message.group_id) {
+            (Some(to), _) => self.hub.send_user(to, &push, None),
+            (None, Some(group)) => self.hub.send_group(group, &push, None),
+            (None, None) => 0,
+        };
+        self.metrics.messages_out.fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    /// Makes sure this node's replica of the user's conversations holds everything the user has
+    /// already been shown (their cursors, or `seen` the client names): a conversation owned
+    /// elsewhere whose local copy is behind is fetched from its owner first (roaming, DESIGN §7).
+    async fn fill_gaps(&self, user: &str, only: Option<&ConversationId>, seen: u64) {
+        let Some(mesh) = &self.mesh else { return };
+        let behind = match self.store.behind(user, only, seen).await {
+            Ok(behind) => behind,
+            Err(e) => return tracing::warn!(error = %e, "checking the replica for gaps failed"),
+        };
+        for (conv, local, wanted) in behind {
+            let owner = mesh.owner(&conv).id.clone();
+            if owner == mesh.me.id {
+                continue;
+            }
+            let mut after = local;
+            while after < wanted {
+                let limit = u32::try_from(wanted - after).unwrap_or(u32::MAX).min(1000);
+                match mesh.fetch_since(&owner, &conv, after, limit).await {
+                    Ok(messages) if !messages.is_empty() => {
+                        after = messages.iter().map(|m| m.seq).max().unwrap_or(after);
+                        if let Err(e) = self.store.import(messages).await {
+                            tracing::warn!(error = %e, "storing a gap fill failed");
+                            break;
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, conversation = %conv.as_str(), "the owner could not fill the replica's gap; answering from the replica");
+                        break;
+                    }
+                }
+            }
         }
     }
 
@@ -528,7 +619,7 @@ impl Core {
         let fail = || Outcome::status(Command::GetUserResp, Status::GetUserFailed);
         if user_id != me.id {
             let Ok(record) = self.store.user(user_id).await else { return fail() };
-            let online = self.hub.is_online(user_id);
+            let online = self.hub.is_online_anywhere(user_id);
             let Some(record) = record else { return fail() };
             let info = UserInfo {
                 avatar: record.avatar,
@@ -548,7 +639,7 @@ impl Core {
             let views: Vec<UserView> = members
                 .into_iter()
                 .map(|(id, nick, avatar)| {
-                    let online = self.hub.is_online(&id);
+                    let online = self.hub.is_online_anywhere(&id);
                     UserView { avatar, nick, status: status_name(online), user_id: id }
                 })
                 .collect();
@@ -560,7 +651,7 @@ impl Core {
             let views = contacts
                 .into_iter()
                 .map(|id| {
-                    let online = self.hub.is_online(&id);
+                    let online = self.hub.is_online_anywhere(&id);
                     UserView { avatar: None, nick: None, status: status_name(online), user_id: id }
                 })
                 .collect();
@@ -589,6 +680,7 @@ impl Core {
             (None, Some(peer)) => Some(ConversationId::private(&me.id, peer)),
             (None, None) => None,
         };
+        self.fill_gaps(&me.id, conversation.as_ref(), 0).await;
         let result = if q.history {
             let Some(conv) = &conversation else { return fail() };
             self.store.history(conv, q.begin, q.end, q.offset, q.count.unwrap_or(jim::DEFAULT_PAGE)).await

@@ -1,20 +1,17 @@
 //! The fan-out: drains the store's commit feed, in commit order, and pushes each committed
-//! event to the connections that should see it, then answers the sender. Because one task does
+//! event to the connections on this node that should see it (messages sequenced here and
+//! messages replicated from other nodes alike), then answers the sender. Because one task does
 //! this in feed order, every recipient sees one order per conversation, and a sender's success
 //! reply always comes after the commit and after the push.
 //!
 //! Hot path: one JSON serialisation per message, shared by every recipient; no logging per
 //! message; no awaits except on the feed.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use schema::jim;
-use schema::Command;
 use tokio::sync::mpsc;
 
 use crate::dispatch::Core;
-use crate::hub::Push;
 use crate::store::{Committed, Delivery};
 
 /// Runs until the store's writer stops or the node shuts down.
@@ -29,25 +26,20 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
         };
         match event {
             Committed::Message { message, duplicate, reply } => {
-                let mut recipient_online = message.recipient.as_deref().is_some_and(|r| core.hub.is_online(r));
-                if !duplicate {
-                    let body = jim::push(Command::ChatReq, &message.to_chat_body());
-                    let push = Arc::new(Push {
-                        command: Command::ChatReq.code(),
-                        body: body.into(),
-                        delivery: Some((message.conversation.clone(), message.seq)),
-                    });
-                    let delivered = match (&message.recipient, &message.group_id) {
-                        (Some(to), _) => core.hub.send_user(to, &push, None),
-                        (None, Some(group)) => core.hub.send_group(group, &push, None),
-                        (None, None) => 0,
-                    };
-                    if message.recipient.is_some() {
-                        recipient_online = delivered > 0;
-                    }
-                    core.metrics.messages_out.fetch_add(delivered as u64, Ordering::Relaxed);
-                }
+                let delivered = if duplicate { 0 } else { core.deliver_local(&message) };
+                // Online means a connection here took the push (a slow consumer that was just
+                // dropped does not count), or a session at another node.
+                let recipient_online = message
+                    .recipient
+                    .as_deref()
+                    .is_some_and(|r| (if duplicate { core.hub.is_online(r) } else { delivered > 0 }) || core.hub.is_online_elsewhere(r));
                 let _ = reply.send(Ok(Delivery { message, recipient_online }));
+            }
+            Committed::Replica(message) => {
+                core.deliver_local(&message);
+                if let Some(mesh) = &core.mesh {
+                    mesh.replicated(&message.conversation, message.seq);
+                }
             }
             // The requester's dispatcher tells the members, skipping the requesting connection,
             // which gets the reply instead.

@@ -80,9 +80,55 @@ struct Inner {
     groups: HashMap<Arc<str>, HashSet<Arc<str>>>,
 }
 
-/// The node's view of who is connected here.
+/// Users online at other nodes, as their presence messages tell (DESIGN §7: each node owns the
+/// entries of the sessions it holds).
+#[derive(Default)]
+struct Remote {
+    by_node: HashMap<String, HashSet<Arc<str>>>,
+    /// Per user, on how many other nodes they are online.
+    count: HashMap<Arc<str>, usize>,
+}
+
+impl Remote {
+    fn add(&mut self, node: &str, user: &str) {
+        let set = self.by_node.entry(node.to_string()).or_default();
+        let key: Arc<str> = user.into();
+        if set.insert(key.clone()) {
+            *self.count.entry(key).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, node: &str, user: &str) {
+        let Some(set) = self.by_node.get_mut(node) else { return };
+        if set.remove(user) {
+            if let Some(n) = self.count.get_mut(user) {
+                *n -= 1;
+                if *n == 0 {
+                    self.count.remove(user);
+                }
+            }
+        }
+    }
+
+    fn drop_node(&mut self, node: &str) {
+        for user in self.by_node.remove(node).unwrap_or_default() {
+            if let Some(n) = self.count.get_mut(&user) {
+                *n -= 1;
+                if *n == 0 {
+                    self.count.remove(&user);
+                }
+            }
+        }
+    }
+}
+
+/// The node's view of who is connected here, and of who is online at the other nodes.
 pub struct Hub {
     inner: Mutex<Inner>,
+    remote: Mutex<Remote>,
+    /// Users whose local presence changed since the mesh last shipped it (only when tracking).
+    dirty: Mutex<HashSet<Arc<str>>>,
+    track: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -98,7 +144,83 @@ pub struct WentOffline {
 impl Hub {
     /// An empty hub.
     pub fn new(metrics: Arc<Metrics>) -> Hub {
-        Hub { inner: Mutex::new(Inner::default()), next_id: AtomicU64::new(1), metrics }
+        Hub {
+            inner: Mutex::new(Inner::default()),
+            remote: Mutex::default(),
+            dirty: Mutex::default(),
+            track: std::sync::atomic::AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            metrics,
+        }
+    }
+
+    /// Starts recording local presence changes for the mesh to ship.
+    pub fn track_presence(&self) {
+        self.track.store(true, Ordering::Release);
+    }
+
+    fn mark_dirty(&self, user: &Arc<str>) {
+        if self.track.load(Ordering::Acquire) {
+            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(user.clone());
+        }
+    }
+
+    /// Takes the users whose local presence changed, each with whether they are online here now.
+    pub fn take_presence_changes(&self) -> Vec<(String, bool)> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let inner = self.lock();
+        dirty.into_iter().map(|u| (u.to_string(), inner.users.contains_key(&u))).collect()
+    }
+
+    fn remote(&self) -> std::sync::MutexGuard<'_, Remote> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a presence message from `node`.
+    pub fn remote_presence(&self, node: &str, snapshot: bool, online: &[String], offline: &[String]) {
+        let mut remote = self.remote();
+        if snapshot {
+            remote.drop_node(node);
+            remote.by_node.entry(node.to_string()).or_default();
+        }
+        for u in online {
+            remote.add(node, u);
+        }
+        for u in offline {
+            remote.remove(node, u);
+        }
+    }
+
+    /// Forgets everything `node` said (it is down).
+    pub fn drop_remote(&self, node: &str) {
+        self.remote().drop_node(node);
+    }
+
+    /// Whether `user` is online here or at any other node.
+    pub fn is_online_anywhere(&self, user: &str) -> bool {
+        self.is_online(user) || self.remote().count.contains_key(user)
+    }
+
+    /// Whether `user` has a session at another node.
+    pub fn is_online_elsewhere(&self, user: &str) -> bool {
+        self.remote().count.contains_key(user)
+    }
+
+    /// Users online anywhere in the cluster, sorted.
+    pub fn online_users_everywhere(&self) -> Vec<String> {
+        let mut users: HashSet<String> = self.lock().users.keys().map(|u| u.to_string()).collect();
+        users.extend(self.remote().count.keys().map(|u| u.to_string()));
+        let mut users: Vec<String> = users.into_iter().collect();
+        users.sort();
+        users
+    }
+
+    /// The other nodes where `user` is online, sorted.
+    pub fn remote_nodes_of(&self, user: &str) -> Vec<String> {
+        let mut nodes: Vec<String> =
+            self.remote().by_node.iter().filter(|(_, users)| users.contains(user)).map(|(n, _)| n.clone()).collect();
+        nodes.sort();
+        nodes
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -127,11 +249,16 @@ impl Hub {
         for g in &group_keys {
             inner.groups.entry(g.clone()).or_default().insert(user.clone());
         }
-        let entry = inner.users.entry(user).or_default();
+        let entry = inner.users.entry(user.clone()).or_default();
+        let first = entry.conns.is_empty();
         entry.conns.push(conn);
         entry.groups.extend(group_keys);
         entry.nick = nick;
         entry.avatar = avatar;
+        drop(inner);
+        if first {
+            self.mark_dirty(&user);
+        }
     }
 
     /// Marks an online user as a member of `group`.
@@ -155,6 +282,7 @@ impl Hub {
             return None;
         }
         let (key, entry) = inner.users.remove_entry(user)?;
+        self.mark_dirty(&key);
         for g in &entry.groups {
             if let Some(members) = inner.groups.get_mut(g) {
                 members.remove(&key);
@@ -206,6 +334,19 @@ impl Hub {
             .filter_map(|u| inner.users.get(u))
             .flat_map(|e| e.conns.iter())
             .filter(|c| Some(c.id) != skip && self.offer(c, push))
+            .count()
+    }
+
+    /// Pushes to every connection of every online member of `group` except user `skip_user`.
+    pub fn send_group_except(&self, group: &str, push: &SharedPush, skip_user: Option<&str>) -> usize {
+        let inner = self.lock();
+        let Some(members) = inner.groups.get(group) else { return 0 };
+        members
+            .iter()
+            .filter(|u| Some(&***u) != skip_user)
+            .filter_map(|u| inner.users.get(u))
+            .flat_map(|e| e.conns.iter())
+            .filter(|c| self.offer(c, push))
             .count()
     }
 

@@ -12,6 +12,7 @@ pub mod config;
 pub mod dispatch;
 pub mod fanout;
 pub mod hub;
+pub mod mesh;
 pub mod metrics;
 pub mod session;
 pub mod store;
@@ -46,6 +47,8 @@ pub struct NodeHandle {
     pub tls_addr: SocketAddr,
     /// Where the QUIC endpoint listens (UDP).
     pub quic_addr: SocketAddr,
+    /// Where the mesh listens (UDP), when the node has peers.
+    pub mesh_addr: Option<SocketAddr>,
     core: Arc<Core>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -68,6 +71,7 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     let quic =
         transport::quic::endpoint(config.quic_addr, &certs, transport::quic::QuicSettings { idle_timeout: config.quic_idle_timeout })
             .with_context(|| format!("binding the QUIC port {}", config.quic_addr))?;
+    let mesh = mesh::Mesh::bind(&config).context("starting the mesh")?;
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),
         hub: Hub::new(Arc::clone(&metrics)),
@@ -78,6 +82,7 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         ready: AtomicBool::new(false),
         hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         certs: Arc::clone(&certs),
+        mesh: mesh.clone(),
     });
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -87,6 +92,10 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         admin_addr: admin.local_addr()?,
         tls_addr: tls_listener.local_addr()?,
         quic_addr: quic.local_addr()?,
+        mesh_addr: match &mesh {
+            Some(mesh) => Some(mesh.local_addr()?),
+            None => None,
+        },
         core: Arc::clone(&core),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
@@ -103,7 +112,11 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
             tracing::error!(error = %e, "admin server failed");
         }
     });
-    core.ready.store(true, Ordering::Release);
+    match &mesh {
+        // Ready once the initial catch-up with the peers is done (the mesh's timer decides).
+        Some(mesh) => mesh::start(&core, mesh, &shutdown, &tasks),
+        None => core.ready.store(true, Ordering::Release),
+    }
     Ok(handle)
 }
 

@@ -86,7 +86,7 @@ pub struct Metrics {
     connections_total: [AtomicU64; 4],
     /// Chat messages accepted from clients.
     pub messages_in: AtomicU64,
-    /// Frames pushed to clients (chat, notifications).
+    /// Chat messages pushed to clients.
     pub messages_out: AtomicU64,
     /// Protocol errors that closed a connection.
     pub protocol_errors: AtomicU64,
@@ -149,7 +149,7 @@ impl Metrics {
         }
         for (name, help, value) in [
             ("kefu_messages_in_total", "Chat messages accepted from clients.", &self.messages_in),
-            ("kefu_messages_out_total", "Frames pushed to clients.", &self.messages_out),
+            ("kefu_messages_out_total", "Chat messages pushed to clients.", &self.messages_out),
             ("kefu_protocol_errors_total", "Connections closed for a protocol error.", &self.protocol_errors),
             ("kefu_slow_consumers_total", "Connections closed because they did not read.", &self.slow_consumers),
             ("kefu_quic_early_data_held_total", "QUIC requests sent in 0-RTT that waited for the handshake.", &self.early_data_held),

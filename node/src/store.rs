@@ -9,14 +9,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libsql::{params, Connection, Value};
-use schema::jim::ChatBody;
+use schema::mesh::{Change, ChangeBatch};
+pub use schema::message::{NewMessage, StoredMessage, UserRecord};
 use schema::ConversationId;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, Mutex};
 
 use crate::metrics::Metrics;
 
@@ -44,109 +45,6 @@ pub enum StoreError {
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// A message to append.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    /// The conversation.
-    pub conversation: ConversationId,
-    /// The sender's idempotency key.
-    pub client_id: Option<String>,
-    /// The authenticated sender.
-    pub sender: String,
-    /// Recipient of a private message.
-    pub recipient: Option<String>,
-    /// Group of a group message.
-    pub group_id: Option<String>,
-    /// 1 group, 2 private.
-    pub chat_type: u8,
-    /// J-IM msgType.
-    pub msg_type: i64,
-    /// Content.
-    pub content: String,
-    /// Extras, as JSON text.
-    pub extras: Option<String>,
-    /// Sender's nick at send time.
-    pub nick: Option<String>,
-    /// Sender's avatar at send time.
-    pub avatar: Option<String>,
-}
-
-/// A committed message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredMessage {
-    /// The conversation.
-    pub conversation: ConversationId,
-    /// Position in the conversation.
-    pub seq: u64,
-    /// Server id (UUIDv7, 32 hex).
-    pub id: String,
-    /// Sender's idempotency key.
-    pub client_id: Option<String>,
-    /// Sender.
-    pub sender: String,
-    /// Private recipient.
-    pub recipient: Option<String>,
-    /// Group.
-    pub group_id: Option<String>,
-    /// 1 group, 2 private.
-    pub chat_type: u8,
-    /// J-IM msgType.
-    pub msg_type: i64,
-    /// Content.
-    pub content: String,
-    /// Extras as JSON text.
-    pub extras: Option<String>,
-    /// Sender's nick.
-    pub nick: Option<String>,
-    /// Sender's avatar.
-    pub avatar: Option<String>,
-    /// Commit time, epoch ms.
-    pub created_at: i64,
-    /// The node that sequenced it.
-    pub origin: String,
-    /// When it was recalled, epoch ms.
-    pub recalled_at: Option<i64>,
-}
-
-impl StoredMessage {
-    /// The J-IM view; a recalled message has its content removed.
-    pub fn to_chat_body(&self) -> ChatBody {
-        let recalled = self.recalled_at.is_some();
-        ChatBody {
-            avatar: self.avatar.clone(),
-            chat_type: self.chat_type,
-            client_id: self.client_id.clone(),
-            cmd: schema::Command::ChatReq.code(),
-            content: if recalled { String::new() } else { self.content.clone() },
-            create_time: self.created_at,
-            extras: if recalled { None } else { self.extras.as_deref().and_then(|e| serde_json::from_str(e).ok()) },
-            from: self.sender.clone(),
-            group_id: self.group_id.clone(),
-            id: self.id.clone(),
-            msg_type: self.msg_type,
-            nick: self.nick.clone(),
-            recalled,
-            seq: self.seq,
-            to: self.recipient.clone(),
-        }
-    }
-}
-
-/// A user row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserRecord {
-    /// Id.
-    pub user_id: String,
-    /// argon2id PHC string.
-    pub password_hash: String,
-    /// Display name.
-    pub nick: Option<String>,
-    /// Avatar URL.
-    pub avatar: Option<String>,
-    /// "user", "agent" or "admin".
-    pub role: String,
-}
 
 /// A recall that was committed.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +78,9 @@ pub enum Committed {
         /// The sender's reply, answered by the fan-out after delivery.
         reply: oneshot::Sender<Result<Delivery>>,
     },
+    /// A message sequenced by another node was stored here for the first time: pushed to local
+    /// connections, in commit order with everything else.
+    Replica(Arc<StoredMessage>),
     /// A message was recalled.
     Recall {
         /// What was recalled.
@@ -197,6 +98,25 @@ pub struct Delivery {
     /// For a private message: whether the recipient had a connection to push to.
     pub recipient_online: bool,
 }
+
+/// What one committed transaction changed, as the mesh ships it: revisions `(after, upto]`. A
+/// change is `local` when this node made it (a send, a login, a cursor move here) rather than
+/// applied it from a peer.
+#[derive(Debug)]
+pub struct LocalBatch {
+    /// Exclusive lower bound.
+    pub after: u64,
+    /// Inclusive upper bound.
+    pub upto: u64,
+    /// Commit time, epoch ms.
+    pub at_ms: i64,
+    /// The changes, in revision order, each flagged local or not.
+    pub changes: Vec<(bool, Change)>,
+}
+
+/// Capacity of the in-memory change tail; a subscriber that falls further behind reads from the
+/// database instead.
+const CHANGE_TAIL: usize = 1024;
 
 enum WriteOp {
     Append(NewMessage, oneshot::Sender<Result<Delivery>>),
@@ -223,12 +143,15 @@ enum WriteOp {
         reply: oneshot::Sender<Result<bool>>,
     },
     Import(Vec<StoredMessage>, oneshot::Sender<Result<bool>>),
+    Apply(String, ChangeBatch, oneshot::Sender<Result<bool>>),
 }
 
 /// A cheap, cloneable handle to the store.
 #[derive(Clone)]
 pub struct Store {
     writer: mpsc::Sender<WriteOp>,
+    changes: broadcast::Sender<Arc<LocalBatch>>,
+    head: Arc<AtomicU64>,
     readers: Arc<Readers>,
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -255,7 +178,15 @@ impl Store {
         }
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let (feed_tx, feed_rx) = mpsc::channel(WRITE_QUEUE);
+        let rev = newest_rev(&writer_conn).await?;
+        let head = Arc::new(AtomicU64::new(rev));
+        let (changes, _) = broadcast::channel(CHANGE_TAIL);
         let writer = Writer {
+            rev,
+            committed_rev: rev,
+            pending_changes: Vec::new(),
+            changes: changes.clone(),
+            head: Arc::clone(&head),
             conn: writer_conn,
             seqs: HashMap::new(),
             origin: origin.to_string(),
@@ -273,7 +204,7 @@ impl Store {
             rt.block_on(writer.run(rx));
         })?;
         let thread = Arc::new(std::sync::Mutex::new(Some(thread)));
-        Ok((Store { writer: tx, readers: Arc::new(Readers { conns, next: AtomicUsize::new(0) }), thread }, feed_rx))
+        Ok((Store { writer: tx, changes, head, readers: Arc::new(Readers { conns, next: AtomicUsize::new(0) }), thread }, feed_rx))
     }
 
     /// Stops the writer once everything queued is committed, and waits for it (it checkpoints the
@@ -346,6 +277,153 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Import(messages, tx)).await?;
         rx.await.map_err(|_| StoreError::Closed)?.map(drop)
+    }
+
+    /// Applies a batch of a peer's change stream and records that everything of `peer` up to
+    /// `batch.upto` is applied, in one transaction. Messages new here are handed to the fan-out
+    /// (as [`Committed::Replica`]) in commit order.
+    pub async fn apply(&self, peer: &str, batch: ChangeBatch) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Apply(peer.to_string(), batch, tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?.map(drop)
+    }
+
+    /// The newest committed revision.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// The live tail of committed change batches.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<LocalBatch>> {
+        self.changes.subscribe()
+    }
+
+    /// How far `peer`'s change stream has been applied here.
+    pub async fn peer_applied(&self, peer: &str) -> Result<u64> {
+        let conn = self.reader().await;
+        let mut rows = conn.query("SELECT applied FROM mesh_peers WHERE peer = ?1", params![peer]).await?;
+        Ok(match rows.next().await? {
+            Some(row) => row.get::<u64>(0)?,
+            None => 0,
+        })
+    }
+
+    /// Every row written here with a revision in `(after, upto]`, in revision order.
+    pub async fn changes_between(&self, after: u64, upto: u64) -> Result<Vec<Change>> {
+        let conn = self.reader().await;
+        let (lo, hi) = (to_i64(after), to_i64(upto));
+        let mut out: Vec<(i64, Change)> = Vec::new();
+        let mut rows = conn
+            .query("SELECT rev, user_id, password_hash, nick, avatar, role FROM users WHERE rev > ?1 AND rev <= ?2", params![lo, hi])
+            .await?;
+        while let Some(row) = rows.next().await? {
+            let user =
+                UserRecord { user_id: row.get(1)?, password_hash: row.get(2)?, nick: row.get(3)?, avatar: row.get(4)?, role: row.get(5)? };
+            out.push((row.get(0)?, Change::User(user)));
+        }
+        drop(rows);
+        let mut rows = conn.query("SELECT rev, group_id, name FROM groups WHERE rev > ?1 AND rev <= ?2", params![lo, hi]).await?;
+        while let Some(row) = rows.next().await? {
+            out.push((row.get(0)?, Change::Group { group_id: row.get(1)?, name: row.get(2)? }));
+        }
+        drop(rows);
+        let mut rows = conn.query("SELECT rev, group_id, user_id FROM group_members WHERE rev > ?1 AND rev <= ?2", params![lo, hi]).await?;
+        while let Some(row) = rows.next().await? {
+            out.push((row.get(0)?, Change::Member { group_id: row.get(1)?, user_id: row.get(2)? }));
+        }
+        drop(rows);
+        let sql = format!("SELECT {MSG_COLS}, m.rev FROM messages m WHERE m.rev > ?1 AND m.rev <= ?2");
+        let mut rows = conn.query(&sql, params![lo, hi]).await?;
+        while let Some(row) = rows.next().await? {
+            out.push((row.get(16)?, Change::Message(message_from_row(&row)?)));
+        }
+        drop(rows);
+        let mut rows = conn
+            .query("SELECT rev, user_id, conversation, delivered, read FROM cursors WHERE rev > ?1 AND rev <= ?2", params![lo, hi])
+            .await?;
+        while let Some(row) = rows.next().await? {
+            let conv: String = row.get(2)?;
+            let conversation = ConversationId::parse(&conv).ok_or_else(|| StoreError::Corrupt(format!("conversation id {conv:?}")))?;
+            out.push((row.get(0)?, Change::Cursor { user_id: row.get(1)?, conversation, delivered: row.get(3)?, read: row.get(4)? }));
+        }
+        drop(rows);
+        let mut rows = conn
+            .query(
+                "SELECT rev, message_id, conversation, seq, recalled_by, recalled_at FROM recalls WHERE rev > ?1 AND rev <= ?2",
+                params![lo, hi],
+            )
+            .await?;
+        while let Some(row) = rows.next().await? {
+            let conv: String = row.get(2)?;
+            let conversation = ConversationId::parse(&conv).ok_or_else(|| StoreError::Corrupt(format!("conversation id {conv:?}")))?;
+            out.push((
+                row.get(0)?,
+                Change::Recall { message_id: row.get(1)?, conversation, seq: row.get(3)?, by: row.get(4)?, at_ms: row.get(5)? },
+            ));
+        }
+        drop(rows);
+        out.sort_by_key(|(rev, _)| *rev);
+        Ok(out.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// The newest seq of a conversation stored here.
+    pub async fn newest_seq(&self, conversation: &ConversationId) -> Result<u64> {
+        let conn = self.reader().await;
+        let mut rows =
+            conn.query("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation = ?1", params![conversation.as_str()]).await?;
+        Ok(match rows.next().await? {
+            Some(row) => row.get(0)?,
+            None => 0,
+        })
+    }
+
+    /// The newest seq of every conversation stored here.
+    pub async fn high_water_marks(&self) -> Result<Vec<(ConversationId, u64)>> {
+        let conn = self.reader().await;
+        let mut rows = conn.query("SELECT conversation, MAX(seq) FROM messages GROUP BY conversation", ()).await?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await? {
+            let conv: String = row.get(0)?;
+            if let Some(c) = ConversationId::parse(&conv) {
+                out.push((c, row.get(1)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The conversations of `user` (only `only`, when given) whose newest message here is older
+    /// than what the user has been shown: their cursors, or `seen`. Each with the newest seq here
+    /// and the seq wanted.
+    pub async fn behind(&self, user: &str, only: Option<&ConversationId>, seen: u64) -> Result<Vec<(ConversationId, u64, u64)>> {
+        let conn = self.reader().await;
+        let mut rows = conn
+            .query(
+                "SELECT c.conversation, COALESCE((SELECT MAX(m.seq) FROM messages m WHERE m.conversation = c.conversation), 0), \
+                 MAX(c.delivered, c.read) FROM cursors c WHERE c.user_id = ?1 AND (?2 IS NULL OR c.conversation = ?2)",
+                params![user, only.map(|c| c.as_str().to_string())],
+            )
+            .await?;
+        let mut out = Vec::new();
+        let mut found = false;
+        while let Some(row) = rows.next().await? {
+            let conv: String = row.get(0)?;
+            let Some(conv) = ConversationId::parse(&conv) else { continue };
+            let (local, cursor): (u64, u64) = (row.get(1)?, row.get(2)?);
+            let wanted = if only.is_some() { cursor.max(seen) } else { cursor };
+            found = true;
+            if local < wanted {
+                out.push((conv, local, wanted));
+            }
+        }
+        drop(rows);
+        drop(conn);
+        if let (Some(conv), false) = (only, found) {
+            let local = self.newest_seq(conv).await?;
+            if local < seen {
+                out.push((conv.clone(), local, seen));
+            }
+        }
+        Ok(out)
     }
 
     async fn reader(&self) -> tokio::sync::MutexGuard<'_, Connection> {
@@ -491,13 +569,13 @@ const MSG_COLS: &str = "m.conversation, m.seq, m.id, m.client_id, m.sender, m.re
 
 /// Inserts a message sequenced here; a clash on (conversation, seq) or id is an error.
 const INSERT_MESSAGE: &str = "INSERT INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, \
-     content, extras, nick, avatar, created_at, origin, recalled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+     content, extras, nick, avatar, created_at, origin, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 /// Inserts a message sequenced elsewhere, leaving one already present alone.
 const INSERT_MESSAGE_IF_NEW: &str = "INSERT OR IGNORE INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, \
-     msg_type, content, extras, nick, avatar, created_at, origin, recalled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+     msg_type, content, extras, nick, avatar, created_at, origin, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 
 /// The parameters of [`INSERT_MESSAGE`] and [`INSERT_MESSAGE_IF_NEW`], in column order.
-fn row_values(m: &StoredMessage) -> Vec<Value> {
+fn row_values(m: &StoredMessage, rev: i64) -> Vec<Value> {
     vec![
         m.conversation.as_str().into(),
         to_i64(m.seq).into(),
@@ -515,6 +593,7 @@ fn row_values(m: &StoredMessage) -> Vec<Value> {
         m.created_at.into(),
         m.origin.as_str().into(),
         m.recalled_at.into(),
+        rev.into(),
     ]
 }
 
@@ -608,6 +687,16 @@ struct Writer {
     stmts: HashMap<&'static str, libsql::Statement>,
     /// Cursor moves waiting for the next transaction, merged by max.
     pending_cursors: HashMap<(String, ConversationId), (u64, u64)>,
+    /// Newest revision handed out (in the open transaction, or committed).
+    rev: u64,
+    /// Newest committed revision.
+    committed_rev: u64,
+    /// What the open transaction changed, for the mesh.
+    pending_changes: Vec<(bool, Change)>,
+    /// The live tail of committed changes.
+    changes: broadcast::Sender<Arc<LocalBatch>>,
+    /// `committed_rev`, for readers.
+    head: Arc<AtomicU64>,
     _db: libsql::Database,
 }
 
@@ -616,6 +705,8 @@ enum Done {
     Append(Arc<StoredMessage>, bool, oneshot::Sender<Result<Delivery>>),
     Recall(Result<Arc<Recalled>, RecallRefusal>, oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>>),
     Flag(bool, oneshot::Sender<Result<bool>>),
+    /// Messages new to this node, applied from a peer.
+    Replicas(Vec<Arc<StoredMessage>>, oneshot::Sender<Result<bool>>),
     Nothing,
 }
 
@@ -630,6 +721,12 @@ impl Writer {
         let result = stmt.execute(params).await;
         stmt.reset();
         Ok(result? as u64)
+    }
+
+    /// The next revision, for a row about to be written.
+    fn next_rev(&mut self) -> i64 {
+        self.rev += 1;
+        to_i64(self.rev)
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
@@ -676,12 +773,15 @@ impl Writer {
             match self.apply(&mut batch).await {
                 Ok(done) => {
                     self.metrics.commit(started.elapsed(), ops);
+                    self.publish_changes();
                     self.publish(done).await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, ops, "write batch failed; every op in it is answered retryable");
-                    // Seqs handed out inside the failed transaction were not stored.
+                    // Seqs and revisions handed out inside the failed transaction were not stored.
                     self.seqs.clear();
+                    self.rev = self.committed_rev;
+                    self.pending_changes.clear();
                     for op in batch.drain(..) {
                         fail(op);
                     }
@@ -702,6 +802,19 @@ impl Writer {
         }
     }
 
+    /// Hands what the committed transaction changed to the mesh's subscribers.
+    fn publish_changes(&mut self) {
+        if self.rev == self.committed_rev {
+            return;
+        }
+        let batch =
+            LocalBatch { after: self.committed_rev, upto: self.rev, at_ms: now_ms(), changes: std::mem::take(&mut self.pending_changes) };
+        self.committed_rev = self.rev;
+        self.head.store(self.rev, Ordering::Release);
+        // No subscriber is fine: peers read from the database when they connect.
+        let _ = self.changes.send(Arc::new(batch));
+    }
+
     async fn apply(&mut self, batch: &mut Vec<WriteOp>) -> Result<Vec<Done>> {
         let mut done = Vec::with_capacity(batch.len());
         self.conn.execute("BEGIN IMMEDIATE", ()).await?;
@@ -710,7 +823,7 @@ impl Writer {
         let cursors = std::mem::take(&mut self.pending_cursors);
         let result = async {
             for ((user, conversation), (delivered, read)) in &cursors {
-                self.upsert_cursor(user, conversation, *delivered, *read).await?;
+                self.upsert_cursor(user, conversation, *delivered, *read, true).await?;
             }
             for op in batch.iter() {
                 done.push(self.apply_one(op).await?);
@@ -732,6 +845,7 @@ impl Writer {
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Cursor { reply: Some(reply), .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Import(_, reply), Done::Flag(_, slot)) => *slot = reply,
+                (WriteOp::Apply(_, _, reply), Done::Replicas(_, slot)) => *slot = reply,
                 _ => {}
             }
         }
@@ -745,7 +859,7 @@ impl Writer {
                 Done::Append(Arc::new(stored), duplicate, oneshot::channel().0)
             }
             WriteOp::Cursor { user, conversation, delivered, read, reply } => {
-                self.upsert_cursor(user, conversation, *delivered, *read).await?;
+                self.upsert_cursor(user, conversation, *delivered, *read, true).await?;
                 if reply.is_some() {
                     Done::Flag(true, oneshot::channel().0)
                 } else {
@@ -756,66 +870,162 @@ impl Writer {
                 let outcome = self.recall(id, by, *privileged, *now_ms, *window_ms).await?;
                 Done::Recall(outcome, oneshot::channel().0)
             }
-            WriteOp::CreateUser(user, _) => {
-                let n = self
-                    .exec(
-                        "INSERT OR IGNORE INTO users (user_id, password_hash, nick, avatar, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![user.user_id.as_str(), user.password_hash.as_str(), user.nick.clone(), user.avatar.clone(), user.role.as_str(), now_ms()],
-                    )
-                    .await?;
-                Done::Flag(n > 0, oneshot::channel().0)
-            }
+            WriteOp::CreateUser(user, _) => Done::Flag(self.insert_user(user, true).await?, oneshot::channel().0),
             WriteOp::Import(messages, _) => {
-                self.import(messages).await?;
+                for m in messages {
+                    self.insert_replica(m, false).await?;
+                }
                 Done::Flag(true, oneshot::channel().0)
             }
             WriteOp::Join { group, name, user, .. } => {
-                self.exec(
-                    "INSERT OR IGNORE INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
-                    params![group.as_str(), name.clone(), now_ms()],
-                )
-                .await?;
-                let added = self
-                    .exec(
-                        "INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at) VALUES (?1, ?2, ?3)",
-                        params![group.as_str(), user.as_str(), now_ms()],
-                    )
-                    .await?;
-                if added > 0 {
+                self.insert_group(group, name.clone(), true).await?;
+                let added = self.insert_member(group, user, true).await?;
+                if added {
                     let conv = ConversationId::group(group);
                     let newest = self.newest_seq(&conv).await?;
-                    self.exec(
-                        "INSERT INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?2, ?3, ?3) ON CONFLICT DO NOTHING",
-                        params![user.as_str(), conv.as_str(), to_i64(newest)],
-                    )
-                    .await?;
+                    self.upsert_cursor(user, &conv, newest, newest, true).await?;
                 }
-                Done::Flag(added > 0, oneshot::channel().0)
+                Done::Flag(added, oneshot::channel().0)
+            }
+            WriteOp::Apply(peer, batch, _) => {
+                let mut fresh = Vec::new();
+                for change in &batch.changes {
+                    if let Some(m) = self.apply_change(change).await? {
+                        fresh.push(m);
+                    }
+                }
+                self.exec(
+                    "INSERT INTO mesh_peers (peer, applied, updated_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (peer) DO UPDATE SET applied = MAX(applied, excluded.applied), updated_at = excluded.updated_at",
+                    params![peer.as_str(), to_i64(batch.upto), now_ms()],
+                )
+                .await?;
+                Done::Replicas(fresh, oneshot::channel().0)
             }
         })
     }
 
-    async fn upsert_cursor(&mut self, user: &str, conversation: &ConversationId, delivered: u64, read: u64) -> Result<()> {
-        self.exec(
-            "INSERT INTO cursors (user_id, conversation, delivered, read) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (user_id, conversation) DO UPDATE SET delivered = MAX(delivered, excluded.delivered), read = MAX(read, excluded.read)",
-            params![user, conversation.as_str(), to_i64(delivered), to_i64(read)],
-        )
-        .await?;
+    /// Applies one change from a peer. Returns the message if it is new here.
+    async fn apply_change(&mut self, change: &Change) -> Result<Option<Arc<StoredMessage>>> {
+        match change {
+            Change::Message(m) => {
+                if self.insert_replica(m, false).await? {
+                    return Ok(Some(Arc::new(m.clone())));
+                }
+                if let Some(at) = m.recalled_at {
+                    self.mark_recalled(&m.conversation, m.seq, at).await?;
+                }
+            }
+            Change::User(u) => drop(self.insert_user(u, false).await?),
+            Change::Group { group_id, name } => self.insert_group(group_id, name.clone(), false).await?,
+            Change::Member { group_id, user_id } => drop(self.insert_member(group_id, user_id, false).await?),
+            Change::Cursor { user_id, conversation, delivered, read } => {
+                self.upsert_cursor(user_id, conversation, *delivered, *read, false).await?;
+            }
+            Change::Recall { message_id, conversation, seq, by, at_ms } => {
+                let rev = self.next_rev();
+                let n = self
+                    .exec(
+                        "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![message_id.as_str(), conversation.as_str(), to_i64(*seq), by.as_str(), *at_ms, rev],
+                    )
+                    .await?;
+                if n > 0 {
+                    self.pending_changes.push((false, change.clone()));
+                }
+                self.mark_recalled(conversation, *seq, *at_ms).await?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sets a message's recall time unless it has an earlier one. Returns whether it changed.
+    async fn mark_recalled(&mut self, conversation: &ConversationId, seq: u64, at_ms: i64) -> Result<bool> {
+        let rev = self.next_rev();
+        let n = self
+            .exec(
+                "UPDATE messages SET recalled_at = ?3, rev = ?4 WHERE conversation = ?1 AND seq = ?2 AND (recalled_at IS NULL OR recalled_at > ?3)",
+                params![conversation.as_str(), to_i64(seq), at_ms, rev],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn insert_user(&mut self, user: &UserRecord, local: bool) -> Result<bool> {
+        let rev = self.next_rev();
+        let n = self
+            .exec(
+                "INSERT OR IGNORE INTO users (user_id, password_hash, nick, avatar, role, created_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![user.user_id.as_str(), user.password_hash.as_str(), user.nick.clone(), user.avatar.clone(), user.role.as_str(), now_ms(), rev],
+            )
+            .await?;
+        if n > 0 {
+            self.pending_changes.push((local, Change::User(user.clone())));
+        }
+        Ok(n > 0)
+    }
+
+    async fn insert_group(&mut self, group: &str, name: Option<String>, local: bool) -> Result<()> {
+        let rev = self.next_rev();
+        let n = self
+            .exec(
+                "INSERT OR IGNORE INTO groups (group_id, name, created_at, rev) VALUES (?1, ?2, ?3, ?4)",
+                params![group, name.clone(), now_ms(), rev],
+            )
+            .await?;
+        if n > 0 {
+            self.pending_changes.push((local, Change::Group { group_id: group.to_string(), name }));
+        }
         Ok(())
     }
 
-    async fn import(&mut self, messages: &[StoredMessage]) -> Result<()> {
-        for m in messages {
-            self.exec(INSERT_MESSAGE_IF_NEW, row_values(m)).await?;
-            self.add_private_participants(m).await?;
-            // The sequencer's own cache must not fall behind what was imported.
-            let newest = self.newest_seq(&m.conversation).await?;
-            if m.seq > newest {
-                self.seqs.insert(m.conversation.clone(), m.seq);
-            }
+    async fn insert_member(&mut self, group: &str, user: &str, local: bool) -> Result<bool> {
+        let rev = self.next_rev();
+        let n = self
+            .exec(
+                "INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at, rev) VALUES (?1, ?2, ?3, ?4)",
+                params![group, user, now_ms(), rev],
+            )
+            .await?;
+        if n > 0 {
+            self.pending_changes.push((local, Change::Member { group_id: group.to_string(), user_id: user.to_string() }));
+        }
+        Ok(n > 0)
+    }
+
+    async fn upsert_cursor(&mut self, user: &str, conversation: &ConversationId, delivered: u64, read: u64, local: bool) -> Result<()> {
+        let rev = self.next_rev();
+        let n = self
+            .exec(
+                "INSERT INTO cursors (user_id, conversation, delivered, read, rev) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (user_id, conversation) DO UPDATE SET delivered = MAX(delivered, excluded.delivered), \
+                 read = MAX(read, excluded.read), rev = excluded.rev \
+                 WHERE excluded.delivered > cursors.delivered OR excluded.read > cursors.read",
+                params![user, conversation.as_str(), to_i64(delivered), to_i64(read), rev],
+            )
+            .await?;
+        if n > 0 {
+            let change = Change::Cursor { user_id: user.to_string(), conversation: conversation.clone(), delivered, read };
+            self.pending_changes.push((local, change));
         }
         Ok(())
+    }
+
+    /// Stores a message sequenced elsewhere unless it is here already. Returns whether it was new.
+    async fn insert_replica(&mut self, m: &StoredMessage, local: bool) -> Result<bool> {
+        let rev = self.next_rev();
+        let n = self.exec(INSERT_MESSAGE_IF_NEW, row_values(m, rev)).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        self.add_private_participants(m).await?;
+        // The sequencer's cache must not fall behind what was stored (this node may own the
+        // conversation later, after a configuration change).
+        if let Some(seq) = self.seqs.get_mut(&m.conversation) {
+            *seq = (*seq).max(m.seq);
+        }
+        self.pending_changes.push((local, Change::Message(m.clone())));
+        Ok(true)
     }
 
     async fn newest_seq(&mut self, conv: &ConversationId) -> Result<u64> {
@@ -842,36 +1052,22 @@ impl Writer {
             }
         }
         let seq = self.newest_seq(&msg.conversation).await? + 1;
-        let stored = StoredMessage {
-            conversation: msg.conversation.clone(),
-            seq,
-            id: new_message_id(),
-            client_id: msg.client_id.clone(),
-            sender: msg.sender.clone(),
-            recipient: msg.recipient.clone(),
-            group_id: msg.group_id.clone(),
-            chat_type: msg.chat_type,
-            msg_type: msg.msg_type,
-            content: msg.content.clone(),
-            extras: msg.extras.clone(),
-            nick: msg.nick.clone(),
-            avatar: msg.avatar.clone(),
-            created_at: now_ms(),
-            origin: self.origin.clone(),
-            recalled_at: None,
-        };
-        self.exec(INSERT_MESSAGE, row_values(&stored)).await?;
+        let stored = StoredMessage::sequenced(msg, seq, new_message_id(), now_ms(), &self.origin);
+        let rev = self.next_rev();
+        self.exec(INSERT_MESSAGE, row_values(&stored, rev)).await?;
         self.seqs.insert(stored.conversation.clone(), seq);
         // Both sides of a private chat take part in the conversation from its first message; later
         // messages need no cursor rows.
         if seq == 1 {
             self.add_private_participants(&stored).await?;
         }
+        self.pending_changes.push((true, Change::Message(stored.clone())));
         Ok((stored, false))
     }
 
     /// Gives both sides of a private message a cursor row: from then on they take part in the
-    /// conversation (its messages count as offline for them). Group messages need none.
+    /// conversation (its messages count as offline for them). Group messages need none. Every
+    /// node derives these rows itself, so they keep revision 0 and are not shipped.
     async fn add_private_participants(&mut self, m: &StoredMessage) -> Result<()> {
         if let Some(recipient) = &m.recipient {
             self.exec(
@@ -901,12 +1097,23 @@ impl Writer {
             if !privileged && now_ms.saturating_sub(message.created_at) > window_ms {
                 return Ok(Err(RecallRefusal::Expired));
             }
-            self.exec("UPDATE messages SET recalled_at = ?1 WHERE id = ?2", params![now_ms, id]).await?;
+            self.mark_recalled(&message.conversation, message.seq, now_ms).await?;
+            let rev = self.next_rev();
             self.exec(
-                "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, message.conversation.as_str(), to_i64(message.seq), by, now_ms],
+                "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, message.conversation.as_str(), to_i64(message.seq), by, now_ms, rev],
             )
             .await?;
+            self.pending_changes.push((
+                true,
+                Change::Recall {
+                    message_id: id.to_string(),
+                    conversation: message.conversation.clone(),
+                    seq: message.seq,
+                    by: by.to_string(),
+                    at_ms: now_ms,
+                },
+            ));
             message.recalled_at = Some(now_ms);
         }
         Ok(Ok(Arc::new(Recalled { message, by: by.to_string() })))
@@ -925,6 +1132,15 @@ impl Writer {
                     let _ = reply.send(Ok(flag));
                     continue;
                 }
+                Done::Replicas(messages, reply) => {
+                    for m in messages {
+                        if self.feed.send(Committed::Replica(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = reply.send(Ok(true));
+                    continue;
+                }
                 Done::Nothing => continue,
             };
             // The fan-out only stops at shutdown; then the replies are dropped and senders see
@@ -936,11 +1152,25 @@ impl Writer {
     }
 }
 
+/// The newest revision of any row.
+async fn newest_rev(conn: &Connection) -> Result<u64> {
+    let mut newest = 0u64;
+    for table in ["users", "groups", "group_members", "messages", "cursors", "recalls"] {
+        let mut rows = conn.query(&format!("SELECT COALESCE(MAX(rev), 0) FROM {table}"), ()).await?;
+        if let Some(row) = rows.next().await? {
+            newest = newest.max(row.get::<u64>(0)?);
+        }
+    }
+    Ok(newest)
+}
+
 fn fail(op: WriteOp) {
     let retry = || StoreError::Closed;
     match op {
         WriteOp::Append(_, reply) => drop(reply.send(Err(retry()))),
-        WriteOp::CreateUser(_, reply) | WriteOp::Join { reply, .. } | WriteOp::Import(_, reply) => drop(reply.send(Err(retry()))),
+        WriteOp::CreateUser(_, reply) | WriteOp::Join { reply, .. } | WriteOp::Import(_, reply) | WriteOp::Apply(_, _, reply) => {
+            drop(reply.send(Err(retry())))
+        }
         WriteOp::Cursor { reply: Some(reply), .. } => drop(reply.send(Err(retry()))),
         WriteOp::Recall { .. } | WriteOp::Cursor { reply: None, .. } => {}
     }

@@ -182,7 +182,7 @@ fn self_signed(dir: &Path, validity: Duration, now: SystemTime) -> anyhow::Resul
     build(vec![cert.der().clone()], key, Some(expires))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, bytes)?;
     #[cfg(unix)]
     {

@@ -89,7 +89,7 @@ async fn v1_api_matches_its_openapi_document() -> anyhow::Result<()> {
     let presence: Value = http.get(format!("{}/v1/presence", n.http())).send().await?.json().await?;
     assert_eq!(presence["online"], json!(["ann", "ben"]));
     let one: Value = http.get(format!("{}/v1/presence/ann", n.http())).send().await?.json().await?;
-    assert_eq!(one, json!({"online": true, "terminals": ["ws"], "userId": "ann"}));
+    assert_eq!(one, json!({"online": true, "otherNodes": [], "terminals": ["ws"], "userId": "ann"}));
     Ok(())
 }
 

@@ -185,7 +185,7 @@ struct UserParam {
 async fn api_online(State(core): State<Arc<Core>>, Query(q): Query<UserParam>) -> Response {
     match q.userid.filter(|u| !u.is_empty()) {
         None => code_only(Status::InvalidVerification),
-        Some(user) if core.hub.is_online(&user) => code_only(Status::Online),
+        Some(user) if core.hub.is_online_anywhere(&user) => code_only(Status::Online),
         Some(_) => code_only(Status::Offline),
     }
 }
@@ -259,7 +259,7 @@ async fn v1_user(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Res
     let groups: Vec<&str> = groups.iter().map(|(g, _)| g.as_str()).collect();
     json_body(&json!({
         "userId": record.user_id, "nick": record.nick, "avatar": record.avatar, "role": record.role,
-        "online": core.hub.is_online(&record.user_id), "groups": groups,
+        "online": core.hub.is_online_anywhere(&record.user_id), "groups": groups,
     }))
 }
 
@@ -269,16 +269,19 @@ async fn v1_group(State(core): State<Arc<Core>>, Path(group): Path<String>) -> R
         _ => return (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
     };
     let Some(name) = info else { return (StatusCode::NOT_FOUND, code_only(Status::NotFound)).into_response() };
-    let members: Vec<Value> =
-        members.into_iter().map(|(id, nick, _)| json!({ "userId": id, "nick": nick, "online": core.hub.is_online(&id) })).collect();
+    let members: Vec<Value> = members
+        .into_iter()
+        .map(|(id, nick, _)| json!({ "userId": id, "nick": nick, "online": core.hub.is_online_anywhere(&id) }))
+        .collect();
     json_body(&json!({ "groupId": group, "name": name, "members": members }))
 }
 
 async fn v1_presence_all(State(core): State<Arc<Core>>) -> Response {
-    json_body(&json!({ "online": core.hub.online_users() }))
+    json_body(&json!({ "online": core.hub.online_users_everywhere() }))
 }
 
 async fn v1_presence(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Response {
     let terminals = core.hub.terminals(&user);
-    json_body(&json!({ "userId": user, "online": !terminals.is_empty(), "terminals": terminals }))
+    let nodes = core.hub.remote_nodes_of(&user);
+    json_body(&json!({ "userId": user, "online": !terminals.is_empty() || !nodes.is_empty(), "terminals": terminals, "otherNodes": nodes }))
 }

@@ -1,0 +1,708 @@
+//! The mesh: QUIC connections between nodes (ALPN `kefu-mesh/1`, mutual TLS with the cluster CA)
+//! that make several nodes one service (DESIGN §7).
+//!
+//! Each node dials every configured peer and keeps that connection up (reconnecting with
+//! backoff). On its own connection it sends its heartbeats, presence and relayed pushes (one
+//! control stream), subscribes to the peer's change stream (one stream), and forwards sends for
+//! conversations the peer owns (a stream per request). So every pair of nodes has two
+//! connections, one dialled by each, and each node receives a peer's changes on the connection it
+//! dialled itself. The rules (membership, replication, readiness) live in `membership` and
+//! `replication`, without I/O; this module moves bytes.
+
+pub mod membership;
+pub mod replication;
+pub mod tls;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use schema::mesh::{self, ChangeBatch, RelayTarget, V1};
+use schema::message::{NewMessage, StoredMessage};
+use schema::placement::{self, NodeSpec};
+use schema::{ConversationId, Status};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::dispatch::Core;
+use crate::hub::Push;
+use membership::{Membership, PeerState};
+use replication::{Accept, CatchUp, Step};
+
+/// Heartbeat interval on the control stream.
+pub const BEAT: Duration = Duration::from_millis(250);
+/// How often presence changes are gathered and shipped (deltas are batched over this window).
+pub const PRESENCE_EVERY: Duration = Duration::from_millis(100);
+/// Frames queued for one peer's control stream before relays to it are dropped.
+const CONTROL_QUEUE: usize = 8192;
+
+/// A forwarder waiting for its replica to reach a seq.
+type Waiter = (u64, oneshot::Sender<()>);
+
+/// A configured peer and its connection.
+struct Peer {
+    spec: NodeSpec,
+    addr: String,
+    /// The connection this node dialled.
+    conn: Mutex<Option<quinn::Connection>>,
+    /// Frames for the control stream of that connection.
+    control: Mutex<Option<mpsc::Sender<Arc<Vec<u8>>>>>,
+    /// Newest revision of the peer applied here.
+    applied: AtomicU64,
+    /// Newest revision the peer reported.
+    head: AtomicU64,
+    /// Commit time of the newest applied batch, epoch ms (for the lag metric).
+    applied_at_ms: AtomicI64,
+    /// When that batch was applied here, epoch ms.
+    applied_here_ms: AtomicI64,
+}
+
+#[derive(Default)]
+struct Stats {
+    bytes_out: AtomicU64,
+    bytes_in: AtomicU64,
+    forwarded: AtomicU64,
+    forward_failures: AtomicU64,
+    changes_applied: AtomicU64,
+    relays_dropped: AtomicU64,
+}
+
+/// The running mesh of this node.
+pub struct Mesh {
+    /// This node.
+    pub me: NodeSpec,
+    /// Every configured node, this one included: the input of placement.
+    pub nodes: Vec<NodeSpec>,
+    peers: BTreeMap<String, Arc<Peer>>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    membership: Mutex<Membership>,
+    catchup: Mutex<CatchUp>,
+    waiters: Mutex<HashMap<ConversationId, Vec<Waiter>>>,
+    waiting: AtomicBool,
+    /// Newest seq per conversation that reached this node's replica from a peer.
+    highs: Mutex<HashMap<ConversationId, u64>>,
+    boot: u64,
+    forward_timeout: Duration,
+    /// Held while presence is gathered and queued, so a snapshot and the deltas around it go out
+    /// in the order they were taken.
+    presence: tokio::sync::Mutex<()>,
+    stats: Stats,
+}
+
+impl Mesh {
+    /// Binds the mesh endpoint when the configuration names peers; `None` for a single node.
+    pub fn bind(config: &Config) -> anyhow::Result<Option<Arc<Mesh>>> {
+        if config.peers.is_empty() {
+            return Ok(None);
+        }
+        let identity = tls::Identity::load(config)?;
+        let endpoint = quinn::Endpoint::server(identity.server_config()?, config.mesh_addr)
+            .with_context(|| format!("binding the mesh port {}", config.mesh_addr))?;
+        let me = NodeSpec { id: config.node_id.clone(), region: config.region.clone() };
+        let mut nodes = vec![me.clone()];
+        let mut peers = BTreeMap::new();
+        for p in &config.peers {
+            let spec = NodeSpec { id: p.id.clone(), region: p.region.clone() };
+            nodes.push(spec.clone());
+            peers.insert(
+                p.id.clone(),
+                Arc::new(Peer {
+                    spec,
+                    addr: p.addr.clone(),
+                    conn: Mutex::new(None),
+                    control: Mutex::new(None),
+                    applied: AtomicU64::new(0),
+                    head: AtomicU64::new(0),
+                    applied_at_ms: AtomicI64::new(0),
+                    applied_here_ms: AtomicI64::new(0),
+                }),
+            );
+        }
+        let ids: Vec<String> = peers.keys().cloned().collect();
+        Ok(Some(Arc::new(Mesh {
+            me,
+            nodes,
+            membership: Mutex::new(Membership::new(ids.iter().map(String::as_str), BEAT, config.peer_down_after)),
+            catchup: Mutex::new(CatchUp::new(ids.iter().map(String::as_str), Instant::now(), config.peer_down_after)),
+            peers,
+            endpoint,
+            client: identity.client_config()?,
+            waiters: Mutex::new(HashMap::new()),
+            waiting: AtomicBool::new(false),
+            highs: Mutex::new(HashMap::new()),
+            boot: rand::random(),
+            forward_timeout: config.forward_timeout,
+            presence: tokio::sync::Mutex::new(()),
+            stats: Stats::default(),
+        })))
+    }
+
+    /// The UDP address the mesh listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The node that sequences `conversation`: a function of the configured nodes only, so every
+    /// node agrees and a partition cannot make a second sequencer (DESIGN §7).
+    pub fn owner(&self, conversation: &ConversationId) -> &NodeSpec {
+        placement::owner(conversation.as_str(), &self.nodes).unwrap_or(&self.me)
+    }
+
+    fn lock_membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A peer's state.
+    pub fn peer_state(&self, peer: &str) -> PeerState {
+        self.lock_membership().state(peer)
+    }
+
+    fn connection(&self, peer: &str) -> Option<quinn::Connection> {
+        let p = self.peers.get(peer)?;
+        let conn = p.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        conn.filter(|c| c.close_reason().is_none())
+    }
+
+    /// Sends `message` to `owner` and waits for its commit there (and for the message to reach
+    /// this node's replica, so local pushes precede the reply as they do on the owner). Any
+    /// failure to hear back in time is `Retryable`: the sender resends with the same client id,
+    /// which the owner deduplicates.
+    pub async fn forward(&self, owner: &str, message: NewMessage) -> Result<StoredMessage, Status> {
+        let started = Instant::now();
+        let fail = |status| {
+            self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
+            Err(status)
+        };
+        if self.peer_state(owner) == PeerState::Down {
+            return fail(Status::Retryable);
+        }
+        let Some(conn) = self.connection(owner) else { return fail(Status::Retryable) };
+        let request = V1::Forward { message };
+        let answer = tokio::time::timeout(self.forward_timeout, self.request(&conn, &request)).await;
+        let stored = match answer {
+            Ok(Ok(V1::Forwarded { result: Ok(m) })) => m,
+            Ok(Ok(V1::Forwarded { result: Err(code) })) => return fail(Status::from_code(code).unwrap_or(Status::Retryable)),
+            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => return fail(Status::Retryable),
+        };
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let left = self.forward_timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+        self.wait_replicated(&stored.conversation, stored.seq, left).await;
+        Ok(stored)
+    }
+
+    /// Asks `peer` for `conversation`'s messages after `after`.
+    pub async fn fetch_since(
+        &self,
+        peer: &str,
+        conversation: &ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<StoredMessage>> {
+        let conn = self.connection(peer).context("no connection to the owner")?;
+        let request = V1::Since { conversation: conversation.clone(), after, limit };
+        match tokio::time::timeout(self.forward_timeout, self.request(&conn, &request)).await?? {
+            V1::Messages { messages } => Ok(messages),
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    async fn request(&self, conn: &quinn::Connection, request: &V1) -> anyhow::Result<V1> {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        self.write(&mut send, request).await?;
+        send.finish()?;
+        self.read(&mut recv).await?.context("the peer closed the stream without answering")
+    }
+
+    /// Waits until this node's replica has `conversation` up to `seq`, or `timeout`.
+    async fn wait_replicated(&self, conversation: &ConversationId, seq: u64, timeout: Duration) {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters.entry(conversation.clone()).or_default().push((seq, tx));
+            self.waiting.store(true, Ordering::Release);
+        }
+        // The message may have arrived before the waiter was registered.
+        if let Some(core_seq) = self.replica_high(conversation) {
+            if core_seq >= seq {
+                self.replicated(conversation, core_seq);
+            }
+        }
+        let _ = tokio::time::timeout(timeout, rx).await;
+    }
+
+    fn replica_high(&self, conversation: &ConversationId) -> Option<u64> {
+        self.highs.lock().unwrap_or_else(|e| e.into_inner()).get(conversation).copied()
+    }
+
+    /// Called by the fan-out for every replicated message, in commit order.
+    pub fn replicated(&self, conversation: &ConversationId, seq: u64) {
+        {
+            let mut highs = self.highs.lock().unwrap_or_else(|e| e.into_inner());
+            let h = highs.entry(conversation.clone()).or_default();
+            *h = (*h).max(seq);
+        }
+        if !self.waiting.load(Ordering::Acquire) {
+            return;
+        }
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = waiters.get_mut(conversation) {
+            let mut i = 0;
+            while i < list.len() {
+                if list[i].0 <= seq {
+                    let (_, tx) = list.swap_remove(i);
+                    let _ = tx.send(());
+                } else {
+                    i += 1;
+                }
+            }
+            if list.is_empty() {
+                waiters.remove(conversation);
+            }
+        }
+        waiters.retain(|_, l| {
+            l.retain(|(_, tx)| !tx.is_closed());
+            !l.is_empty()
+        });
+        self.waiting.store(!waiters.is_empty(), Ordering::Release);
+    }
+
+    /// Pushes a frame to the matching connections of every other node (typing, receipts, join and
+    /// exit notices, recalls). Best effort, like the push itself: a peer that is down or too far
+    /// behind misses it.
+    pub fn relay(&self, to: RelayTarget, skip_user: Option<&str>, command: u8, body: &[u8]) {
+        let frame = V1::Relay { to, skip_user: skip_user.map(str::to_string), command, body: String::from_utf8_lossy(body).into_owned() };
+        self.broadcast(Arc::new(mesh::encode(&frame)));
+    }
+
+    fn broadcast(&self, frame: Arc<Vec<u8>>) {
+        for peer in self.peers.values() {
+            let tx = peer.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(tx) = tx {
+                if tx.try_send(Arc::clone(&frame)).is_err() {
+                    self.stats.relays_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    async fn write(&self, send: &mut quinn::SendStream, msg: &V1) -> anyhow::Result<()> {
+        let frame = mesh::encode(msg);
+        self.write_raw(send, &frame).await
+    }
+
+    async fn write_raw(&self, send: &mut quinn::SendStream, frame: &[u8]) -> anyhow::Result<()> {
+        send.write_all(frame).await?;
+        self.stats.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads one frame; `None` at a clean end of stream.
+    async fn read(&self, recv: &mut quinn::RecvStream) -> anyhow::Result<Option<V1>> {
+        let mut header = [0u8; 4];
+        match recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = mesh::frame_len(header)?;
+        let mut body = vec![0u8; len];
+        recv.read_exact(&mut body).await?;
+        self.stats.bytes_in.fetch_add(4 + len as u64, Ordering::Relaxed);
+        Ok(Some(mesh::decode(&body)?))
+    }
+
+    /// Whether the initial catch-up is done (or given up on for unreachable peers).
+    fn caught_up(&self, now: Instant) -> bool {
+        let mut catchup = self.catchup.lock().unwrap_or_else(|e| e.into_inner());
+        catchup.ready(now, |p| self.connection(p).is_some())
+    }
+
+    /// Prometheus text for the mesh.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        let states: Vec<(String, PeerState)> = self.lock_membership().states().map(|(p, s)| (p.to_string(), s)).collect();
+        out.push_str("# HELP kefu_mesh_peer_up Whether a peer is up (1), suspect (0.5) or down (0).\n# TYPE kefu_mesh_peer_up gauge\n");
+        for (p, s) in &states {
+            let v = match s {
+                PeerState::Up => "1",
+                PeerState::Suspect => "0.5",
+                PeerState::Down => "0",
+            };
+            let _ = writeln!(out, "kefu_mesh_peer_up{{peer=\"{p}\"}} {v}");
+        }
+        out.push_str(
+            "# HELP kefu_mesh_replication_lag_revisions Revisions of a peer's change stream not yet applied here.\n\
+             # TYPE kefu_mesh_replication_lag_revisions gauge\n",
+        );
+        for (id, p) in &self.peers {
+            let lag = p.head.load(Ordering::Relaxed).saturating_sub(p.applied.load(Ordering::Relaxed));
+            let _ = writeln!(out, "kefu_mesh_replication_lag_revisions{{peer=\"{id}\"}} {lag}");
+        }
+        out.push_str(
+            "# HELP kefu_mesh_replication_lag_seconds Commit at the peer to apply here, for the newest applied batch.\n\
+             # TYPE kefu_mesh_replication_lag_seconds gauge\n",
+        );
+        for (id, p) in &self.peers {
+            let lag = (p.applied_here_ms.load(Ordering::Relaxed) - p.applied_at_ms.load(Ordering::Relaxed)).max(0);
+            let _ = writeln!(out, "kefu_mesh_replication_lag_seconds{{peer=\"{id}\"}} {}", lag as f64 / 1000.0);
+        }
+        for (name, help, v) in [
+            ("kefu_mesh_bytes_sent_total", "Bytes of mesh frames sent.", &self.stats.bytes_out),
+            ("kefu_mesh_bytes_received_total", "Bytes of mesh frames received.", &self.stats.bytes_in),
+            ("kefu_mesh_forwarded_total", "Sends forwarded to their owner and committed there.", &self.stats.forwarded),
+            ("kefu_mesh_forward_failures_total", "Forwarded sends answered retryable.", &self.stats.forward_failures),
+            ("kefu_mesh_changes_applied_total", "Rows applied from peers' change streams.", &self.stats.changes_applied),
+            ("kefu_mesh_relays_dropped_total", "Relayed pushes dropped for a peer that was away or behind.", &self.stats.relays_dropped),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        out
+    }
+
+    /// Bytes sent and received on the mesh so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.stats.bytes_out.load(Ordering::Relaxed), self.stats.bytes_in.load(Ordering::Relaxed))
+    }
+}
+
+/// Starts the mesh's tasks: accepting peers, dialling each peer, and the timers.
+pub fn start(core: &Arc<Core>, mesh: &Arc<Mesh>, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    core.hub.track_presence();
+    tasks.spawn(accept_loop(Arc::clone(core), Arc::clone(mesh), shutdown.clone(), tasks.clone()));
+    for peer in mesh.peers.values() {
+        tasks.spawn(dial_loop(Arc::clone(core), Arc::clone(mesh), Arc::clone(peer), shutdown.clone()));
+    }
+    tasks.spawn(timer_loop(Arc::clone(core), Arc::clone(mesh), shutdown.clone()));
+}
+
+async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(PRESENCE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let now = Instant::now();
+        let transitions = mesh.lock_membership().tick(now);
+        for t in transitions {
+            tracing::warn!(peer = %t.peer, from = t.from.name(), to = t.to.name(), "mesh peer state changed");
+            if t.to == PeerState::Down {
+                core.hub.drop_remote(&t.peer);
+            }
+        }
+        {
+            let _order = mesh.presence.lock().await;
+            let changes = core.hub.take_presence_changes();
+            if !changes.is_empty() {
+                let (online, offline): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(_, on)| *on);
+                let frame = V1::Presence {
+                    snapshot: false,
+                    online: online.into_iter().map(|(u, _)| u).collect(),
+                    offline: offline.into_iter().map(|(u, _)| u).collect(),
+                };
+                mesh.broadcast(Arc::new(mesh::encode(&frame)));
+            }
+        }
+        if !core.ready.load(Ordering::Acquire) && mesh.caught_up(now) {
+            tracing::info!("mesh catch-up done; ready");
+            core.ready.store(true, Ordering::Release);
+        }
+    }
+}
+
+// -- the dialling side ------------------------------------------------------------------------
+
+async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let addr = tokio::net::lookup_host(&peer.addr).await?.next().with_context(|| format!("{} resolves to nothing", peer.addr))?;
+            let connecting = mesh.endpoint.connect_with(mesh.client.clone(), addr, &peer.spec.id)?;
+            let conn = tokio::time::timeout(Duration::from_secs(5), connecting).await.context("handshake timed out")??;
+            anyhow::Ok(conn)
+        };
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        match result {
+            Ok(conn) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(peer = %peer.spec.id, "mesh connected");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        conn.close(0u32.into(), b"shutdown");
+                        return;
+                    }
+                    r = run_outbound(&core, &mesh, &peer, conn.clone()) => {
+                        if let Err(e) = r {
+                            tracing::info!(peer = %peer.spec.id, error = %e, "mesh connection ended");
+                        }
+                    }
+                }
+                *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *peer.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                conn.close(0u32.into(), b"reconnecting");
+            }
+            Err(e) => tracing::debug!(peer = %peer.spec.id, error = %e, "mesh dial failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs one dialled connection until it fails: the control stream and the subscription.
+async fn run_outbound(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: quinn::Connection) -> anyhow::Result<()> {
+    *peer.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+    let mut control = conn.open_uni().await?;
+    mesh.write(&mut control, &V1::Hello { node: mesh.me.id.clone(), region: mesh.me.region.clone(), boot: mesh.boot }).await?;
+    let (tx, mut rx) = mpsc::channel::<Arc<Vec<u8>>>(CONTROL_QUEUE);
+    {
+        // The snapshot and the switch to the new queue happen together: every delta taken after
+        // the snapshot goes to this queue, behind it.
+        let _order = mesh.presence.lock().await;
+        let online = core.hub.online_users();
+        mesh.write(&mut control, &V1::Presence { snapshot: true, online, offline: vec![] }).await?;
+        *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+    let subscription = subscribe(core, mesh, peer, &conn);
+    let control_loop = async {
+        let mut beat = tokio::time::interval(BEAT);
+        loop {
+            tokio::select! {
+                frame = rx.recv() => match frame {
+                    Some(frame) => mesh.write_raw(&mut control, &frame).await?,
+                    None => return anyhow::Ok(()),
+                },
+                _ = beat.tick() => mesh.write(&mut control, &V1::Beat { at_ms: crate::store::now_ms() }).await?,
+            }
+        }
+    };
+    tokio::select! {
+        r = subscription => r,
+        r = control_loop => r,
+        e = conn.closed() => Err(e.into()),
+    }
+}
+
+/// Follows the peer's change stream from the newest revision of it applied here.
+async fn subscribe(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: &quinn::Connection) -> anyhow::Result<()> {
+    let mut applied = core.store.peer_applied(&peer.spec.id).await?;
+    peer.applied.store(applied, Ordering::Relaxed);
+    let (mut send, mut recv) = conn.open_bi().await?;
+    mesh.write(&mut send, &V1::Subscribe { node: mesh.me.id.clone(), after: applied }).await?;
+    loop {
+        let Some(frame) = mesh.read(&mut recv).await? else { anyhow::bail!("the peer ended the change stream") };
+        let V1::Changes(batch) = frame else { anyhow::bail!("expected a change batch") };
+        peer.head.store(batch.head, Ordering::Relaxed);
+        match replication::accept(applied, batch.after, batch.upto) {
+            Accept::Apply => {
+                let (upto, head, at_ms, n) = (batch.upto, batch.head, batch.at_ms, batch.changes.len());
+                core.store.apply(&peer.spec.id, batch).await?;
+                applied = upto;
+                peer.applied.store(applied, Ordering::Relaxed);
+                peer.applied_at_ms.store(at_ms, Ordering::Relaxed);
+                peer.applied_here_ms.store(crate::store::now_ms(), Ordering::Relaxed);
+                mesh.stats.changes_applied.fetch_add(n as u64, Ordering::Relaxed);
+                if upto >= head {
+                    mesh.catchup.lock().unwrap_or_else(|e| e.into_inner()).caught_up(&peer.spec.id);
+                }
+            }
+            Accept::Duplicate => {
+                if batch.head <= applied {
+                    mesh.catchup.lock().unwrap_or_else(|e| e.into_inner()).caught_up(&peer.spec.id);
+                }
+            }
+            Accept::Gap => anyhow::bail!("gap in the change stream after revision {applied}"),
+        }
+    }
+}
+
+// -- the accepting side -----------------------------------------------------------------------
+
+async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToken, tasks: TaskTracker) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            i = mesh.endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let (core, mesh, shutdown) = (Arc::clone(&core), Arc::clone(&mesh), shutdown.clone());
+        tasks.spawn(async move {
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => return tracing::warn!(error = %e, "mesh handshake refused"),
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => conn.close(0u32.into(), b"shutdown"),
+                _ = serve_inbound(core, mesh, conn.clone()) => {}
+            }
+        });
+    }
+}
+
+async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection) {
+    let streams = TaskTracker::new();
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => drop(streams.spawn(read_control(Arc::clone(&core), Arc::clone(&mesh), recv))),
+                Err(_) => break,
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => drop(streams.spawn(serve_request(Arc::clone(&core), Arc::clone(&mesh), send, recv))),
+                Err(_) => break,
+            },
+        }
+    }
+    streams.close();
+}
+
+/// A peer's control stream: its hello, heartbeats, presence and relayed pushes.
+async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, mut recv: quinn::RecvStream) {
+    let peer = match mesh.read(&mut recv).await {
+        Ok(Some(V1::Hello { node, region, boot })) if mesh.peers.contains_key(&node) => {
+            tracing::debug!(peer = %node, region = %region, boot, "mesh hello");
+            node
+        }
+        Ok(Some(V1::Hello { node, .. })) => return tracing::warn!(peer = %node, "a node that is not in the peer list dialled in; ignored"),
+        _ => return tracing::warn!("a mesh control stream did not start with a hello"),
+    };
+    loop {
+        let frame = match mesh.read(&mut recv).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(e) => return tracing::debug!(peer = %peer, error = %e, "mesh control stream ended"),
+        };
+        if let Some(t) = mesh.lock_membership().heard(&peer, Instant::now()) {
+            tracing::info!(peer = %t.peer, from = t.from.name(), "mesh peer up");
+        }
+        match frame {
+            V1::Beat { .. } => {}
+            V1::Presence { snapshot, online, offline } => core.hub.remote_presence(&peer, snapshot, &online, &offline),
+            V1::Relay { to, skip_user, command, body } => {
+                let push = Arc::new(Push { command, body: body.into_bytes().into(), delivery: None });
+                match &to {
+                    RelayTarget::User(u) if skip_user.as_deref() == Some(u.as_str()) => {}
+                    RelayTarget::User(u) => drop(core.hub.send_user(u, &push, None)),
+                    RelayTarget::Group(g) => drop(core.hub.send_group_except(g, &push, skip_user.as_deref())),
+                }
+            }
+            other => tracing::warn!(peer = %peer, frame = ?other, "unexpected frame on a control stream"),
+        }
+    }
+}
+
+/// A request stream: a subscription, a forwarded send, or a gap fill.
+async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let request = match mesh.read(&mut recv).await {
+        Ok(Some(request)) => request,
+        _ => return,
+    };
+    let answer = match request {
+        V1::Subscribe { node, after } => {
+            if let Err(e) = serve_changes(&core, &mesh, &node, after, &mut send).await {
+                tracing::debug!(peer = %node, error = %e, "change stream ended");
+            }
+            return;
+        }
+        V1::Forward { message } => {
+            if mesh.owner(&message.conversation).id != mesh.me.id {
+                tracing::error!(conversation = %message.conversation.as_str(), "a send was forwarded here but this node does not own it: the nodes' peer lists differ");
+                V1::Forwarded { result: Err(Status::Retryable.code()) }
+            } else {
+                core.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                match core.store.append(message).await {
+                    Ok(delivery) => V1::Forwarded { result: Ok(StoredMessage::clone(&delivery.message)) },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "forwarded append failed");
+                        V1::Forwarded { result: Err(Status::Retryable.code()) }
+                    }
+                }
+            }
+        }
+        V1::Since { conversation, after, limit } => match core.store.since(&conversation, after, limit.min(1000)).await {
+            Ok(messages) => V1::Messages { messages },
+            Err(_) => V1::Error { status: Status::Retryable.code() },
+        },
+        _ => V1::Error { status: Status::BadRequest.code() },
+    };
+    if mesh.write(&mut send, &answer).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Streams this node's changes after `after` to `subscriber`: backfill from the database, then
+/// the live tail, forever.
+async fn serve_changes(
+    core: &Arc<Core>,
+    mesh: &Arc<Mesh>,
+    subscriber: &str,
+    after: u64,
+    send: &mut quinn::SendStream,
+) -> anyhow::Result<()> {
+    // Subscribe to the tail before reading the head, so no commit falls between the two.
+    let mut tail = core.store.subscribe_changes();
+    let mut sent = after;
+    let mut announced = false;
+    loop {
+        // Backfill: everything this node has, its own changes and what it applied from others.
+        while let Some((lo, hi)) = replication::next_backfill(sent, core.store.head()) {
+            let changes = core.store.changes_between(lo, hi).await?;
+            let changes =
+                changes.into_iter().filter(|c| !matches!(c, schema::mesh::Change::Message(m) if m.origin == subscriber)).collect();
+            let batch = ChangeBatch { after: lo, upto: hi, head: core.store.head(), at_ms: crate::store::now_ms(), changes };
+            mesh.write(send, &V1::Changes(batch)).await?;
+            sent = hi;
+            announced = true;
+        }
+        if !announced {
+            // Nothing to send: say so, so the subscriber knows it has caught up.
+            let batch = ChangeBatch { after: sent, upto: sent, head: sent, at_ms: crate::store::now_ms(), changes: vec![] };
+            mesh.write(send, &V1::Changes(batch)).await?;
+            announced = true;
+        }
+        // Live: each commit as it happens, this node's own changes only.
+        loop {
+            let batch = match tail.recv().await {
+                Ok(batch) => batch,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            };
+            match replication::on_tail(sent, batch.after, batch.upto) {
+                Step::Skip => {}
+                Step::Send => {
+                    let changes = batch
+                        .changes
+                        .iter()
+                        .filter(|(local, c)| replication::ships_live(*local, c, subscriber))
+                        .map(|(_, c)| c.clone())
+                        .collect();
+                    let out = ChangeBatch {
+                        after: batch.after.max(sent),
+                        upto: batch.upto,
+                        head: core.store.head(),
+                        at_ms: batch.at_ms,
+                        changes,
+                    };
+                    mesh.write(send, &V1::Changes(out)).await?;
+                    sent = batch.upto;
+                }
+                Step::Backfill { .. } => break,
+            }
+        }
+    }
+}

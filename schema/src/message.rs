@@ -1,0 +1,132 @@
+//! Stored messages and users as one node hands them to another: the rows the store keeps and the
+//! mesh replicates. Field names are short on purpose only where the JSON is on the mesh's hot path.
+
+use serde::{Deserialize, Serialize};
+
+use crate::jim::ChatBody;
+use crate::ConversationId;
+
+/// A message to append: what a sender asked for, before the owner gives it an id and a seq.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewMessage {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// The sender's idempotency key.
+    pub client_id: Option<String>,
+    /// The authenticated sender.
+    pub sender: String,
+    /// Recipient of a private message.
+    pub recipient: Option<String>,
+    /// Group of a group message.
+    pub group_id: Option<String>,
+    /// 1 group, 2 private.
+    pub chat_type: u8,
+    /// J-IM msgType.
+    pub msg_type: i64,
+    /// Content.
+    pub content: String,
+    /// Extras, as JSON text.
+    pub extras: Option<String>,
+    /// Sender's nick at send time.
+    pub nick: Option<String>,
+    /// Sender's avatar at send time.
+    pub avatar: Option<String>,
+}
+
+/// A committed message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// Position in the conversation.
+    pub seq: u64,
+    /// Server id (UUIDv7, 32 hex).
+    pub id: String,
+    /// Sender's idempotency key.
+    pub client_id: Option<String>,
+    /// Sender.
+    pub sender: String,
+    /// Private recipient.
+    pub recipient: Option<String>,
+    /// Group.
+    pub group_id: Option<String>,
+    /// 1 group, 2 private.
+    pub chat_type: u8,
+    /// J-IM msgType.
+    pub msg_type: i64,
+    /// Content.
+    pub content: String,
+    /// Extras as JSON text.
+    pub extras: Option<String>,
+    /// Sender's nick.
+    pub nick: Option<String>,
+    /// Sender's avatar.
+    pub avatar: Option<String>,
+    /// Commit time, epoch ms.
+    pub created_at: i64,
+    /// The node that sequenced it.
+    pub origin: String,
+    /// When it was recalled, epoch ms.
+    pub recalled_at: Option<i64>,
+}
+
+impl StoredMessage {
+    /// The message `new` becomes once the owner has sequenced it.
+    pub fn sequenced(new: &NewMessage, seq: u64, id: String, created_at: i64, origin: &str) -> StoredMessage {
+        StoredMessage {
+            conversation: new.conversation.clone(),
+            seq,
+            id,
+            client_id: new.client_id.clone(),
+            sender: new.sender.clone(),
+            recipient: new.recipient.clone(),
+            group_id: new.group_id.clone(),
+            chat_type: new.chat_type,
+            msg_type: new.msg_type,
+            content: new.content.clone(),
+            extras: new.extras.clone(),
+            nick: new.nick.clone(),
+            avatar: new.avatar.clone(),
+            created_at,
+            origin: origin.to_string(),
+            recalled_at: None,
+        }
+    }
+
+    /// The J-IM view; a recalled message has its content removed.
+    pub fn to_chat_body(&self) -> ChatBody {
+        let recalled = self.recalled_at.is_some();
+        ChatBody {
+            avatar: self.avatar.clone(),
+            chat_type: self.chat_type,
+            client_id: self.client_id.clone(),
+            cmd: crate::Command::ChatReq.code(),
+            content: if recalled { String::new() } else { self.content.clone() },
+            create_time: self.created_at,
+            extras: if recalled { None } else { self.extras.as_deref().and_then(|e| serde_json::from_str(e).ok()) },
+            from: self.sender.clone(),
+            group_id: self.group_id.clone(),
+            id: self.id.clone(),
+            msg_type: self.msg_type,
+            nick: self.nick.clone(),
+            recalled,
+            seq: self.seq,
+            to: self.recipient.clone(),
+        }
+    }
+}
+
+/// A user row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// Id.
+    pub user_id: String,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Display name.
+    pub nick: Option<String>,
+    /// Avatar URL.
+    pub avatar: Option<String>,
+    /// "user", "agent" or "admin".
+    pub role: String,
+}
