@@ -6,6 +6,7 @@
 mod admin;
 mod bad_input;
 mod browser;
+mod cluster;
 mod durability;
 mod extensions;
 mod http_api;

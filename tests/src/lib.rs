@@ -3,6 +3,7 @@
 //! clients. Used by the integration tests in `it/` and by the examples.
 
 pub mod client;
+pub mod cluster;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ pub struct TestNode {
     pub tls: SocketAddr,
     /// The QUIC port (UDP).
     pub quic: SocketAddr,
+    /// The mesh port (UDP), when the node has peers.
+    pub mesh: Option<SocketAddr>,
     /// The TLS certificate's SHA-256 fingerprint as the node printed it.
     pub fingerprint: String,
     /// Milliseconds the node reported from process start to ready.
@@ -55,12 +58,18 @@ impl NodeBuilder {
     /// Starts the node with a fresh data dir.
     pub async fn start(self) -> anyhow::Result<TestNode> {
         let data = tempfile::Builder::new().prefix("kefu-test-").tempdir()?;
+        self.start_in(data).await
+    }
+
+    /// Starts the node with `data` as its data dir.
+    pub async fn start_in(self, data: tempfile::TempDir) -> anyhow::Result<TestNode> {
         let s = spawn(&self.bin, data.path(), &self.args).await?;
         Ok(TestNode {
             jim: s.jim,
             admin: s.admin,
             tls: s.tls,
             quic: s.quic,
+            mesh: s.mesh,
             fingerprint: s.fingerprint,
             startup_ms: s.startup_ms,
             bin: self.bin,
@@ -118,6 +127,7 @@ impl TestNode {
         self.admin = s.admin;
         self.tls = s.tls;
         self.quic = s.quic;
+        self.mesh = s.mesh;
         self.fingerprint = s.fingerprint;
         self.startup_ms = s.startup_ms;
         Ok(())
@@ -181,6 +191,7 @@ struct Spawned {
     admin: SocketAddr,
     tls: SocketAddr,
     quic: SocketAddr,
+    mesh: Option<SocketAddr>,
     fingerprint: String,
     startup_ms: u64,
 }
@@ -197,6 +208,7 @@ async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<Spaw
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
     let (mut jim, mut admin, mut tls, mut quic, mut fingerprint, mut startup) = (None, None, None, None, String::new(), 0);
+    let mut mesh = None;
     let read = async {
         while let Some(line) = lines.next_line().await? {
             if let Some(rest) = line.strip_prefix("kefu-node listening jim=") {
@@ -207,6 +219,8 @@ async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<Spaw
                 quic = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("kefu-node listening tls=") {
                 tls = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            } else if let Some(rest) = line.strip_prefix("kefu-node listening mesh=") {
+                mesh = rest.split_whitespace().next().and_then(|a| a.parse().ok());
             } else if let Some(rest) = line.strip_prefix("kefu-node tls fingerprint sha256=") {
                 fingerprint = rest.trim().to_string();
             } else if line.starts_with("kefu-node ready") {
@@ -220,7 +234,9 @@ async fn spawn(bin: &Path, data: &Path, extra: &[String]) -> anyhow::Result<Spaw
     // Keep draining stdout so the node never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     match (jim, admin, tls, quic) {
-        (Some(jim), Some(admin), Some(tls), Some(quic)) => Ok(Spawned { child, jim, admin, tls, quic, fingerprint, startup_ms: startup }),
+        (Some(jim), Some(admin), Some(tls), Some(quic)) => {
+            Ok(Spawned { child, jim, admin, tls, quic, mesh, fingerprint, startup_ms: startup })
+        }
         _ => bail!("the node did not print its ports"),
     }
 }
