@@ -102,3 +102,108 @@ async fn cross_node_chat_presence_typing_and_recall() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A user at `node` (first such name from `base` whose private conversation with `peer` is
+/// owned by node `owner`).
+fn user_owned_by(c: &Cluster, base: &str, peer: &str, owner: usize) -> String {
+    (0..1000)
+        .map(|i| format!("{base}{i}"))
+        .find(|u| {
+            let conv = if u.as_str() < peer { format!("p:{u}:{peer}") } else { format!("p:{peer}:{u}") };
+            c.owner_of(&conv) == owner
+        })
+        .expect("some name hashes to the owner")
+}
+
+#[tokio::test]
+async fn roaming_user_gets_offline_messages_once_and_the_same_history() -> anyhow::Result<()> {
+    let c = three().await;
+    // dave registers at iad and goes offline.
+    let mut dave = c.node(0).tcp_login("dave").await?;
+    dave.send(json!({"cmd": 14})).await?;
+    dave.closed().await?;
+    let mut erin = c.node(0).tcp_login("erin").await?;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let ack = erin.chat(json!({"chatType": 2, "to": "dave", "content": format!("p{i}")})).await?;
+        assert_eq!(ack["code"], 10001, "dave is offline everywhere: {ack}");
+        ids.push(ack["data"]["id"].as_str().unwrap().to_string());
+    }
+    for i in 0..3 {
+        assert_eq!(erin.chat(json!({"chatType": 1, "groupId": "100", "content": format!("g{i}")})).await?["code"], 10000);
+    }
+    // The user record and the messages reach sin.
+    eventually(Duration::from_secs(5), || async {
+        let ok = reqwest::get(format!("{}/v1/users/dave", c.node(2).http())).await.ok()?.status() == 200;
+        (ok && c.messages(2, "p:dave:erin").await.ok()?.len() == 5).then_some(())
+    })
+    .await?;
+
+    // dave logs in at sin with the password he registered with at iad.
+    let mut roamer = c.node(2).ws_login("dave").await?;
+    roamer.send(json!({"cmd": 19, "type": 0, "userId": "dave"})).await?;
+    let offline = roamer.recv_cmd(20).await?;
+    let private: Vec<String> =
+        offline["data"]["friends"]["erin"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(private, ids, "each private message once, in order");
+    let group: Vec<&str> = offline["data"]["groups"]["100"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!(group, ["g0", "g1", "g2"]);
+    roamer.send(json!({"cmd": 19, "type": 0, "userId": "dave"})).await?;
+    assert_eq!(roamer.recv_cmd(20).await?["data"]["friends"], json!({}), "not offered twice");
+
+    // History at sin matches iad's.
+    roamer.send(json!({"cmd": 19, "type": 1, "userId": "dave", "fromUserId": "erin"})).await?;
+    let history = roamer.recv_cmd(20).await?;
+    let at_sin: Vec<(u64, String)> = history["data"]["friends"]["erin"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap().to_string()))
+        .collect();
+    let at_iad: Vec<(u64, String)> =
+        c.messages(0, "p:dave:erin").await?.iter().map(|m| (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap().to_string())).collect();
+    assert_eq!(at_sin, at_iad);
+
+    // The cursor moved at sin replicates: once fra has applied everything sin wrote, logging in
+    // at fra offers nothing again.
+    eventually(Duration::from_secs(5), || async { (c.metric(1, "kefu_mesh_replication_lag_revisions").await.ok()? == 0.0).then_some(()) })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(5), || async { (c.metric(1, "kefu_mesh_replication_lag_revisions").await.ok()? == 0.0).then_some(()) })
+        .await?;
+    let mut third = c.node(1).tcp_login("dave").await?;
+    third.send(json!({"cmd": 19, "type": 0, "userId": "dave"})).await?;
+    let again = third.recv_cmd(20).await?;
+    assert_eq!(
+        (again["data"]["friends"].clone(), again["data"]["groups"].clone()),
+        (json!({}), json!({})),
+        "read in sin, not offered in fra"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_replica_behind_what_the_user_has_seen_fetches_the_gap_from_the_owner() -> anyhow::Result<()> {
+    let c = three().await;
+    // erin's conversation with frank is owned by iad (0); frank is online at fra (1) and then
+    // asks at sin (2), whose link to iad is slow: the cursor moved at fra reaches sin before the
+    // messages from iad do.
+    let frank = user_owned_by(&c, "frank", "erin", 0);
+    let mut erin = c.node(0).tcp_login("erin").await?;
+    let mut at_fra = c.node(1).tcp_login(&frank).await?;
+    let mut at_sin = c.node(2).tcp_login(&frank).await?;
+    c.link(2, 0, tests::cluster::LinkSettings { delay: Duration::from_millis(900), ..Default::default() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ack = erin.chat(json!({"chatType": 2, "to": frank, "content": "seen at fra"})).await?;
+    assert_eq!(ack["code"], 10000);
+    let seq = ack["data"]["seq"].as_u64().unwrap();
+    assert_eq!(at_fra.recv_cmd(11).await?["data"]["seq"], seq);
+    // Let fra's cursor move (it is written within 100 ms) and reach sin.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    at_sin.send(json!({"cmd": 19, "type": 1, "userId": frank, "fromUserId": "erin"})).await?;
+    let history = at_sin.recv_cmd(20).await?;
+    let seqs: Vec<u64> =
+        history["data"]["friends"]["erin"].as_array().map(|a| a.iter().filter_map(|m| m["seq"].as_u64()).collect()).unwrap_or_default();
+    assert_eq!(seqs, vec![seq], "sin answered with what frank has already seen");
+    Ok(())
+}
