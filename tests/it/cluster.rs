@@ -207,3 +207,189 @@ async fn a_replica_behind_what_the_user_has_seen_fetches_the_gap_from_the_owner(
     assert_eq!(seqs, vec![seq], "sin answered with what frank has already seen");
     Ok(())
 }
+
+/// What one sender got acknowledged: (client id, server id, seq), and how many retryable answers.
+#[derive(Default)]
+struct Sent {
+    acked: Vec<(String, String, u64)>,
+    retryable: usize,
+}
+
+/// Sends `count` group messages from `user`, `pace` apart, each with a client id, resending on
+/// the retryable status until it is acknowledged. Bounded: gives up after `within`.
+async fn send_load(
+    mut client: tests::TcpClient,
+    user: String,
+    group: &'static str,
+    count: usize,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pace: Duration,
+    within: Duration,
+) -> anyhow::Result<Sent> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut sent = Sent::default();
+    for k in 0..count {
+        let client_id = format!("{user}-{k}");
+        loop {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "{user}: message {k} not acknowledged in time");
+            client.send(json!({"cmd": 11, "chatType": 1, "groupId": group, "content": format!("m{k}"), "id": client_id})).await?;
+            let reply = tokio::time::timeout(Duration::from_secs(10), client.recv_cmd(12)).await??;
+            match reply["code"].as_u64() {
+                Some(10000) => {
+                    let d = &reply["data"];
+                    sent.acked.push((client_id.clone(), d["id"].as_str().unwrap().to_string(), d["seq"].as_u64().unwrap()));
+                    acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+                Some(11007) => {
+                    sent.retryable += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => anyhow::bail!("{user}: unexpected reply {reply}"),
+            }
+        }
+        // Drop the pushes of the group traffic this sender is not checking.
+        client.clear_backlog();
+        tokio::time::sleep(pace).await;
+    }
+    Ok(sent)
+}
+
+/// Every node has every acknowledged message, all nodes hold the same (seq, id) sequence, seqs
+/// run 1..n without a gap, and no client id was stored twice.
+async fn converged(c: &Cluster, conv: &str, acked: &[(String, String, u64)]) -> anyhow::Result<()> {
+    let want: HashSet<&str> = acked.iter().map(|(_, id, _)| id.as_str()).collect();
+    for i in 0..c.nodes.len() {
+        eventually(Duration::from_secs(30), || async {
+            let have: HashSet<String> =
+                c.messages(i, conv).await.ok()?.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect();
+            want.iter().all(|id| have.contains(*id)).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("node {} is missing acknowledged messages: {e}", c.nodes[i].id))?;
+    }
+    // Give the last commits a moment to spread, then every copy must be the same.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reference: Vec<(u64, String, String)> = c
+        .messages(0, conv)
+        .await?
+        .iter()
+        .map(|m| (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap().to_string(), m["clientId"].as_str().unwrap_or("").to_string()))
+        .collect();
+    for i in 1..c.nodes.len() {
+        let other: Vec<(u64, String, String)> = c
+            .messages(i, conv)
+            .await?
+            .iter()
+            .map(|m| (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap().to_string(), m["clientId"].as_str().unwrap_or("").to_string()))
+            .collect();
+        assert_eq!(other, reference, "node {} holds another order", c.nodes[i].id);
+    }
+    let seqs: Vec<u64> = reference.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(seqs, (1..=reference.len() as u64).collect::<Vec<_>>(), "one gap-free seq order");
+    let client_ids: Vec<&str> = reference.iter().map(|(_, _, c)| c.as_str()).filter(|c| !c.is_empty()).collect();
+    assert_eq!(client_ids.len(), client_ids.iter().collect::<HashSet<_>>().len(), "a client id stored twice");
+    for (client_id, id, seq) in acked {
+        let stored = &reference[(*seq - 1) as usize];
+        assert_eq!((&stored.1, &stored.2), (id, client_id), "the acknowledged seq holds the acknowledged message");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn owner_killed_under_load_loses_nothing_and_keeps_one_order() -> anyhow::Result<()> {
+    let mut c = three().await;
+    let owner = c.owner_of("g:100");
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for i in (0..3).filter(|i| *i != owner) {
+        for s in 0..2 {
+            let user = format!("load{i}x{s}");
+            let client = c.node(i).tcp_login(&user).await?;
+            senders.push(tokio::spawn(send_load(
+                client,
+                user,
+                "100",
+                60,
+                acked.clone(),
+                Duration::from_millis(10),
+                Duration::from_secs(90),
+            )));
+        }
+    }
+    eventually(Duration::from_secs(30), || async { (acked.load(std::sync::atomic::Ordering::Relaxed) >= 40).then_some(()) }).await?;
+    c.kill(owner).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.restart(owner).await?;
+    let mut all = Vec::new();
+    let mut retryable = 0;
+    for s in senders {
+        let sent = s.await??;
+        retryable += sent.retryable;
+        all.extend(sent.acked);
+    }
+    assert_eq!(all.len(), 240);
+    assert!(retryable > 0, "sends while the owner was down were answered retryable");
+    c.wait_ready(Duration::from_secs(30)).await?;
+    converged(&c, "g:100", &all).await
+}
+
+#[tokio::test]
+async fn partition_under_load_heals_without_loss_and_cut_off_sends_are_retryable() -> anyhow::Result<()> {
+    let c = three().await;
+    let owner = c.owner_of("g:100");
+    let cut = (owner + 1) % 3;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for i in 0..3 {
+        let user = format!("part{i}");
+        let client = c.node(i).tcp_login(&user).await?;
+        senders
+            .push((i, tokio::spawn(send_load(client, user, "100", 60, acked.clone(), Duration::from_millis(25), Duration::from_secs(90)))));
+    }
+    eventually(Duration::from_secs(30), || async { (acked.load(std::sync::atomic::Ordering::Relaxed) >= 20).then_some(()) }).await?;
+    let region = c.nodes[cut].region.clone();
+    c.partition(&region);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    c.heal(&region);
+    let mut all = Vec::new();
+    for (i, s) in senders {
+        let sent = s.await??;
+        if i == cut {
+            assert!(sent.retryable > 0, "sends from the cut-off region to the owner got the retryable status");
+        }
+        all.extend(sent.acked);
+    }
+    assert_eq!(all.len(), 180);
+    converged(&c, "g:100", &all).await
+}
+
+#[tokio::test]
+async fn a_new_node_with_an_empty_database_catches_up_before_it_is_ready() -> anyhow::Result<()> {
+    let mut c = Cluster::configure(bin(), &REGIONS, &[("--peer-down-after", "1")]).await?;
+    c.launch(0).await?;
+    c.launch(1).await?;
+    c.wait_ready(Duration::from_secs(30)).await?;
+    // A group owned by one of the running nodes.
+    let group: &'static str = ["100", "200", "300", "400", "500"].into_iter().find(|g| c.owner_of(&format!("g:{g}")) != 2).unwrap();
+    let mut writer = c.node(0).tcp_login("writer").await?;
+    writer.send(json!({"cmd": 7, "groupId": group})).await?;
+    writer.recv_cmd(9).await?;
+    let mut ids = Vec::new();
+    for i in 0..600 {
+        let ack = writer.chat(json!({"chatType": 1, "groupId": group, "content": format!("history {i}")})).await?;
+        assert_eq!(ack["code"], 10000, "{ack}");
+        ids.push(ack["data"]["id"].as_str().unwrap().to_string());
+        writer.clear_backlog();
+    }
+    c.launch(2).await?;
+    // The first moment sin says it is ready, it has every message already.
+    eventually(Duration::from_secs(30), || async { c.is_ready(2).await.then_some(()) }).await?;
+    let have: Vec<String> = c.messages(2, &format!("g:{group}")).await?.iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(have, ids, "ready before the catch-up was done");
+    // The user who wrote them can log in there too: users and memberships came along.
+    let mut again = c.node(2).tcp_login("writer").await?;
+    again.send(json!({"cmd": 19, "type": 1, "userId": "writer", "groupId": group, "count": 5})).await?;
+    assert_eq!(again.recv_cmd(20).await?["data"]["groups"][group].as_array().map(Vec::len), Some(5));
+    Ok(())
+}
