@@ -393,3 +393,39 @@ async fn a_new_node_with_an_empty_database_catches_up_before_it_is_ready() -> an
     assert_eq!(again.recv_cmd(20).await?["data"]["groups"][group].as_array().map(Vec::len), Some(5));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_with_a_certificate_from_another_ca_is_refused() -> anyhow::Result<()> {
+    let c = Cluster::start(bin(), &REGIONS[..2], &[]).await?;
+    let iad_mesh = c.node(0).mesh.expect("mesh port");
+    // A node that claims to be fra-1 but made its own CA (no --cluster-ca) dials iad directly.
+    let rogue = tests::TestNode::builder(bin())
+        .arg("--node-id", "fra-1")
+        .arg("--region", "fra")
+        .arg("--mesh-addr", "127.0.0.1:0")
+        .arg("--peer", format!("iad-1@iad={iad_mesh}"))
+        .start()
+        .await?;
+    let _mallory = rogue.tcp_login("mallory").await?;
+    eventually(Duration::from_secs(10), || async { (c.metric(0, "kefu_mesh_handshakes_refused_total").await.ok()? >= 1.0).then_some(()) })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!online_at(&c, 0).await.contains("mallory"), "a node outside the cluster CA got its presence in");
+    // The real fra-1 is still connected.
+    let _bob = c.node(1).tcp_login("bob").await?;
+    eventually(Duration::from_secs(2), || async { online_at(&c, 0).await.contains("bob").then_some(()) }).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn prod_refuses_a_mesh_without_cluster_certificates() -> anyhow::Result<()> {
+    let started = tests::TestNode::builder(bin())
+        .arg("--profile", "prod")
+        .arg("--api-key", "k")
+        .arg("--mesh-addr", "127.0.0.1:0")
+        .arg("--peer", "fra-1=127.0.0.1:9")
+        .start()
+        .await;
+    assert!(started.is_err(), "prod started a mesh with keys it made itself");
+    Ok(())
+}

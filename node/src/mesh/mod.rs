@@ -71,6 +71,7 @@ struct Stats {
     forward_failures: AtomicU64,
     changes_applied: AtomicU64,
     relays_dropped: AtomicU64,
+    handshakes_refused: AtomicU64,
 }
 
 /// The running mesh of this node.
@@ -360,6 +361,7 @@ impl Mesh {
             ("kefu_mesh_forward_failures_total", "Forwarded sends answered retryable.", &self.stats.forward_failures),
             ("kefu_mesh_changes_applied_total", "Rows applied from peers' change streams.", &self.stats.changes_applied),
             ("kefu_mesh_relays_dropped_total", "Relayed pushes dropped for a peer that was away or behind.", &self.stats.relays_dropped),
+            ("kefu_mesh_handshakes_refused_total", "Incoming mesh connections refused (no valid cluster certificate).", &self.stats.handshakes_refused),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
@@ -544,7 +546,10 @@ async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationTok
         tasks.spawn(async move {
             let conn = match incoming.await {
                 Ok(conn) => conn,
-                Err(e) => return tracing::warn!(error = %e, "mesh handshake refused"),
+                Err(e) => {
+                    mesh.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                    return tracing::warn!(error = %e, "mesh handshake refused");
+                }
             };
             tokio::select! {
                 _ = shutdown.cancelled() => conn.close(0u32.into(), b"shutdown"),
