@@ -58,9 +58,7 @@ fn node_binary(opts: &Opts) -> PathBuf {
     if let Some(bin) = opts.str("node-bin") {
         return PathBuf::from(bin);
     }
-    // target/release/examples/loadgen → target/release/kefu-node
-    let exe = std::env::current_exe().unwrap_or_default();
-    exe.parent().and_then(|p| p.parent()).map(|p| p.join("kefu-node")).unwrap_or_else(|| PathBuf::from("kefu-node"))
+    crate::sibling_node_binary()
 }
 
 async fn start_node(opts: &Opts, data: &std::path::Path) -> anyhow::Result<(Child, String, String, u32, Duration)> {

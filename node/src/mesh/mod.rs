@@ -361,7 +361,11 @@ impl Mesh {
             ("kefu_mesh_forward_failures_total", "Forwarded sends answered retryable.", &self.stats.forward_failures),
             ("kefu_mesh_changes_applied_total", "Rows applied from peers' change streams.", &self.stats.changes_applied),
             ("kefu_mesh_relays_dropped_total", "Relayed pushes dropped for a peer that was away or behind.", &self.stats.relays_dropped),
-            ("kefu_mesh_handshakes_refused_total", "Incoming mesh connections refused (no valid cluster certificate).", &self.stats.handshakes_refused),
+            (
+                "kefu_mesh_handshakes_refused_total",
+                "Incoming mesh connections refused (no valid cluster certificate).",
+                &self.stats.handshakes_refused,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
