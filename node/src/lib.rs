@@ -55,7 +55,7 @@ pub struct NodeHandle {
 }
 
 /// Opens the store, binds the ports and starts serving.
-pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
+pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
     let (store, feed) = Store::open(&config.data_dir, &config.node_id, Arc::clone(&metrics)).await.context("opening the database")?;
@@ -71,6 +71,16 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     let quic =
         transport::quic::endpoint(config.quic_addr, &certs, transport::quic::QuicSettings { idle_timeout: config.quic_idle_timeout })
             .with_context(|| format!("binding the QUIC port {}", config.quic_addr))?;
+    if let Some(name) = config.peers_dns.clone() {
+        let found =
+            mesh::dns::peers(&name, config.mesh_addr.port(), &config.node_id).await.with_context(|| format!("finding peers in {name}"))?;
+        for peer in found {
+            if !config.peers.iter().any(|p| p.id == peer.id) {
+                config.peers.push(peer);
+            }
+        }
+        tracing::info!(peers = config.peers.len(), dns = %name, "peers found in DNS");
+    }
     let mesh = mesh::Mesh::bind(&config).context("starting the mesh")?;
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),

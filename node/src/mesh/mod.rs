@@ -9,6 +9,7 @@
 //! dialled itself. The rules (membership, replication, readiness) live in `membership` and
 //! `replication`, without I/O; this module moves bytes.
 
+pub mod dns;
 pub mod membership;
 pub mod replication;
 pub mod tls;
