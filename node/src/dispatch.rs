@@ -597,6 +597,7 @@ impl Core {
                             tracing::warn!(error = %e, "storing a gap fill failed");
                             break;
                         }
+                        mesh.note_stored(&conv, after);
                     }
                     Ok(_) => break,
                     Err(e) => {

@@ -35,12 +35,10 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
                     .is_some_and(|r| (if duplicate { core.hub.is_online(r) } else { delivered > 0 }) || core.hub.is_online_elsewhere(r));
                 let _ = reply.send(Ok(Delivery { message, recipient_online }));
             }
-            Committed::Replica(message) => {
-                core.deliver_local(&message);
-                if let Some(mesh) = &core.mesh {
-                    mesh.replicated(&message.conversation, message.seq);
-                }
-            }
+            Committed::Replica(message) => match &core.mesh {
+                Some(mesh) => mesh.replicated(&core, &message),
+                None => drop(core.deliver_local(&message)),
+            },
             // The requester's dispatcher tells the members, skipping the requesting connection,
             // which gets the reply instead.
             Committed::Recall { recalled, reply } => drop(reply.send(Ok(recalled))),

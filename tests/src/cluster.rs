@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 use crate::TestNode;
 
@@ -57,16 +56,22 @@ impl Drop for Relay {
 impl Relay {
     /// A relay on 127.0.0.1 with no target yet (packets are dropped until one is set).
     pub async fn start() -> anyhow::Result<Relay> {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
-        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
-        let addr = front.local_addr()?;
+        let front_std = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let back_std = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let addr = front_std.local_addr()?;
+        // Readers run on tokio; each direction's writer is an OS thread that sleeps precisely
+        // until a packet is due (tokio's timer has a 1 ms grain, which would add up to 1 ms to
+        // every delayed packet) and sends in arrival order, so a fixed delay never reorders.
+        let (front_out, back_out) = (front_std.try_clone()?, back_std.try_clone()?);
+        front_std.set_nonblocking(true)?;
+        back_std.set_nonblocking(true)?;
+        let front = UdpSocket::from_std(front_std)?;
+        let back = UdpSocket::from_std(back_std)?;
         let state: Arc<Mutex<RelayState>> = Arc::default();
-        // Each direction: a reader that decides a packet's fate, and a writer that sends it at its
-        // due time, in order (one queue per direction, so a fixed delay never reorders packets).
-        let (to_target, target_rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-        let (to_client, client_rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let (to_target, target_rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+        let (to_client, client_rx) = std::sync::mpsc::channel::<(std::time::Instant, Vec<u8>)>();
         let forward_reader = {
-            let (front, state) = (Arc::clone(&front), Arc::clone(&state));
+            let state = Arc::clone(&state);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
@@ -76,48 +81,44 @@ impl Relay {
                         fate(&mut s)
                     };
                     if let Some(due) = due {
-                        let _ = to_target.send((due, buf[..n].to_vec()));
+                        if to_target.send((due, buf[..n].to_vec())).is_err() {
+                            return;
+                        }
                     }
                 }
             })
         };
         let backward_reader = {
-            let (back, state) = (Arc::clone(&back), Arc::clone(&state));
+            let state = Arc::clone(&state);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, _)) = back.recv_from(&mut buf).await {
                     let due = fate(&mut state.lock().unwrap_or_else(|e| e.into_inner()));
                     if let Some(due) = due {
-                        let _ = to_client.send((due, buf[..n].to_vec()));
+                        if to_client.send((due, buf[..n].to_vec())).is_err() {
+                            return;
+                        }
                     }
                 }
             })
         };
-        let forward_writer = {
-            let (back, state) = (Arc::clone(&back), Arc::clone(&state));
-            tokio::spawn(writer(target_rx, move |packet| {
-                let target = state.lock().unwrap_or_else(|e| e.into_inner()).target;
-                let back = Arc::clone(&back);
-                async move {
-                    if let Some(target) = target {
-                        let _ = back.send_to(&packet, target).await;
-                    }
+        let s1 = Arc::clone(&state);
+        std::thread::Builder::new().name("relay-forward".into()).spawn(move || {
+            writer(target_rx, |packet| {
+                if let Some(target) = s1.lock().unwrap_or_else(|e| e.into_inner()).target {
+                    let _ = back_out.send_to(packet, target);
                 }
-            }))
-        };
-        let backward_writer = {
-            let (front, state) = (Arc::clone(&front), Arc::clone(&state));
-            tokio::spawn(writer(client_rx, move |packet| {
-                let client = state.lock().unwrap_or_else(|e| e.into_inner()).client;
-                let front = Arc::clone(&front);
-                async move {
-                    if let Some(client) = client {
-                        let _ = front.send_to(&packet, client).await;
-                    }
+            })
+        })?;
+        let s2 = Arc::clone(&state);
+        std::thread::Builder::new().name("relay-backward".into()).spawn(move || {
+            writer(client_rx, |packet| {
+                if let Some(client) = s2.lock().unwrap_or_else(|e| e.into_inner()).client {
+                    let _ = front_out.send_to(packet, client);
                 }
-            }))
-        };
-        Ok(Relay { addr, state, tasks: vec![forward_reader, backward_reader, forward_writer, backward_writer] })
+            })
+        })?;
+        Ok(Relay { addr, state, tasks: vec![forward_reader, backward_reader] })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RelayState> {
@@ -147,24 +148,24 @@ impl Relay {
 }
 
 /// When a packet is due, or `None` to drop it.
-fn fate(s: &mut RelayState) -> Option<tokio::time::Instant> {
+fn fate(s: &mut RelayState) -> Option<std::time::Instant> {
     let drop = s.settings.cut || (s.settings.drop > 0.0 && rand::random::<f64>() < s.settings.drop);
     if drop {
         s.dropped += 1;
         return None;
     }
     s.carried += 1;
-    Some(tokio::time::Instant::now() + s.settings.delay)
+    Some(std::time::Instant::now() + s.settings.delay)
 }
 
-async fn writer<F, Fut>(mut rx: mpsc::UnboundedReceiver<(tokio::time::Instant, Vec<u8>)>, send: F)
-where
-    F: Fn(Vec<u8>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    while let Some((due, packet)) = rx.recv().await {
-        tokio::time::sleep_until(due).await;
-        send(packet).await;
+/// Sends each packet at its due time; ends when the reader is gone.
+fn writer(rx: std::sync::mpsc::Receiver<(std::time::Instant, Vec<u8>)>, send: impl Fn(&[u8])) {
+    while let Ok((due, packet)) = rx.recv() {
+        let now = std::time::Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        send(&packet);
     }
 }
 

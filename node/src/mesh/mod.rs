@@ -222,7 +222,7 @@ impl Mesh {
         self.read(&mut recv).await?.context("the peer closed the stream without answering")
     }
 
-    /// Waits until this node's replica has `conversation` up to `seq`, or `timeout`.
+    /// Waits until this node has pushed (or stored) `conversation` up to `seq`, or `timeout`.
     async fn wait_replicated(&self, conversation: &ConversationId, seq: u64, timeout: Duration) {
         let (tx, rx) = oneshot::channel();
         {
@@ -231,10 +231,8 @@ impl Mesh {
             self.waiting.store(true, Ordering::Release);
         }
         // The message may have arrived before the waiter was registered.
-        if let Some(core_seq) = self.replica_high(conversation) {
-            if core_seq >= seq {
-                self.replicated(conversation, core_seq);
-            }
+        if let Some(high) = self.replica_high(conversation) {
+            self.wake(conversation, high);
         }
         let _ = tokio::time::timeout(timeout, rx).await;
     }
@@ -243,13 +241,51 @@ impl Mesh {
         self.highs.lock().unwrap_or_else(|e| e.into_inner()).get(conversation).copied()
     }
 
-    /// Called by the fan-out for every replicated message, in commit order.
-    pub fn replicated(&self, conversation: &ConversationId, seq: u64) {
-        {
+    /// Claims the push of replicated message `seq`: true the first time a seq above everything
+    /// pushed or stored here is seen. `stored` is the newest seq in the database, for a
+    /// conversation not seen since start.
+    fn claim(&self, conversation: &ConversationId, seq: u64, stored: Option<u64>) -> bool {
+        let claimed = {
             let mut highs = self.highs.lock().unwrap_or_else(|e| e.into_inner());
-            let h = highs.entry(conversation.clone()).or_default();
-            *h = (*h).max(seq);
+            let high = highs.entry(conversation.clone()).or_insert(stored.unwrap_or(0));
+            let fresh = seq > *high;
+            *high = (*high).max(seq);
+            fresh
+        };
+        self.wake(conversation, seq);
+        claimed
+    }
+
+    /// Records that this node stored `conversation` up to `seq` by other means (a gap fill), so
+    /// the same messages arriving later from a change stream are not pushed again.
+    pub fn note_stored(&self, conversation: &ConversationId, seq: u64) {
+        let mut highs = self.highs.lock().unwrap_or_else(|e| e.into_inner());
+        let high = highs.entry(conversation.clone()).or_default();
+        *high = (*high).max(seq);
+    }
+
+    /// Pushes a message from a peer's change stream to local connections as soon as it arrives,
+    /// before this node's copy is committed: delivery does not wait for a second fsync. Each
+    /// message is pushed once, in seq order (every stream carries a conversation in seq order).
+    async fn push_replica(&self, core: &Core, m: &StoredMessage) {
+        let stored = match self.replica_high(&m.conversation) {
+            Some(_) => None,
+            None => Some(core.store.newest_seq(&m.conversation).await.unwrap_or(0)),
+        };
+        if self.claim(&m.conversation, m.seq, stored) {
+            core.deliver_local(m);
         }
+    }
+
+    /// Called by the fan-out for every replicated message after commit: pushes it if the change
+    /// stream did not already.
+    pub fn replicated(&self, core: &Core, m: &StoredMessage) {
+        if self.claim(&m.conversation, m.seq, None) {
+            core.deliver_local(m);
+        }
+    }
+
+    fn wake(&self, conversation: &ConversationId, seq: u64) {
         if !self.waiting.load(Ordering::Acquire) {
             return;
         }
@@ -515,6 +551,11 @@ async fn subscribe(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: &
         peer.head.store(batch.head, Ordering::Relaxed);
         match replication::accept(applied, batch.after, batch.upto) {
             Accept::Apply => {
+                for change in &batch.changes {
+                    if let schema::mesh::Change::Message(m) = change {
+                        mesh.push_replica(core, m).await;
+                    }
+                }
                 let (upto, head, at_ms, n) = (batch.upto, batch.head, batch.at_ms, batch.changes.len());
                 core.store.apply(&peer.spec.id, batch).await?;
                 applied = upto;
