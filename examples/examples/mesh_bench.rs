@@ -20,6 +20,9 @@ use serde_json::json;
 use tests::cluster::{Cluster, LinkSettings};
 use tests::{Client, TcpClient};
 
+/// Benchmarks measure the mesh, not the per-connection rate limit.
+const UNLIMITED: [(&str, &str); 2] = [("--msg-rate", "1000000"), ("--msg-burst", "1000000")];
+
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -77,7 +80,7 @@ async fn one_way(from: &mut TcpClient, to: &mut TcpClient, peer: &str, n: usize)
 }
 
 async fn latency(bin: &std::path::Path, delay: Duration, n: usize) -> anyhow::Result<()> {
-    let c = Cluster::start(bin, &[("iad-1", "iad"), ("fra-1", "fra")], &[]).await?;
+    let c = Cluster::start(bin, &[("iad-1", "iad"), ("fra-1", "fra")], &UNLIMITED).await?;
     c.all_links(LinkSettings { delay, ..LinkSettings::default() });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let d = delay.as_secs_f64() * 1000.0;
@@ -114,16 +117,18 @@ async fn latency(bin: &std::path::Path, delay: Duration, n: usize) -> anyhow::Re
 }
 
 async fn bandwidth(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
-    let c = Cluster::start(bin, &[("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")], &[]).await?;
+    let c = Cluster::start(bin, &[("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")], &UNLIMITED).await?;
     let peer = owned_by(&c, "bw", "writer", 0);
     let mut w = c.node(0).tcp_login("writer").await?;
     // Quiet mesh first: heartbeats and presence are measured separately.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = sum_metric(&c, "kefu_mesh_bytes_sent_total").await?;
+    let applied_before = sum_metric(&c, "kefu_mesh_changes_applied_total").await?;
     let t0 = Instant::now();
     let content = "x".repeat(100);
     for _ in 0..n {
-        w.chat(json!({"chatType": 2, "to": peer, "content": content})).await?;
+        let ack = w.chat(json!({"chatType": 2, "to": peer, "content": content})).await?;
+        anyhow::ensure!(ack["code"] == 10001, "unexpected reply {ack}");
     }
     // Wait until both replicas have everything.
     for i in 1..3 {
@@ -138,6 +143,7 @@ async fn bandwidth(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
     }
     let elapsed = t0.elapsed();
     let after = sum_metric(&c, "kefu_mesh_bytes_sent_total").await?;
+    let applied = sum_metric(&c, "kefu_mesh_changes_applied_total").await? - applied_before;
     // The idle traffic of the same period (heartbeats every 250 ms each way on 6 links).
     let idle_before = sum_metric(&c, "kefu_mesh_bytes_sent_total").await?;
     tokio::time::sleep(elapsed).await;
@@ -145,10 +151,11 @@ async fn bandwidth(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
     let per_message = (after - before - idle) / n as f64;
     println!(
         "bandwidth: {n} private messages of 100 content bytes, 3 nodes: {:.0} mesh bytes per message in all ({:.0} per receiving node), \
-         frame payload only (QUIC/UDP headers not counted); idle heartbeat traffic {:.0} B/s subtracted",
+         frame payload only (QUIC/UDP headers not counted); idle heartbeat traffic {:.0} B/s subtracted; {:.2} rows applied per message",
         per_message,
         per_message / 2.0,
-        idle / elapsed.as_secs_f64()
+        idle / elapsed.as_secs_f64(),
+        applied / n as f64
     );
     Ok(())
 }
@@ -162,7 +169,7 @@ async fn sum_metric(c: &Cluster, name: &str) -> anyhow::Result<f64> {
 }
 
 async fn catchup(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
-    let c = Cluster::start(bin, &[("iad-1", "iad"), ("fra-1", "fra")], &[]).await?;
+    let c = Cluster::start(bin, &[("iad-1", "iad"), ("fra-1", "fra")], &UNLIMITED).await?;
     c.partition("fra");
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Written at iad while fra is cut off: 50 writers, each in its own conversation owned by iad.
@@ -178,7 +185,8 @@ async fn catchup(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
         let per = n / writers;
         tasks.push(tokio::spawn(async move {
             for i in 0..per {
-                client.chat(json!({"chatType": 2, "to": peer, "content": format!("catch-up {i}")})).await?;
+                let ack = client.chat(json!({"chatType": 2, "to": peer, "content": format!("catch-up {i}")})).await?;
+                anyhow::ensure!(ack["code"] == 10001, "unexpected reply {ack}");
                 done.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(())

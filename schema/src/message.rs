@@ -12,12 +12,15 @@ pub struct NewMessage {
     /// The conversation.
     pub conversation: ConversationId,
     /// The sender's idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     /// The authenticated sender.
     pub sender: String,
     /// Recipient of a private message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
     /// Group of a group message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
     /// 1 group, 2 private.
     pub chat_type: u8,
@@ -26,10 +29,13 @@ pub struct NewMessage {
     /// Content.
     pub content: String,
     /// Extras, as JSON text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extras: Option<String>,
     /// Sender's nick at send time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nick: Option<String>,
     /// Sender's avatar at send time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avatar: Option<String>,
 }
 
@@ -43,12 +49,15 @@ pub struct StoredMessage {
     /// Server id (UUIDv7, 32 hex).
     pub id: String,
     /// Sender's idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     /// Sender.
     pub sender: String,
     /// Private recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
     /// Group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
     /// 1 group, 2 private.
     pub chat_type: u8,
@@ -57,16 +66,20 @@ pub struct StoredMessage {
     /// Content.
     pub content: String,
     /// Extras as JSON text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extras: Option<String>,
     /// Sender's nick.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nick: Option<String>,
     /// Sender's avatar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avatar: Option<String>,
     /// Commit time, epoch ms.
     pub created_at: i64,
     /// The node that sequenced it.
     pub origin: String,
     /// When it was recalled, epoch ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recalled_at: Option<i64>,
 }
 
@@ -124,8 +137,10 @@ pub struct UserRecord {
     /// argon2id PHC string.
     pub password_hash: String,
     /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nick: Option<String>,
     /// Avatar URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avatar: Option<String>,
     /// "user", "agent" or "admin".
     pub role: String,

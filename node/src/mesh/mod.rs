@@ -726,34 +726,56 @@ async fn serve_changes(
             mesh.write(send, &V1::Changes(batch)).await?;
             announced = true;
         }
-        // Live: each commit as it happens, this node's own changes only.
+        // Live: each commit as it happens, this node's own changes only. A commit with nothing
+        // for this subscriber (it applied rows from peers) is not sent on its own: the next batch
+        // that is sent covers its range, or an empty one does after a quiet second, so the
+        // subscriber's watermark stays exact without a frame per commit.
+        let mut wire = sent;
+        let mut quiet = tokio::time::interval(Duration::from_secs(1));
+        quiet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let batch = match tail.recv().await {
-                Ok(batch) => batch,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            let batch = tokio::select! {
+                batch = tail.recv() => match batch {
+                    Ok(batch) => batch,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                _ = quiet.tick() => {
+                    if wire < sent {
+                        let out = ChangeBatch { after: wire, upto: sent, head: core.store.head(), at_ms: crate::store::now_ms(), changes: vec![] };
+                        mesh.write(send, &V1::Changes(out)).await?;
+                        wire = sent;
+                    }
+                    continue;
+                }
             };
             match replication::on_tail(sent, batch.after, batch.upto) {
                 Step::Skip => {}
                 Step::Send => {
-                    let changes = batch
+                    let changes: Vec<_> = batch
                         .changes
                         .iter()
                         .filter(|(local, c)| replication::ships_live(*local, c, subscriber))
                         .map(|(_, c)| c.clone())
                         .collect();
+                    sent = batch.upto;
+                    if changes.is_empty() {
+                        continue;
+                    }
                     let out = ChangeBatch {
-                        after: batch.after.max(sent),
+                        after: wire.min(batch.after),
                         upto: batch.upto,
                         head: core.store.head(),
                         at_ms: batch.at_ms,
                         changes,
                     };
                     mesh.write(send, &V1::Changes(out)).await?;
-                    sent = batch.upto;
+                    wire = sent;
                 }
                 Step::Backfill { .. } => break,
             }
         }
+        // Whatever was skipped quietly is covered by the backfill that follows.
+        sent = wire;
     }
 }
