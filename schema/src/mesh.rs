@@ -65,6 +65,9 @@ pub enum V1 {
         /// Users no longer online at the sender.
         offline: Vec<String>,
     },
+    /// Asks the receiver to send its full presence again (the sender had marked it down and
+    /// dropped its entries).
+    Resync,
     /// A frame to push to local connections (typing, receipts, join/exit and recall notices).
     Relay {
         /// Who gets it.

@@ -24,12 +24,24 @@ async fn online_at(c: &Cluster, i: usize) -> HashSet<String> {
     v["online"].as_array().map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_string)).collect()).unwrap_or_default()
 }
 
+/// The user a join (cmd 9, flat) or exit (cmd 10, under `data`) notice is about.
+fn notice_user(notice: &Value) -> Option<&str> {
+    notice["user"]["userId"].as_str().or_else(|| notice["data"]["user"]["userId"].as_str())
+}
+
 #[tokio::test]
 async fn cross_node_chat_presence_typing_and_recall() -> anyhow::Result<()> {
     let c = three().await;
     let mut alice = c.node(0).tcp_login("alice").await?;
     let mut bob = c.node(1).ws_login("bob").await?;
     let mut carol = c.node(2).tcp_login("carol").await?;
+    // J-IM's join notice of group 100 reaches members at the other nodes.
+    loop {
+        let notice = alice.recv_cmd(9).await?;
+        if notice_user(&notice) == Some("carol") {
+            break;
+        }
+    }
 
     // Presence converges on every node within 2 s.
     let everyone: HashSet<String> = ["alice", "bob", "carol"].map(String::from).into();
@@ -95,8 +107,14 @@ async fn cross_node_chat_presence_typing_and_recall() -> anyhow::Result<()> {
     }
     assert!(forwarded > 0.0, "no send was forwarded to its owner");
 
-    // bob leaves: the others see it within 2 s.
+    // bob leaves: the others see it within 2 s, and group members elsewhere get the exit notice.
     bob.send(json!({"cmd": 14})).await?;
+    loop {
+        let notice = carol.recv_cmd(10).await?;
+        if notice_user(&notice) == Some("bob") {
+            break;
+        }
+    }
     for i in [0, 2] {
         eventually(Duration::from_secs(2), || async { (!online_at(&c, i).await.contains("bob")).then_some(()) }).await?;
     }
@@ -349,9 +367,15 @@ async fn partition_under_load_heals_without_loss_and_cut_off_sends_are_retryable
     }
     eventually(Duration::from_secs(30), || async { (acked.load(std::sync::atomic::Ordering::Relaxed) >= 20).then_some(()) }).await?;
     let region = c.nodes[cut].region.clone();
+    let cut_user = format!("part{cut}");
+    assert!(online_at(&c, owner).await.contains(&cut_user));
     c.partition(&region);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Once the cut-off node counts as down (3 s), its users are offline for the others.
+    eventually(Duration::from_secs(6), || async { (!online_at(&c, owner).await.contains(&cut_user)).then_some(()) }).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     c.heal(&region);
+    // After the heal its presence comes back (a fresh snapshot).
+    eventually(Duration::from_secs(8), || async { online_at(&c, owner).await.contains(&cut_user).then_some(()) }).await?;
     let mut all = Vec::new();
     for (i, s) in senders {
         let sent = s.await??;

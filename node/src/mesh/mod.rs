@@ -319,6 +319,20 @@ impl Mesh {
         self.broadcast(Arc::new(mesh::encode(&frame)));
     }
 
+    /// Queues a frame on the control stream to `peer`, if connected.
+    fn send_to(&self, peer: &str, msg: &V1) -> bool {
+        let Some(p) = self.peers.get(peer) else { return false };
+        let tx = p.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        tx.is_some_and(|tx| tx.try_send(Arc::new(mesh::encode(msg))).is_ok())
+    }
+
+    /// Queues this node's full presence for `peer`, in order with the deltas.
+    async fn send_snapshot(&self, core: &Core, peer: &str) {
+        let _order = self.presence.lock().await;
+        let online = core.hub.online_users();
+        self.send_to(peer, &V1::Presence { snapshot: true, online, offline: vec![] });
+    }
+
     fn broadcast(&self, frame: Arc<Vec<u8>>) {
         for peer in self.peers.values() {
             let tx = peer.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -638,11 +652,17 @@ async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, mut recv: quinn::RecvStr
             Ok(None) => return,
             Err(e) => return tracing::debug!(peer = %peer, error = %e, "mesh control stream ended"),
         };
-        if let Some(t) = mesh.lock_membership().heard(&peer, Instant::now()) {
+        let transition = mesh.lock_membership().heard(&peer, Instant::now());
+        if let Some(t) = transition {
             tracing::info!(peer = %t.peer, from = t.from.name(), "mesh peer up");
+            if t.from == PeerState::Down {
+                // Its presence was dropped when it went down: ask for all of it again.
+                mesh.send_to(&peer, &V1::Resync);
+            }
         }
         match frame {
             V1::Beat { .. } => {}
+            V1::Resync => mesh.send_snapshot(&core, &peer).await,
             V1::Presence { snapshot, online, offline } => core.hub.remote_presence(&peer, snapshot, &online, &offline),
             V1::Relay { to, skip_user, command, body } => {
                 let push = Arc::new(Push { command, body: body.into_bytes().into(), delivery: None });
