@@ -64,19 +64,32 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Sends `n` private messages one at a time from `from` to `to`, timing each from the send to
-/// its arrival at `to`. Milliseconds, sorted.
-async fn one_way(from: &mut TcpClient, to: &mut TcpClient, peer: &str, n: usize) -> anyhow::Result<Vec<f64>> {
-    let mut times = Vec::with_capacity(n);
+/// its arrival at `to`, and to the sender's success reply. Milliseconds, sorted.
+async fn one_way(from: &mut TcpClient, to: &mut TcpClient, peer: &str, n: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut times, mut acks) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
         let started = Instant::now();
         from.send(json!({"cmd": 11, "chatType": 2, "to": peer, "content": format!("t{i}")})).await?;
-        to.recv_cmd(11).await?;
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-        from.recv_cmd(12).await?;
+        let (got, ack) = tokio::join!(
+            async {
+                let r = to.recv_cmd(11).await;
+                (r, started.elapsed())
+            },
+            async {
+                let r = from.recv_cmd(12).await;
+                (r, started.elapsed())
+            }
+        );
+        got.0?;
+        times.push(got.1.as_secs_f64() * 1000.0);
+        let (reply, took) = ack;
+        anyhow::ensure!(reply?["code"] == 10000, "send failed");
+        acks.push(took.as_secs_f64() * 1000.0);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     times.sort_by(f64::total_cmp);
-    Ok(times)
+    acks.sort_by(f64::total_cmp);
+    Ok((times, acks))
 }
 
 async fn latency(bin: &std::path::Path, delay: Duration, n: usize) -> anyhow::Result<()> {
@@ -101,17 +114,26 @@ async fn latency(bin: &std::path::Path, delay: Duration, n: usize) -> anyhow::Re
     let mut r3 = c.node(1).tcp_login(&near).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let recipient_owned = one_way(&mut s3, &mut r3, &near, n).await?;
-    println!("latency: {n} messages each, relay delay {d} ms one way");
-    for (name, t) in
-        [("same node", &base), ("cross, sender's node owns", &sender_owned), ("cross, recipient's node owns", &recipient_owned)]
-    {
+    // Both users at fra, the conversation owned by iad: forward there, ship back.
+    let away = owned_by(&c, "away", "s4", 0);
+    let mut s4 = c.node(1).tcp_login("s4").await?;
+    let mut r4 = c.node(1).tcp_login(&away).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let both_far = one_way(&mut s4, &mut r4, &away, n).await?;
+    println!("latency: {n} messages each, relay delay {d} ms one way (delivery = send to arrival; reply = send to the sender's 10000)");
+    for (name, crossings, (t, a)) in [
+        ("same node", 0.0, &base),
+        ("cross, sender's node owns", 1.0, &sender_owned),
+        ("cross, recipient's node owns", 1.0, &recipient_owned),
+        ("same region, owner elsewhere", 2.0, &both_far),
+    ] {
         let (p50, p99) = (percentile(t, 0.5), percentile(t, 0.99));
-        let over = if name == "same node" {
+        let over = if crossings == 0.0 {
             String::new()
         } else {
-            format!("  overhead above the delay p50 {:.2} ms p99 {:.2} ms", p50 - d, p99 - d)
+            format!("  overhead above {crossings:.0} x delay: p50 {:.2} ms p99 {:.2} ms", p50 - crossings * d, p99 - crossings * d)
         };
-        println!("  {name:<30} p50 {p50:.2} ms  p99 {p99:.2} ms{over}");
+        println!("  {name:<30} delivery p50 {p50:.2} ms p99 {p99:.2} ms  reply p50 {:.2} ms{over}", percentile(a, 0.5));
     }
     Ok(())
 }
