@@ -240,7 +240,7 @@ async fn catchup(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
     let start = first.unwrap_or(healed);
     let replay = end.duration_since(start).as_secs_f64();
     println!(
-        "catchup: reconnected {:.2} s after the heal; {written} messages (+ their cursor rows) replayed in {replay:.2} s = {:.0} messages/s",
+        "catchup: reconnected {:.2} s after the heal; {written} messages replayed in {replay:.2} s = {:.0} messages/s",
         start.duration_since(healed).as_secs_f64(),
         written as f64 / replay
     );
