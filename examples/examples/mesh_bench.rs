@@ -45,17 +45,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A user name `base<n>` whose private conversation with `peer` is owned by node `owner`.
-fn owned_by(c: &Cluster, base: &str, peer: &str, owner: usize) -> String {
-    (0..10_000)
-        .map(|i| format!("{base}{i}"))
-        .find(|u| {
-            let conv = if u.as_str() < peer { format!("p:{u}:{peer}") } else { format!("p:{peer}:{u}") };
-            c.owner_of(&conv) == owner
-        })
-        .unwrap_or_else(|| base.to_string())
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -98,24 +87,24 @@ async fn latency(bin: &std::path::Path, delay: Duration, n: usize) -> anyhow::Re
     tokio::time::sleep(Duration::from_millis(500)).await;
     let d = delay.as_secs_f64() * 1000.0;
     // Same node: sender and recipient at iad, iad owns the conversation.
-    let local_peer = owned_by(&c, "local", "s1", 0);
+    let local_peer = c.user_owned_by("local", "s1", 0);
     let mut s1 = c.node(0).tcp_login("s1").await?;
     let mut r1 = c.node(0).tcp_login(&local_peer).await?;
     let base = one_way(&mut s1, &mut r1, &local_peer, n).await?;
     // Across regions, sequenced by the sender's node: one crossing (owner → recipient's node).
-    let far = owned_by(&c, "far", "s2", 0);
+    let far = c.user_owned_by("far", "s2", 0);
     let mut s2 = c.node(0).tcp_login("s2").await?;
     let mut r2 = c.node(1).tcp_login(&far).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sender_owned = one_way(&mut s2, &mut r2, &far, n).await?;
     // Across regions, sequenced by the recipient's node: one crossing (forward to the owner).
-    let near = owned_by(&c, "near", "s3", 1);
+    let near = c.user_owned_by("near", "s3", 1);
     let mut s3 = c.node(0).tcp_login("s3").await?;
     let mut r3 = c.node(1).tcp_login(&near).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let recipient_owned = one_way(&mut s3, &mut r3, &near, n).await?;
     // Both users at fra, the conversation owned by iad: forward there, ship back.
-    let away = owned_by(&c, "away", "s4", 0);
+    let away = c.user_owned_by("away", "s4", 0);
     let mut s4 = c.node(1).tcp_login("s4").await?;
     let mut r4 = c.node(1).tcp_login(&away).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -140,7 +129,7 @@ async fn latency(bin: &std::path::Path, delay: Duration, n: usize) -> anyhow::Re
 
 async fn bandwidth(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
     let c = Cluster::start(bin, &[("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")], &UNLIMITED).await?;
-    let peer = owned_by(&c, "bw", "writer", 0);
+    let peer = c.user_owned_by("bw", "writer", 0);
     let mut w = c.node(0).tcp_login("writer").await?;
     // Quiet mesh first: heartbeats and presence are measured separately.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -153,13 +142,9 @@ async fn bandwidth(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
         anyhow::ensure!(ack["code"] == 10001, "unexpected reply {ack}");
     }
     // Wait until both replicas have everything.
+    let conv = schema::ConversationId::private("writer", &peer);
     for i in 1..3 {
-        while c
-            .messages(i, &format!("p:{}", if "writer" < peer.as_str() { format!("writer:{peer}") } else { format!("{peer}:writer") }))
-            .await?
-            .len()
-            < n
-        {
+        while c.messages(i, conv.as_str()).await?.len() < n {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -201,7 +186,7 @@ async fn catchup(bin: &std::path::Path, n: usize) -> anyhow::Result<()> {
     let t0 = Instant::now();
     for w in 0..writers {
         let user = format!("cw{w}");
-        let peer = owned_by(&c, &format!("cr{w}x"), &user, 0);
+        let peer = c.user_owned_by(&format!("cr{w}x"), &user, 0);
         let mut client = c.node(0).tcp_login(&user).await?;
         let done = Arc::clone(&done);
         let per = n / writers;

@@ -121,18 +121,6 @@ async fn cross_node_chat_presence_typing_and_recall() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A user at `node` (first such name from `base` whose private conversation with `peer` is
-/// owned by node `owner`).
-fn user_owned_by(c: &Cluster, base: &str, peer: &str, owner: usize) -> String {
-    (0..1000)
-        .map(|i| format!("{base}{i}"))
-        .find(|u| {
-            let conv = if u.as_str() < peer { format!("p:{u}:{peer}") } else { format!("p:{peer}:{u}") };
-            c.owner_of(&conv) == owner
-        })
-        .expect("some name hashes to the owner")
-}
-
 #[tokio::test]
 async fn roaming_user_gets_offline_messages_once_and_the_same_history() -> anyhow::Result<()> {
     let c = three().await;
@@ -206,7 +194,7 @@ async fn a_replica_behind_what_the_user_has_seen_fetches_the_gap_from_the_owner(
     // erin's conversation with frank is owned by iad (0); frank is online at fra (1) and then
     // asks at sin (2), whose link to iad is slow: the cursor moved at fra reaches sin before the
     // messages from iad do.
-    let frank = user_owned_by(&c, "frank", "erin", 0);
+    let frank = c.user_owned_by("frank", "erin", 0);
     let mut erin = c.node(0).tcp_login("erin").await?;
     let mut at_fra = c.node(1).tcp_login(&frank).await?;
     let mut at_sin = c.node(2).tcp_login(&frank).await?;

@@ -345,6 +345,15 @@ impl Cluster {
         specs.iter().position(|s| s.id == owner.id).expect("owner is configured")
     }
 
+    /// The first user name `base0`, `base1`, … whose private conversation with `peer` is owned by
+    /// node `owner` (to set up a test or benchmark around a chosen sequencer).
+    pub fn user_owned_by(&self, base: &str, peer: &str, owner: usize) -> String {
+        (0..100_000)
+            .map(|i| format!("{base}{i}"))
+            .find(|u| self.owner_of(schema::ConversationId::private(u, peer).as_str()) == owner)
+            .unwrap_or_else(|| base.to_string())
+    }
+
     /// Every message of `conversation` stored at node `i`, oldest first, through the HTTP API.
     pub async fn messages(&self, i: usize, conversation: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         let http = reqwest::Client::new();
