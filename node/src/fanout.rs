@@ -1,8 +1,9 @@
 //! The fan-out: drains the store's commit feed, in commit order, and pushes each committed
-//! event to the connections on this node that should see it (messages sequenced here and
-//! messages replicated from other nodes alike), then answers the sender. Because one task does
-//! this in feed order, every recipient sees one order per conversation, and a sender's success
-//! reply always comes after the commit and after the push.
+//! message sequenced here to the connections on this node that should see it, then answers the
+//! sender. Because one task does this in feed order, every recipient sees one order per
+//! conversation, and a sender's success reply always comes after the commit and after the push.
+//! Messages replicated from other nodes are normally pushed by the mesh as they arrive; the feed
+//! pushes one only if that did not happen (`Mesh::replicated`).
 //!
 //! Hot path: one JSON serialisation per message, shared by every recipient; no logging per
 //! message; no awaits except on the feed.

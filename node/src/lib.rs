@@ -1,9 +1,10 @@
-//! kefu's node: one process that speaks J-IM's binary TCP, WebSocket and HTTP on one port,
-//! stores every message in an embedded libSQL file, and serves the admin port.
+//! kefu's node: one process that speaks J-IM's binary TCP, WebSocket and HTTP on one port (and
+//! TLS, QUIC, HTTP/3), stores every message in an embedded libSQL file, serves the admin port,
+//! and with peers configured joins the mesh that makes several nodes one service.
 //!
 //! Layout (see ARCHITECTURE.md): `transport` frames bytes, `session` runs one connection,
 //! `dispatch` carries out commands, `hub` knows who is connected, `store` owns the database,
-//! `fanout` delivers what the store committed.
+//! `fanout` delivers what the store committed, `mesh` links the node to its peers.
 
 pub mod admin;
 pub mod auth;

@@ -4,7 +4,11 @@
 //!
 //! The writer assigns each message its per-conversation `seq`, deduplicates by the sender's
 //! client id, and after COMMIT hands the committed events, in commit order, to the `feed`
-//! channel. Whoever drains the feed (the fan-out) delivers them and then answers the sender, so a
+//! channel. Every row it writes also gets the node's next *revision*; each committed
+//! transaction's changes go to an in-memory tail (`subscribe_changes`) and can be read again by
+//! revision range (`changes_between`): that is what the mesh ships to other nodes. Changes from
+//! other nodes come back in through `apply`, with the peer's stream position in the same
+//! transaction. Whoever drains the feed (the fan-out) delivers them and then answers the sender, so a
 //! success reply always follows the commit and recipients see one order per conversation.
 
 use std::collections::HashMap;
