@@ -403,6 +403,8 @@ async fn a_new_node_with_an_empty_database_catches_up_before_it_is_ready() -> an
     let mut again = c.node(2).tcp_login("writer").await?;
     again.send(json!({"cmd": 19, "type": 1, "userId": "writer", "groupId": group, "count": 5})).await?;
     assert_eq!(again.recv_cmd(20).await?["data"]["groups"][group].as_array().map(Vec::len), Some(5));
+    // A member of a cluster still stops cleanly on SIGTERM.
+    assert!(c.node_mut(2).terminate().await?, "SIGTERM exits cleanly");
     Ok(())
 }
 

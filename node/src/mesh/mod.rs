@@ -566,8 +566,12 @@ async fn subscribe(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: &
         match replication::accept(applied, batch.after, batch.upto) {
             Accept::Apply => {
                 for change in &batch.changes {
-                    if let schema::mesh::Change::Message(m) = change {
-                        mesh.push_replica(core, m).await;
+                    match change {
+                        schema::mesh::Change::Message(m) => mesh.push_replica(core, m).await,
+                        // A user online here who joined a group at another node gets its
+                        // messages here too from now on.
+                        schema::mesh::Change::Member { group_id, user_id } => core.hub.join(user_id, group_id),
+                        _ => {}
                     }
                 }
                 let (upto, head, at_ms, n) = (batch.upto, batch.head, batch.at_ms, batch.changes.len());
