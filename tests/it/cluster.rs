@@ -486,3 +486,21 @@ async fn lossy_links_still_deliver_everything_in_order() -> anyhow::Result<()> {
     assert!(dropped > 0 && carried > dropped, "the relay dropped packets: {carried} carried, {dropped} dropped");
     Ok(())
 }
+
+#[tokio::test]
+async fn catch_up_of_large_messages_is_cut_into_frames_that_fit() -> anyhow::Result<()> {
+    let mut c = Cluster::start(bin(), &REGIONS[..2], &[("--msg-rate", "1000"), ("--msg-burst", "1000")]).await?;
+    let peer = c.user_owned_by("big", "sender", 0);
+    let conv = schema::ConversationId::private("sender", &peer);
+    let mut sender = c.node(0).tcp_login("sender").await?;
+    // fra is down, so it will read them back from iad's database when it returns.
+    c.kill(1).await?;
+    // 12 messages of 1.5 MB: 18 MB, more than one mesh frame may carry (16 MiB).
+    let big = "b".repeat(1_500_000);
+    for _ in 0..12 {
+        assert_eq!(sender.chat(json!({"chatType": 2, "to": peer, "content": big})).await?["code"], 10001);
+    }
+    c.restart(1).await?;
+    eventually(Duration::from_secs(60), || async { (c.messages(1, conv.as_str()).await.ok()?.len() == 12).then_some(()) }).await?;
+    Ok(())
+}

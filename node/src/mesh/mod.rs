@@ -40,6 +40,9 @@ use replication::{Accept, CatchUp, Step};
 pub const BEAT: Duration = Duration::from_millis(250);
 /// How often presence changes are gathered and shipped (deltas are batched over this window).
 pub const PRESENCE_EVERY: Duration = Duration::from_millis(100);
+/// Largest change frame this node sends (half the receiver's limit, so a batch of large messages
+/// is split rather than refused).
+const FRAME_BUDGET: usize = mesh::MAX_FRAME / 2;
 /// Frames queued for one peer's control stream before relays to it are dropped.
 const CONTROL_QUEUE: usize = 8192;
 
@@ -735,12 +738,20 @@ async fn serve_changes(
     let mut announced = false;
     loop {
         // Backfill: everything this node has, its own changes and what it applied from others.
-        while let Some((lo, hi)) = replication::next_backfill(sent, core.store.head()) {
-            let changes = core.store.changes_between(lo, hi).await?;
-            let changes =
-                changes.into_iter().filter(|c| !matches!(c, schema::mesh::Change::Message(m) if m.origin == subscriber)).collect();
-            let batch = ChangeBatch { after: lo, upto: hi, head: core.store.head(), at_ms: crate::store::now_ms(), changes };
-            mesh.write(send, &V1::Changes(batch)).await?;
+        while let Some((lo, mut hi)) = replication::next_backfill(sent, core.store.head()) {
+            // A range whose frame would be over the limit (large messages) is halved until it fits.
+            let frame = loop {
+                let changes = core.store.changes_between(lo, hi).await?;
+                let changes =
+                    changes.into_iter().filter(|c| !matches!(c, schema::mesh::Change::Message(m) if m.origin == subscriber)).collect();
+                let batch = ChangeBatch { after: lo, upto: hi, head: core.store.head(), at_ms: crate::store::now_ms(), changes };
+                let frame = mesh::encode(&V1::Changes(batch));
+                if frame.len() <= FRAME_BUDGET || hi - lo <= 1 {
+                    break frame;
+                }
+                hi = lo + (hi - lo) / 2;
+            };
+            mesh.write_raw(send, &frame).await?;
             sent = hi;
             announced = true;
         }
@@ -793,7 +804,12 @@ async fn serve_changes(
                         at_ms: batch.at_ms,
                         changes,
                     };
-                    mesh.write(send, &V1::Changes(out)).await?;
+                    let frame = mesh::encode(&V1::Changes(out));
+                    if frame.len() > FRAME_BUDGET {
+                        // Too large for one frame: the backfill path cuts it into ranges that fit.
+                        break;
+                    }
+                    mesh.write_raw(send, &frame).await?;
                     wire = sent;
                 }
                 Step::Backfill { .. } => break,
