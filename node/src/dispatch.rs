@@ -427,7 +427,9 @@ impl Core {
         let (conversation, recipient, group_id, chat_type) = match &chat.target {
             Target::User(to) => (ConversationId::private(sender.id, to), Some(to.clone()), None, 2),
             Target::Group(g) => {
-                let member = sender.groups.map(|groups| groups.contains(g)).or(member).unwrap_or(false);
+                // The session's groups, or one joined since at another node (the hub learns it
+                // from the mesh).
+                let member = sender.groups.map(|groups| groups.contains(g) || self.hub.in_group(sender.id, g)).or(member).unwrap_or(false);
                 if !member {
                     return Err(fail(Status::Forbidden));
                 }
@@ -531,7 +533,7 @@ impl Core {
     async fn check_target(&self, user: &UserCtx, target: &Target) -> Result<ConversationId, Status> {
         match target {
             Target::User(peer) => Ok(ConversationId::private(&user.id, peer)),
-            Target::Group(g) if user.groups.contains(g) => Ok(ConversationId::group(g)),
+            Target::Group(g) if user.groups.contains(g) || self.hub.in_group(&user.id, g) => Ok(ConversationId::group(g)),
             Target::Group(_) => Err(Status::Forbidden),
         }
     }
@@ -676,7 +678,9 @@ impl Core {
             return fail();
         }
         let conversation = match (&q.group, &q.peer) {
-            (Some(g), _) if !me.groups.contains(g) => return Outcome::status(Command::GetMessageResp, Status::Forbidden),
+            (Some(g), _) if !me.groups.contains(g) && !self.hub.in_group(&me.id, g) => {
+                return Outcome::status(Command::GetMessageResp, Status::Forbidden)
+            }
             (Some(g), _) => Some(ConversationId::group(g)),
             (None, Some(peer)) => Some(ConversationId::private(&me.id, peer)),
             (None, None) => None,

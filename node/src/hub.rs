@@ -294,6 +294,11 @@ impl Hub {
         Some(WentOffline { groups: entry.groups.into_iter().collect(), nick: entry.nick })
     }
 
+    /// Whether online user `user` is a member of `group` as far as this node knows.
+    pub fn in_group(&self, user: &str, group: &str) -> bool {
+        self.lock().users.get(user).is_some_and(|e| e.groups.contains(group))
+    }
+
     /// How many members of `group` are online here.
     pub fn online_in_group(&self, group: &str) -> usize {
         self.lock().groups.get(group).map_or(0, HashSet::len)

@@ -504,3 +504,37 @@ async fn catch_up_of_large_messages_is_cut_into_frames_that_fit() -> anyhow::Res
     eventually(Duration::from_secs(60), || async { (c.messages(1, conv.as_str()).await.ok()?.len() == 12).then_some(()) }).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_group_joined_at_one_node_works_for_the_same_user_at_another() -> anyhow::Result<()> {
+    let c = Cluster::start(bin(), &REGIONS[..2], &[]).await?;
+    let mut at_fra = c.node(1).tcp_login("gus").await?;
+    let mut at_iad = c.node(0).tcp_login("gus").await?;
+    at_iad.send(json!({"cmd": 7, "groupId": "777"})).await?;
+    at_iad.recv_cmd(9).await?;
+    // Once the membership has reached fra, gus's session there can send to the group and gets
+    // its messages.
+    let mut other = c.node(0).tcp_login("hal").await?;
+    other.send(json!({"cmd": 7, "groupId": "777"})).await?;
+    other.recv_cmd(9).await?;
+    let mut ack = json!(null);
+    for _ in 0..50 {
+        ack = at_fra.chat(json!({"chatType": 1, "groupId": "777", "content": "from fra"})).await?;
+        if ack["code"] == 10000 {
+            break;
+        }
+        assert_eq!(ack["code"], 11001, "forbidden until the membership arrives: {ack}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ack["data"]["conversation"], "g:777");
+    assert_eq!(other.recv_cmd(11).await?["data"]["content"], "from fra");
+    let ack = other.chat(json!({"chatType": 1, "groupId": "777", "content": "to fra"})).await?;
+    assert_eq!(ack["code"], 10000);
+    loop {
+        let m = at_fra.recv_cmd(11).await?;
+        if m["data"]["content"] == "to fra" {
+            break;
+        }
+    }
+    Ok(())
+}
