@@ -332,8 +332,9 @@ impl Mesh {
     /// Queues this node's full presence for `peer`, in order with the deltas.
     async fn send_snapshot(&self, core: &Core, peer: &str) {
         let _order = self.presence.lock().await;
-        let online = core.hub.online_users();
-        self.send_to(peer, &V1::Presence { snapshot: true, online, offline: vec![] });
+        for frame in snapshot_frames(core.hub.online_users()) {
+            self.send_to(peer, &frame);
+        }
     }
 
     fn broadcast(&self, frame: Arc<Vec<u8>>) {
@@ -432,6 +433,23 @@ impl Mesh {
     }
 }
 
+/// Users per presence frame: a snapshot of a node with a million sessions must not exceed the
+/// frame limit, so it goes out as a snapshot frame followed by additions.
+const PRESENCE_CHUNK: usize = 20_000;
+
+/// A full presence snapshot as frames: the first replaces, the rest add.
+fn snapshot_frames(online: Vec<String>) -> Vec<V1> {
+    let mut frames: Vec<V1> = online
+        .chunks(PRESENCE_CHUNK)
+        .enumerate()
+        .map(|(i, chunk)| V1::Presence { snapshot: i == 0, online: chunk.to_vec(), offline: vec![] })
+        .collect();
+    if frames.is_empty() {
+        frames.push(V1::Presence { snapshot: true, online: vec![], offline: vec![] });
+    }
+    frames
+}
+
 /// Starts the mesh's tasks: accepting peers, dialling each peer, and the timers.
 pub fn start(core: &Arc<Core>, mesh: &Arc<Mesh>, shutdown: &CancellationToken, tasks: &TaskTracker) {
     core.hub.track_presence();
@@ -463,12 +481,14 @@ async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToke
             let changes = core.hub.take_presence_changes();
             if !changes.is_empty() {
                 let (online, offline): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(_, on)| *on);
-                let frame = V1::Presence {
-                    snapshot: false,
-                    online: online.into_iter().map(|(u, _)| u).collect(),
-                    offline: offline.into_iter().map(|(u, _)| u).collect(),
-                };
-                mesh.broadcast(Arc::new(mesh::encode(&frame)));
+                let online: Vec<String> = online.into_iter().map(|(u, _)| u).collect();
+                let offline: Vec<String> = offline.into_iter().map(|(u, _)| u).collect();
+                for chunk in online.chunks(PRESENCE_CHUNK) {
+                    mesh.broadcast(Arc::new(mesh::encode(&V1::Presence { snapshot: false, online: chunk.to_vec(), offline: vec![] })));
+                }
+                for chunk in offline.chunks(PRESENCE_CHUNK) {
+                    mesh.broadcast(Arc::new(mesh::encode(&V1::Presence { snapshot: false, online: vec![], offline: chunk.to_vec() })));
+                }
             }
         }
         if !core.ready.load(Ordering::Acquire) && mesh.caught_up(now) {
@@ -532,8 +552,9 @@ async fn run_outbound(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn
         // The snapshot and the switch to the new queue happen together: every delta taken after
         // the snapshot goes to this queue, behind it.
         let _order = mesh.presence.lock().await;
-        let online = core.hub.online_users();
-        mesh.write(&mut control, &V1::Presence { snapshot: true, online, offline: vec![] }).await?;
+        for frame in snapshot_frames(core.hub.online_users()) {
+            mesh.write(&mut control, &frame).await?;
+        }
         *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
     }
     let subscription = subscribe(core, mesh, peer, &conn);
@@ -817,5 +838,27 @@ async fn serve_changes(
         }
         // Whatever was skipped quietly is covered by the backfill that follows.
         sent = wire;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_snapshots_are_cut_into_frames_under_the_limit() {
+        let users: Vec<String> = (0..45_000).map(|i| format!("user-{i:08}")).collect();
+        let frames = snapshot_frames(users.clone());
+        assert_eq!(frames.len(), 3);
+        let mut seen = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let V1::Presence { snapshot, online, .. } = f else { panic!("not presence") };
+            assert_eq!(*snapshot, i == 0, "only the first replaces");
+            assert!(mesh::encode(f).len() < mesh::MAX_FRAME);
+            seen.extend(online.iter().cloned());
+        }
+        assert_eq!(seen, users);
+        assert!(matches!(&snapshot_frames(vec![])[..], [V1::Presence { snapshot: true, .. }]), "an empty node still says so");
     }
 }
