@@ -451,6 +451,11 @@ impl Core {
         };
         if let Some(mesh) = &self.mesh {
             let owner = mesh.owner(&message.conversation).id.clone();
+            if owner == mesh.me.id && !self.ready.load(Ordering::Acquire) {
+                // An owner sequences only once it has caught up with the mesh: after losing its
+                // database it would otherwise hand out seqs that were already taken.
+                return Err(fail(Status::Retryable));
+            }
             if owner != mesh.me.id {
                 // Another node sequences this conversation: forward, and answer after its commit.
                 let mesh = Arc::clone(mesh);

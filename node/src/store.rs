@@ -148,6 +148,7 @@ enum WriteOp {
     },
     Import(Vec<StoredMessage>, oneshot::Sender<Result<bool>>),
     Apply(String, ChangeBatch, oneshot::Sender<Result<bool>>),
+    ForgetPeer(String, oneshot::Sender<Result<bool>>),
 }
 
 /// A cheap, cloneable handle to the store.
@@ -289,6 +290,14 @@ impl Store {
     pub async fn apply(&self, peer: &str, batch: ChangeBatch) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Apply(peer.to_string(), batch, tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?.map(drop)
+    }
+
+    /// Forgets how far `peer`'s change stream was applied (its database was replaced): the next
+    /// subscription starts from the beginning.
+    pub async fn forget_peer(&self, peer: &str) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::ForgetPeer(peer.to_string(), tx)).await?;
         rx.await.map_err(|_| StoreError::Closed)?.map(drop)
     }
 
@@ -850,6 +859,7 @@ impl Writer {
                 (WriteOp::Cursor { reply: Some(reply), .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Import(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Apply(_, _, reply), Done::Replicas(_, slot)) => *slot = reply,
+                (WriteOp::ForgetPeer(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 _ => {}
             }
         }
@@ -890,6 +900,10 @@ impl Writer {
                     self.upsert_cursor(user, &conv, newest, newest, true).await?;
                 }
                 Done::Flag(added, oneshot::channel().0)
+            }
+            WriteOp::ForgetPeer(peer, _) => {
+                let n = self.exec("DELETE FROM mesh_peers WHERE peer = ?1", params![peer.as_str()]).await?;
+                Done::Flag(n > 0, oneshot::channel().0)
             }
             WriteOp::Apply(peer, batch, _) => {
                 let mut fresh = Vec::new();
@@ -1172,9 +1186,11 @@ fn fail(op: WriteOp) {
     let retry = || StoreError::Closed;
     match op {
         WriteOp::Append(_, reply) => drop(reply.send(Err(retry()))),
-        WriteOp::CreateUser(_, reply) | WriteOp::Join { reply, .. } | WriteOp::Import(_, reply) | WriteOp::Apply(_, _, reply) => {
-            drop(reply.send(Err(retry())))
-        }
+        WriteOp::CreateUser(_, reply)
+        | WriteOp::Join { reply, .. }
+        | WriteOp::Import(_, reply)
+        | WriteOp::Apply(_, _, reply)
+        | WriteOp::ForgetPeer(_, reply) => drop(reply.send(Err(retry()))),
         WriteOp::Cursor { reply: Some(reply), .. } => drop(reply.send(Err(retry()))),
         WriteOp::Recall { .. } | WriteOp::Cursor { reply: None, .. } => {}
     }

@@ -538,3 +538,30 @@ async fn a_group_joined_at_one_node_works_for_the_same_user_at_another() -> anyh
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_that_lost_its_database_is_followed_again_from_the_start() -> anyhow::Result<()> {
+    let mut c = Cluster::start(bin(), &REGIONS[..2], &[]).await?;
+    // fra sequences a conversation and writes enough that iad's position in fra's stream is well
+    // past anything a new database reaches soon.
+    let target = c.user_owned_by("lost", "wiper", 1);
+    let conv = schema::ConversationId::private("wiper", &target);
+    let mut w = c.node(1).tcp_login("wiper").await?;
+    for i in 0..30 {
+        assert_eq!(w.chat(json!({"chatType": 2, "to": target, "content": format!("before {i}")})).await?["code"], 10001);
+    }
+    eventually(Duration::from_secs(10), || async { (c.messages(0, conv.as_str()).await.ok()?.len() == 30).then_some(()) }).await?;
+    drop(w);
+    c.kill(1).await?;
+    c.wipe_database(1)?;
+    c.restart(1).await?;
+    c.wait_ready(Duration::from_secs(30)).await?;
+    // fra got its own history back from iad before it was ready, so it goes on at seq 31 rather
+    // than handing out seq 1 again; and what it sequences now reaches iad.
+    assert_eq!(c.messages(1, conv.as_str()).await?.len(), 30);
+    let mut w = c.node(1).tcp_login("wiper").await?;
+    let ack = w.chat(json!({"chatType": 2, "to": target, "content": "after the wipe"})).await?;
+    assert_eq!((ack["code"].as_u64(), ack["data"]["seq"].as_u64()), (Some(10001), Some(31)), "{ack}");
+    eventually(Duration::from_secs(10), || async { (c.messages(0, conv.as_str()).await.ok()?.len() == 31).then_some(()) }).await?;
+    Ok(())
+}

@@ -268,6 +268,19 @@ impl Cluster {
         self.node_mut(i).kill().await
     }
 
+    /// Deletes node `i`'s database (a lost volume; the node id stays). Kill the node first.
+    pub fn wipe_database(&self, i: usize) -> anyhow::Result<()> {
+        let dir = self.node(i).data_dir();
+        for name in ["kefu.db", "kefu.db-wal", "kefu.db-shm"] {
+            match std::fs::remove_file(dir.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Restarts node `i` on its data dir (new ports) and points the relays at it.
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         self.node_mut(i).restart().await?;

@@ -587,6 +587,13 @@ async fn subscribe(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: &
         let Some(frame) = mesh.read(&mut recv).await? else { anyhow::bail!("the peer ended the change stream") };
         let V1::Changes(batch) = frame else { anyhow::bail!("expected a change batch") };
         peer.head.store(batch.head, Ordering::Relaxed);
+        if batch.head < applied {
+            // The peer holds less than was already applied from it: its database was replaced
+            // (same node id, new volume). It resends everything; start counting again.
+            tracing::warn!(peer = %peer.spec.id, applied, head = batch.head, "a peer's database is new; following it from the start");
+            core.store.forget_peer(&peer.spec.id).await?;
+            applied = 0;
+        }
         match replication::accept(applied, batch.after, batch.upto) {
             Accept::Apply => {
                 for change in &batch.changes {
@@ -719,7 +726,10 @@ async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendSt
             return;
         }
         V1::Forward { message } => {
-            if mesh.owner(&message.conversation).id != mesh.me.id {
+            if !core.ready.load(Ordering::Acquire) {
+                // Not caught up yet: this node may not hold the newest seq it gave out before.
+                V1::Forwarded { result: Err(Status::Retryable.code()) }
+            } else if mesh.owner(&message.conversation).id != mesh.me.id {
                 tracing::error!(conversation = %message.conversation.as_str(), "a send was forwarded here but this node does not own it: the nodes' peer lists differ");
                 V1::Forwarded { result: Err(Status::Retryable.code()) }
             } else {
@@ -756,15 +766,20 @@ async fn serve_changes(
     // Subscribe to the tail before reading the head, so no commit falls between the two.
     let mut tail = core.store.subscribe_changes();
     let mut sent = after;
+    if after > core.store.head() {
+        // The subscriber has seen more of this node than this database holds: it is a new
+        // database under the same node id (a lost volume). Everything is sent again.
+        tracing::warn!(peer = %subscriber, after, head = core.store.head(), "a peer is ahead of this database; resending all of it");
+        sent = 0;
+    }
     let mut announced = false;
     loop {
         // Backfill: everything this node has, its own changes and what it applied from others.
         while let Some((lo, mut hi)) = replication::next_backfill(sent, core.store.head()) {
             // A range whose frame would be over the limit (large messages) is halved until it fits.
             let frame = loop {
+                // Everything, the subscriber's own messages included: it may have lost them.
                 let changes = core.store.changes_between(lo, hi).await?;
-                let changes =
-                    changes.into_iter().filter(|c| !matches!(c, schema::mesh::Change::Message(m) if m.origin == subscriber)).collect();
                 let batch = ChangeBatch { after: lo, upto: hi, head: core.store.head(), at_ms: crate::store::now_ms(), changes };
                 let frame = mesh::encode(&V1::Changes(batch));
                 if frame.len() <= FRAME_BUDGET || hi - lo <= 1 {

@@ -9,8 +9,8 @@
 //! Live batches carry only this node's own changes (the sends it sequenced, its logins, cursor
 //! moves and joins): every other node gets those straight from their origin, so a message crosses
 //! each link once. Backfill from the database carries everything this node has, including what it
-//! applied from others, so a node that was away gets the whole state from whichever peer it
-//! reaches first.
+//! applied from others and what the subscriber itself wrote (it may have lost its database), so a
+//! node that was away gets the whole state from whichever peer it reaches first.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
