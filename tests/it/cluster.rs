@@ -565,3 +565,37 @@ async fn a_node_that_lost_its_database_is_followed_again_from_the_start() -> any
     eventually(Duration::from_secs(10), || async { (c.messages(0, conv.as_str()).await.ok()?.len() == 31).then_some(()) }).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_cluster_certificate_for_one_node_cannot_speak_for_another() -> anyhow::Result<()> {
+    let c = Cluster::start(bin(), &REGIONS[..2], &[]).await?;
+    let iad_mesh = c.node(0).mesh.expect("mesh port");
+    // A genuine cluster certificate, for a node called evil-1.
+    let evil = tests::TestNode::builder(bin())
+        .arg("--node-id", "evil-1")
+        .arg("--mesh-addr", "127.0.0.1:0")
+        .arg("--cluster-ca", c.ca_cert().display())
+        .arg("--peer", format!("iad-1@iad={iad_mesh}"))
+        .start()
+        .await?;
+    let mesh_dir = evil.data_dir().join("mesh");
+    // The same certificate, used to claim to be fra-1.
+    let impostor = tests::TestNode::builder(bin())
+        .arg("--node-id", "fra-1")
+        .arg("--region", "fra")
+        .arg("--mesh-addr", "127.0.0.1:0")
+        .arg("--cluster-ca", c.ca_cert().display())
+        .arg("--node-cert", mesh_dir.join("node.pem").display())
+        .arg("--node-key", mesh_dir.join("node.key").display())
+        .arg("--peer", format!("iad-1@iad={iad_mesh}"))
+        .start()
+        .await?;
+    let _mallory = impostor.tcp_login("mallory").await?;
+    eventually(Duration::from_secs(10), || async { (c.metric(0, "kefu_mesh_handshakes_refused_total").await.ok()? >= 1.0).then_some(()) })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!online_at(&c, 0).await.contains("mallory"), "the impostor's presence got in");
+    let _bob = c.node(1).tcp_login("bob").await?;
+    eventually(Duration::from_secs(2), || async { online_at(&c, 0).await.contains("bob").then_some(()) }).await?;
+    Ok(())
+}

@@ -253,6 +253,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// The cluster CA's certificate (its key, `ca.key`, is in the same directory).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.ca.path().join("ca.pem")
+    }
+
     /// Node `i`'s process. Panics if it was never started.
     pub fn node(&self, i: usize) -> &TestNode {
         self.nodes[i].node.as_ref().expect("node started")

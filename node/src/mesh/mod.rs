@@ -418,7 +418,7 @@ impl Mesh {
             ("kefu_mesh_relays_dropped_total", "Relayed pushes dropped for a peer that was away or behind.", &self.stats.relays_dropped),
             (
                 "kefu_mesh_handshakes_refused_total",
-                "Incoming mesh connections refused (no valid cluster certificate).",
+                "Incoming mesh connections refused (no valid cluster certificate, or one naming another node).",
                 &self.stats.handshakes_refused,
             ),
         ] {
@@ -659,7 +659,7 @@ async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
-                Ok(recv) => drop(streams.spawn(read_control(Arc::clone(&core), Arc::clone(&mesh), recv))),
+                Ok(recv) => drop(streams.spawn(read_control(Arc::clone(&core), Arc::clone(&mesh), conn.clone(), recv))),
                 Err(_) => break,
             },
             bi = conn.accept_bi() => match bi {
@@ -672,8 +672,13 @@ async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection
 }
 
 /// A peer's control stream: its hello, heartbeats, presence and relayed pushes.
-async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, mut recv: quinn::RecvStream) {
+async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection, mut recv: quinn::RecvStream) {
     let peer = match mesh.read(&mut recv).await {
+        Ok(Some(V1::Hello { node, .. })) if !tls::names(&conn, &node) => {
+            mesh.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+            conn.close(1u32.into(), b"certificate names another node");
+            return tracing::warn!(peer = %node, "a node said hello with a certificate that does not name it; closed");
+        }
         Ok(Some(V1::Hello { node, region, boot })) if mesh.peers.contains_key(&node) => {
             tracing::debug!(peer = %node, region = %region, boot, "mesh hello");
             node

@@ -123,6 +123,26 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// Whether the certificate `conn`'s peer presented names `node` (a DNS subject alternative name,
+/// which is how node certificates carry the node id). The chain was already verified against the
+/// cluster CA by the handshake; this binds the id a peer claims in its hello to that certificate.
+pub fn names(conn: &quinn::Connection, node: &str) -> bool {
+    let Some(identity) = conn.peer_identity() else { return false };
+    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else { return false };
+    chain.first().is_some_and(|leaf| der_names(leaf.as_ref(), node))
+}
+
+/// Whether DER certificate bytes hold `name` as a dNSName (context tag 2, short length).
+fn der_names(der: &[u8], name: &str) -> bool {
+    let Ok(len) = u8::try_from(name.len()) else { return false };
+    if name.is_empty() || len > 127 {
+        return false;
+    }
+    let mut pattern = vec![0x82, len];
+    pattern.extend_from_slice(name.as_bytes());
+    der.windows(pattern.len()).any(|w| w == pattern.as_slice())
+}
+
 fn ca_params() -> anyhow::Result<rcgen::CertificateParams> {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(rcgen::DnType::CommonName, CA_NAME);
@@ -170,4 +190,25 @@ fn sign_node(ca_key: &Path, node_id: &str, cert: &Path, key: &Path) -> anyhow::R
     crate::tls::write_private(key, key_pair.serialize_pem().as_bytes())?;
     std::fs::write(cert, signed.pem())?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificates_name_their_node_and_no_other() {
+        let dir = std::env::temp_dir().join(format!("kefu-mesh-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        make_ca(&dir).unwrap();
+        let (cert, key) = (dir.join("node.pem"), dir.join("node.key"));
+        sign_node(&dir.join("ca.key"), "fra-1", &cert, &key).unwrap();
+        let der = CertificateDer::from_pem_file(&cert).unwrap();
+        assert!(der_names(der.as_ref(), "fra-1"));
+        assert!(!der_names(der.as_ref(), "fra-2"));
+        assert!(!der_names(der.as_ref(), "fra"), "a prefix is not the name");
+        assert!(!der_names(der.as_ref(), ""));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
