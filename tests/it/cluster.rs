@@ -385,8 +385,7 @@ async fn a_new_node_with_an_empty_database_catches_up_before_it_is_ready() -> an
     // A group owned by one of the running nodes.
     let group: &'static str = ["100", "200", "300", "400", "500"].into_iter().find(|g| c.owner_of(&format!("g:{g}")) != 2).unwrap();
     let mut writer = c.node(0).tcp_login("writer").await?;
-    writer.send(json!({"cmd": 7, "groupId": group})).await?;
-    writer.recv_cmd(9).await?;
+    join(&mut writer, group).await?;
     let mut ids = Vec::new();
     for i in 0..600 {
         let ack = writer.chat(json!({"chatType": 1, "groupId": group, "content": format!("history {i}")})).await?;
@@ -505,18 +504,28 @@ async fn catch_up_of_large_messages_is_cut_into_frames_that_fit() -> anyhow::Res
     Ok(())
 }
 
+/// Joins `group` and waits for that group's join notice (the login's notices of other groups may
+/// already be waiting).
+async fn join(client: &mut tests::TcpClient, group: &str) -> anyhow::Result<()> {
+    client.send(json!({"cmd": 7, "groupId": group})).await?;
+    loop {
+        let notice = client.recv_cmd(9).await?;
+        if notice["group"] == group || notice["data"]["group"] == group {
+            return Ok(());
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_group_joined_at_one_node_works_for_the_same_user_at_another() -> anyhow::Result<()> {
     let c = Cluster::start(bin(), &REGIONS[..2], &[]).await?;
     let mut at_fra = c.node(1).tcp_login("gus").await?;
     let mut at_iad = c.node(0).tcp_login("gus").await?;
-    at_iad.send(json!({"cmd": 7, "groupId": "777"})).await?;
-    at_iad.recv_cmd(9).await?;
+    join(&mut at_iad, "777").await?;
     // Once the membership has reached fra, gus's session there can send to the group and gets
     // its messages.
     let mut other = c.node(0).tcp_login("hal").await?;
-    other.send(json!({"cmd": 7, "groupId": "777"})).await?;
-    other.recv_cmd(9).await?;
+    join(&mut other, "777").await?;
     let mut ack = json!(null);
     for _ in 0..50 {
         ack = at_fra.chat(json!({"chatType": 1, "groupId": "777", "content": "from fra"})).await?;
