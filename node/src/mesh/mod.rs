@@ -57,6 +57,8 @@ struct Peer {
     conn: Mutex<Option<quinn::Connection>>,
     /// Frames for the control stream of that connection.
     control: Mutex<Option<mpsc::Sender<Arc<Vec<u8>>>>>,
+    /// Presence deltas for this peer were dropped: it gets a full snapshot next.
+    presence_stale: AtomicBool,
     /// Newest revision of the peer applied here.
     applied: AtomicU64,
     /// Newest revision the peer reported.
@@ -123,6 +125,7 @@ impl Mesh {
                     addr: p.addr.clone(),
                     conn: Mutex::new(None),
                     control: Mutex::new(None),
+                    presence_stale: AtomicBool::new(false),
                     applied: AtomicU64::new(0),
                     head: AtomicU64::new(0),
                     applied_at_ms: AtomicI64::new(0),
@@ -348,6 +351,45 @@ impl Mesh {
         }
     }
 
+    /// Queues presence deltas for every peer. A peer whose queue cannot take them is marked to
+    /// get a full snapshot instead once it has room, so its view never stays wrong.
+    fn broadcast_presence(&self, frames: &[V1]) {
+        let encoded: Vec<Arc<Vec<u8>>> = frames.iter().map(|f| Arc::new(mesh::encode(f))).collect();
+        for peer in self.peers.values() {
+            let tx = peer.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let Some(tx) = tx else { continue };
+            if peer.presence_stale.load(Ordering::Acquire) {
+                continue;
+            }
+            for frame in &encoded {
+                if tx.try_send(Arc::clone(frame)).is_err() {
+                    peer.presence_stale.store(true, Ordering::Release);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Sends a full snapshot to each peer whose deltas were dropped, once its queue has room.
+    async fn repair_presence(&self, core: &Core) {
+        for (id, peer) in &self.peers {
+            if !peer.presence_stale.load(Ordering::Acquire) {
+                continue;
+            }
+            let room = peer.control.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |tx| tx.capacity());
+            if room < CONTROL_QUEUE / 2 {
+                continue;
+            }
+            peer.presence_stale.store(false, Ordering::Release);
+            for frame in snapshot_frames(core.hub.online_users()) {
+                if !self.send_to(id, &frame) {
+                    peer.presence_stale.store(true, Ordering::Release);
+                    break;
+                }
+            }
+        }
+    }
+
     async fn write(&self, send: &mut quinn::SendStream, msg: &V1) -> anyhow::Result<()> {
         let frame = mesh::encode(msg);
         self.write_raw(send, &frame).await
@@ -483,13 +525,16 @@ async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToke
                 let (online, offline): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(_, on)| *on);
                 let online: Vec<String> = online.into_iter().map(|(u, _)| u).collect();
                 let offline: Vec<String> = offline.into_iter().map(|(u, _)| u).collect();
+                let mut frames = Vec::new();
                 for chunk in online.chunks(PRESENCE_CHUNK) {
-                    mesh.broadcast(Arc::new(mesh::encode(&V1::Presence { snapshot: false, online: chunk.to_vec(), offline: vec![] })));
+                    frames.push(V1::Presence { snapshot: false, online: chunk.to_vec(), offline: vec![] });
                 }
                 for chunk in offline.chunks(PRESENCE_CHUNK) {
-                    mesh.broadcast(Arc::new(mesh::encode(&V1::Presence { snapshot: false, online: vec![], offline: chunk.to_vec() })));
+                    frames.push(V1::Presence { snapshot: false, online: vec![], offline: chunk.to_vec() });
                 }
+                mesh.broadcast_presence(&frames);
             }
+            mesh.repair_presence(&core).await;
         }
         if !core.ready.load(Ordering::Acquire) && mesh.caught_up(now) {
             tracing::info!("mesh catch-up done; ready");
@@ -556,6 +601,7 @@ async fn run_outbound(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn
             mesh.write(&mut control, &frame).await?;
         }
         *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        peer.presence_stale.store(false, Ordering::Release);
     }
     let subscription = subscribe(core, mesh, peer, &conn);
     let control_loop = async {
