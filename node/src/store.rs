@@ -390,20 +390,6 @@ impl Store {
         })
     }
 
-    /// The newest seq of every conversation stored here.
-    pub async fn high_water_marks(&self) -> Result<Vec<(ConversationId, u64)>> {
-        let conn = self.reader().await;
-        let mut rows = conn.query("SELECT conversation, MAX(seq) FROM messages GROUP BY conversation", ()).await?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().await? {
-            let conv: String = row.get(0)?;
-            if let Some(c) = ConversationId::parse(&conv) {
-                out.push((c, row.get(1)?));
-            }
-        }
-        Ok(out)
-    }
-
     /// The conversations of `user` (only `only`, when given) whose newest message here is older
     /// than what the user has been shown: their cursors, or `seen`. Each with the newest seq here
     /// and the seq wanted.

@@ -468,11 +468,6 @@ impl Mesh {
         }
         out
     }
-
-    /// Bytes sent and received on the mesh so far.
-    pub fn bytes(&self) -> (u64, u64) {
-        (self.stats.bytes_out.load(Ordering::Relaxed), self.stats.bytes_in.load(Ordering::Relaxed))
-    }
 }
 
 /// Users per presence frame: a snapshot of a node with a million sessions must not exceed the
