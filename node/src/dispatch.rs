@@ -474,9 +474,10 @@ impl Core {
             }
         }
         self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-        let store = self.store.clone();
+        // Queued now, in request order: pipelined sends get their seqs in the order they came.
+        let appended = self.store.submit_append(message);
         Ok(Box::pin(async move {
-            match store.append(message).await {
+            match appended.await {
                 Ok(delivery) => {
                     let m = &delivery.message;
                     let ack = ChatAck { client_id: m.client_id.as_deref(), conversation: m.conversation.as_str(), id: &m.id, seq: m.seq };

@@ -229,9 +229,31 @@ impl Store {
 
     /// Appends a message. Resolves after commit and delivery.
     pub async fn append(&self, message: NewMessage) -> Result<Delivery> {
+        self.submit_append(message).await
+    }
+
+    /// Queues a message for the writer now, before the returned future is first polled, so that
+    /// messages submitted one after another get their seqs in that order even when the futures
+    /// are polled out of order (a session keeps several in flight). Only when the write queue is
+    /// full (8192 operations) does the future wait for room, and order among such waiters follows
+    /// the queue's fairness.
+    pub fn submit_append(&self, message: NewMessage) -> impl std::future::Future<Output = Result<Delivery>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
-        self.send(WriteOp::Append(message, tx)).await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let (waiting, closed) = match self.writer.try_send(WriteOp::Append(message, tx)) {
+            Ok(()) => (None, false),
+            Err(mpsc::error::TrySendError::Full(op)) => (Some(op), false),
+            Err(mpsc::error::TrySendError::Closed(_)) => (None, true),
+        };
+        let writer = self.writer.clone();
+        async move {
+            if closed {
+                return Err(StoreError::Closed);
+            }
+            if let Some(op) = waiting {
+                writer.send(op).await.map_err(|_| StoreError::Closed)?;
+            }
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
     }
 
     /// Moves a user's cursors forward (never back). Fire and forget: applied with the next batch.
