@@ -101,22 +101,22 @@ impl Remote {
     fn remove(&mut self, node: &str, user: &str) {
         let Some(set) = self.by_node.get_mut(node) else { return };
         if set.remove(user) {
-            if let Some(n) = self.count.get_mut(user) {
-                *n -= 1;
-                if *n == 0 {
-                    self.count.remove(user);
-                }
-            }
+            self.release(user);
         }
     }
 
     fn drop_node(&mut self, node: &str) {
         for user in self.by_node.remove(node).unwrap_or_default() {
-            if let Some(n) = self.count.get_mut(&user) {
-                *n -= 1;
-                if *n == 0 {
-                    self.count.remove(&user);
-                }
+            self.release(&user);
+        }
+    }
+
+    /// One node fewer has `user` online.
+    fn release(&mut self, user: &str) {
+        if let Some(n) = self.count.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                self.count.remove(user);
             }
         }
     }
@@ -198,7 +198,7 @@ impl Hub {
 
     /// Whether `user` is online here or at any other node.
     pub fn is_online_anywhere(&self, user: &str) -> bool {
-        self.is_online(user) || self.remote().count.contains_key(user)
+        self.is_online(user) || self.is_online_elsewhere(user)
     }
 
     /// Whether `user` has a session at another node.

@@ -377,8 +377,7 @@ impl Store {
             .query("SELECT rev, user_id, conversation, delivered, read FROM cursors WHERE rev > ?1 AND rev <= ?2", params![lo, hi])
             .await?;
         while let Some(row) = rows.next().await? {
-            let conv: String = row.get(2)?;
-            let conversation = ConversationId::parse(&conv).ok_or_else(|| StoreError::Corrupt(format!("conversation id {conv:?}")))?;
+            let conversation = conversation_at(&row, 2)?;
             out.push((row.get(0)?, Change::Cursor { user_id: row.get(1)?, conversation, delivered: row.get(3)?, read: row.get(4)? }));
         }
         drop(rows);
@@ -389,8 +388,7 @@ impl Store {
             )
             .await?;
         while let Some(row) = rows.next().await? {
-            let conv: String = row.get(2)?;
-            let conversation = ConversationId::parse(&conv).ok_or_else(|| StoreError::Corrupt(format!("conversation id {conv:?}")))?;
+            let conversation = conversation_at(&row, 2)?;
             out.push((
                 row.get(0)?,
                 Change::Recall { message_id: row.get(1)?, conversation, seq: row.get(3)?, by: row.get(4)?, at_ms: row.get(5)? },
@@ -404,8 +402,7 @@ impl Store {
     /// The newest seq of a conversation stored here.
     pub async fn newest_seq(&self, conversation: &ConversationId) -> Result<u64> {
         let conn = self.reader().await;
-        let mut rows =
-            conn.query("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation = ?1", params![conversation.as_str()]).await?;
+        let mut rows = conn.query(NEWEST_SEQ, params![conversation.as_str()]).await?;
         Ok(match rows.next().await? {
             Some(row) => row.get(0)?,
             None => 0,
@@ -588,6 +585,8 @@ impl Store {
 const MSG_COLS: &str = "m.conversation, m.seq, m.id, m.client_id, m.sender, m.recipient, m.group_id, m.chat_type, m.msg_type, \
                         m.content, m.extras, m.nick, m.avatar, m.created_at, m.origin, m.recalled_at";
 
+/// The newest seq of a conversation (0 when it has none).
+const NEWEST_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation = ?1";
 /// Inserts a message sequenced here; a clash on (conversation, seq) or id is an error.
 const INSERT_MESSAGE: &str = "INSERT INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, \
      content, extras, nick, avatar, created_at, origin, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
@@ -618,9 +617,14 @@ fn row_values(m: &StoredMessage, rev: i64) -> Vec<Value> {
     ]
 }
 
+/// The conversation id in column `i`, refused if it is neither shape.
+fn conversation_at(row: &libsql::Row, i: i32) -> Result<ConversationId> {
+    let conv: String = row.get(i)?;
+    ConversationId::parse(&conv).ok_or_else(|| StoreError::Corrupt(format!("conversation id {conv:?}")))
+}
+
 fn message_from_row(row: &libsql::Row) -> Result<StoredMessage> {
-    let conv: String = row.get(0)?;
-    let conversation = ConversationId::parse(&conv).ok_or_else(|| StoreError::Corrupt(format!("conversation id {conv:?}")))?;
+    let conversation = conversation_at(row, 0)?;
     let chat_type: i64 = row.get(7)?;
     Ok(StoredMessage {
         conversation,
@@ -895,7 +899,7 @@ impl Writer {
             WriteOp::CreateUser(user, _) => Done::Flag(self.insert_user(user, true).await?, oneshot::channel().0),
             WriteOp::Import(messages, _) => {
                 for m in messages {
-                    self.insert_replica(m, false).await?;
+                    self.insert_replica(m).await?;
                 }
                 Done::Flag(true, oneshot::channel().0)
             }
@@ -935,7 +939,7 @@ impl Writer {
     async fn apply_change(&mut self, change: &Change) -> Result<Option<Arc<StoredMessage>>> {
         match change {
             Change::Message(m) => {
-                if self.insert_replica(m, false).await? {
+                if self.insert_replica(m).await? {
                     return Ok(Some(Arc::new(m.clone())));
                 }
                 if let Some(at) = m.recalled_at {
@@ -949,32 +953,38 @@ impl Writer {
                 self.upsert_cursor(user_id, conversation, *delivered, *read, false).await?;
             }
             Change::Recall { message_id, conversation, seq, by, at_ms } => {
-                let rev = self.next_rev();
-                let n = self
-                    .exec(
-                        "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![message_id.as_str(), conversation.as_str(), to_i64(*seq), by.as_str(), *at_ms, rev],
-                    )
-                    .await?;
-                if n > 0 {
-                    self.pending_changes.push((false, change.clone()));
-                }
+                self.insert_recall(message_id, conversation, *seq, by, *at_ms, false).await?;
                 self.mark_recalled(conversation, *seq, *at_ms).await?;
             }
         }
         Ok(None)
     }
 
-    /// Sets a message's recall time unless it has an earlier one. Returns whether it changed.
-    async fn mark_recalled(&mut self, conversation: &ConversationId, seq: u64, at_ms: i64) -> Result<bool> {
+    /// Sets a message's recall time unless it has an earlier one.
+    async fn mark_recalled(&mut self, conversation: &ConversationId, seq: u64, at_ms: i64) -> Result<()> {
+        let rev = self.next_rev();
+        self.exec(
+            "UPDATE messages SET recalled_at = ?3, rev = ?4 WHERE conversation = ?1 AND seq = ?2 AND (recalled_at IS NULL OR recalled_at > ?3)",
+            params![conversation.as_str(), to_i64(seq), at_ms, rev],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Records who recalled a message and when, once; the row goes to the mesh.
+    async fn insert_recall(&mut self, id: &str, conversation: &ConversationId, seq: u64, by: &str, at_ms: i64, local: bool) -> Result<()> {
         let rev = self.next_rev();
         let n = self
             .exec(
-                "UPDATE messages SET recalled_at = ?3, rev = ?4 WHERE conversation = ?1 AND seq = ?2 AND (recalled_at IS NULL OR recalled_at > ?3)",
-                params![conversation.as_str(), to_i64(seq), at_ms, rev],
+                "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, conversation.as_str(), to_i64(seq), by, at_ms, rev],
             )
             .await?;
-        Ok(n > 0)
+        if n > 0 {
+            let change = Change::Recall { message_id: id.to_string(), conversation: conversation.clone(), seq, by: by.to_string(), at_ms };
+            self.pending_changes.push((local, change));
+        }
+        Ok(())
     }
 
     async fn insert_user(&mut self, user: &UserRecord, local: bool) -> Result<bool> {
@@ -1038,7 +1048,8 @@ impl Writer {
     }
 
     /// Stores a message sequenced elsewhere unless it is here already. Returns whether it was new.
-    async fn insert_replica(&mut self, m: &StoredMessage, local: bool) -> Result<bool> {
+    /// Never a local change: another node sequenced it.
+    async fn insert_replica(&mut self, m: &StoredMessage) -> Result<bool> {
         let rev = self.next_rev();
         let n = self.exec(INSERT_MESSAGE_IF_NEW, row_values(m, rev)).await?;
         if n == 0 {
@@ -1050,7 +1061,7 @@ impl Writer {
         if let Some(seq) = self.seqs.get_mut(&m.conversation) {
             *seq = (*seq).max(m.seq);
         }
-        self.pending_changes.push((local, Change::Message(m.clone())));
+        self.pending_changes.push((false, Change::Message(m.clone())));
         Ok(true)
     }
 
@@ -1058,8 +1069,7 @@ impl Writer {
         if let Some(seq) = self.seqs.get(conv) {
             return Ok(*seq);
         }
-        let mut rows =
-            self.conn.query("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation = ?1", params![conv.as_str()]).await?;
+        let mut rows = self.conn.query(NEWEST_SEQ, params![conv.as_str()]).await?;
         let seq: u64 = match rows.next().await? {
             Some(row) => row.get(0)?,
             None => 0,
@@ -1124,22 +1134,7 @@ impl Writer {
                 return Ok(Err(RecallRefusal::Expired));
             }
             self.mark_recalled(&message.conversation, message.seq, now_ms).await?;
-            let rev = self.next_rev();
-            self.exec(
-                "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, message.conversation.as_str(), to_i64(message.seq), by, now_ms, rev],
-            )
-            .await?;
-            self.pending_changes.push((
-                true,
-                Change::Recall {
-                    message_id: id.to_string(),
-                    conversation: message.conversation.clone(),
-                    seq: message.seq,
-                    by: by.to_string(),
-                    at_ms: now_ms,
-                },
-            ));
+            self.insert_recall(id, &message.conversation, message.seq, by, now_ms, true).await?;
             message.recalled_at = Some(now_ms);
         }
         Ok(Ok(Arc::new(Recalled { message, by: by.to_string() })))
