@@ -559,7 +559,7 @@ impl Core {
             RelayTarget::Group(g) => drop(self.hub.send_group(g, push, skip)),
         }
         if let Some(mesh) = &self.mesh {
-            mesh.relay(to, None, push.command, &push.body);
+            mesh.relay(to, push.command, &push.body);
         }
     }
 

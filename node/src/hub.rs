@@ -342,19 +342,6 @@ impl Hub {
             .count()
     }
 
-    /// Pushes to every connection of every online member of `group` except user `skip_user`.
-    pub fn send_group_except(&self, group: &str, push: &SharedPush, skip_user: Option<&str>) -> usize {
-        let inner = self.lock();
-        let Some(members) = inner.groups.get(group) else { return 0 };
-        members
-            .iter()
-            .filter(|u| Some(&***u) != skip_user)
-            .filter_map(|u| inner.users.get(u))
-            .flat_map(|e| e.conns.iter())
-            .filter(|c| self.offer(c, push))
-            .count()
-    }
-
     fn offer(&self, conn: &Conn, push: &SharedPush) -> bool {
         let len = push.body.len();
         if conn.queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES_PER_CONNECTION {

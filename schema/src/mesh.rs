@@ -72,8 +72,6 @@ pub enum V1 {
     Relay {
         /// Who gets it.
         to: RelayTarget,
-        /// A user who must not get it (the one who caused it).
-        skip_user: Option<String>,
         /// Command code of the frame.
         command: u8,
         /// JSON body of the frame.

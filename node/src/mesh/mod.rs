@@ -320,8 +320,8 @@ impl Mesh {
     /// Pushes a frame to the matching connections of every other node (typing, receipts, join and
     /// exit notices, recalls). Best effort, like the push itself: a peer that is down or too far
     /// behind misses it.
-    pub fn relay(&self, to: RelayTarget, skip_user: Option<&str>, command: u8, body: &[u8]) {
-        let frame = V1::Relay { to, skip_user: skip_user.map(str::to_string), command, body: String::from_utf8_lossy(body).into_owned() };
+    pub fn relay(&self, to: RelayTarget, command: u8, body: &[u8]) {
+        let frame = V1::Relay { to, command, body: String::from_utf8_lossy(body).into_owned() };
         self.broadcast(Arc::new(mesh::encode(&frame)));
     }
 
@@ -745,12 +745,11 @@ async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection,
             V1::Beat { .. } => {}
             V1::Resync => mesh.send_snapshot(&core, &peer).await,
             V1::Presence { snapshot, online, offline } => core.hub.remote_presence(&peer, snapshot, &online, &offline),
-            V1::Relay { to, skip_user, command, body } => {
+            V1::Relay { to, command, body } => {
                 let push = Arc::new(Push { command, body: body.into_bytes().into(), delivery: None });
                 match &to {
-                    RelayTarget::User(u) if skip_user.as_deref() == Some(u.as_str()) => {}
                     RelayTarget::User(u) => drop(core.hub.send_user(u, &push, None)),
-                    RelayTarget::Group(g) => drop(core.hub.send_group_except(g, &push, skip_user.as_deref())),
+                    RelayTarget::Group(g) => drop(core.hub.send_group(g, &push, None)),
                 }
             }
             other => tracing::warn!(peer = %peer, frame = ?other, "unexpected frame on a control stream"),
