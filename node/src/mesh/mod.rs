@@ -69,6 +69,13 @@ struct Peer {
     applied_here_ms: AtomicI64,
 }
 
+impl Peer {
+    /// The queue of the control stream, while connected.
+    fn control_tx(&self) -> Option<mpsc::Sender<Arc<Vec<u8>>>> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 #[derive(Default)]
 struct Stats {
     bytes_out: AtomicU64,
@@ -265,9 +272,7 @@ impl Mesh {
     /// Records that this node stored `conversation` up to `seq` by other means (a gap fill), so
     /// the same messages arriving later from a change stream are not pushed again.
     pub fn note_stored(&self, conversation: &ConversationId, seq: u64) {
-        let mut highs = self.highs.lock().unwrap_or_else(|e| e.into_inner());
-        let high = highs.entry(conversation.clone()).or_default();
-        *high = (*high).max(seq);
+        self.claim(conversation, seq, None);
     }
 
     /// Pushes a message from a peer's change stream to local connections as soon as it arrives,
@@ -327,23 +332,32 @@ impl Mesh {
 
     /// Queues a frame on the control stream to `peer`, if connected.
     fn send_to(&self, peer: &str, msg: &V1) -> bool {
-        let Some(p) = self.peers.get(peer) else { return false };
-        let tx = p.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let tx = self.peers.get(peer).and_then(|p| p.control_tx());
         tx.is_some_and(|tx| tx.try_send(Arc::new(mesh::encode(msg))).is_ok())
     }
 
     /// Queues this node's full presence for `peer`, in order with the deltas.
     async fn send_snapshot(&self, core: &Core, peer: &str) {
         let _order = self.presence.lock().await;
+        self.queue_snapshot(core, peer);
+    }
+
+    /// Queues a full presence snapshot for `peer` (the caller holds the presence lock). If the
+    /// queue cannot take all of it, the peer is marked to get one later.
+    fn queue_snapshot(&self, core: &Core, peer: &str) {
+        let Some(p) = self.peers.get(peer) else { return };
+        p.presence_stale.store(false, Ordering::Release);
         for frame in snapshot_frames(core.hub.online_users()) {
-            self.send_to(peer, &frame);
+            if !self.send_to(peer, &frame) {
+                p.presence_stale.store(true, Ordering::Release);
+                return;
+            }
         }
     }
 
     fn broadcast(&self, frame: Arc<Vec<u8>>) {
         for peer in self.peers.values() {
-            let tx = peer.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(tx) = tx {
+            if let Some(tx) = peer.control_tx() {
                 if tx.try_send(Arc::clone(&frame)).is_err() {
                     self.stats.relays_dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -356,8 +370,7 @@ impl Mesh {
     fn broadcast_presence(&self, frames: &[V1]) {
         let encoded: Vec<Arc<Vec<u8>>> = frames.iter().map(|f| Arc::new(mesh::encode(f))).collect();
         for peer in self.peers.values() {
-            let tx = peer.control.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let Some(tx) = tx else { continue };
+            let Some(tx) = peer.control_tx() else { continue };
             if peer.presence_stale.load(Ordering::Acquire) {
                 continue;
             }
@@ -371,21 +384,14 @@ impl Mesh {
     }
 
     /// Sends a full snapshot to each peer whose deltas were dropped, once its queue has room.
-    async fn repair_presence(&self, core: &Core) {
+    fn repair_presence(&self, core: &Core) {
         for (id, peer) in &self.peers {
             if !peer.presence_stale.load(Ordering::Acquire) {
                 continue;
             }
-            let room = peer.control.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |tx| tx.capacity());
-            if room < CONTROL_QUEUE / 2 {
-                continue;
-            }
-            peer.presence_stale.store(false, Ordering::Release);
-            for frame in snapshot_frames(core.hub.online_users()) {
-                if !self.send_to(id, &frame) {
-                    peer.presence_stale.store(true, Ordering::Release);
-                    break;
-                }
+            let room = peer.control_tx().map_or(0, |tx| tx.capacity());
+            if room >= CONTROL_QUEUE / 2 {
+                self.queue_snapshot(core, id);
             }
         }
     }
@@ -414,6 +420,11 @@ impl Mesh {
         recv.read_exact(&mut body).await?;
         self.stats.bytes_in.fetch_add(4 + len as u64, Ordering::Relaxed);
         Ok(Some(mesh::decode(&body)?))
+    }
+
+    /// `peer`'s change stream has reached the head it reported.
+    fn mark_caught_up(&self, peer: &str) {
+        self.catchup.lock().unwrap_or_else(|e| e.into_inner()).caught_up(peer);
     }
 
     /// Whether the initial catch-up is done (or given up on for unreachable peers).
@@ -529,7 +540,7 @@ async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToke
                 }
                 mesh.broadcast_presence(&frames);
             }
-            mesh.repair_presence(&core).await;
+            mesh.repair_presence(&core);
         }
         if !core.ready.load(Ordering::Acquire) && mesh.caught_up(now) {
             tracing::info!("mesh catch-up done; ready");
@@ -654,12 +665,12 @@ async fn subscribe(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: &
                 peer.applied_here_ms.store(crate::store::now_ms(), Ordering::Relaxed);
                 mesh.stats.changes_applied.fetch_add(n as u64, Ordering::Relaxed);
                 if upto >= head {
-                    mesh.catchup.lock().unwrap_or_else(|e| e.into_inner()).caught_up(&peer.spec.id);
+                    mesh.mark_caught_up(&peer.spec.id);
                 }
             }
             Accept::Duplicate => {
                 if batch.head <= applied {
-                    mesh.catchup.lock().unwrap_or_else(|e| e.into_inner()).caught_up(&peer.spec.id);
+                    mesh.mark_caught_up(&peer.spec.id);
                 }
             }
             Accept::Gap => anyhow::bail!("gap in the change stream after revision {applied}"),
