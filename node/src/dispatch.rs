@@ -462,12 +462,7 @@ impl Core {
                 let recipient_online = message.recipient.as_deref().is_some_and(|r| self.hub.is_online_anywhere(r));
                 return Ok(Box::pin(async move {
                     match mesh.forward(&owner, message).await {
-                        Ok(m) => {
-                            let ack =
-                                ChatAck { client_id: m.client_id.as_deref(), conversation: m.conversation.as_str(), id: &m.id, seq: m.seq };
-                            let status = if m.chat_type == 2 && !recipient_online { Status::Offline } else { Status::Ok };
-                            jim::resp(Command::ChatResp, status, Some(ack))
-                        }
+                        Ok(m) => chat_ack(&m, recipient_online),
                         Err(status) => fail(status),
                     }
                 }));
@@ -478,14 +473,7 @@ impl Core {
         let appended = self.store.submit_append(message);
         Ok(Box::pin(async move {
             match appended.await {
-                Ok(delivery) => {
-                    let m = &delivery.message;
-                    let ack = ChatAck { client_id: m.client_id.as_deref(), conversation: m.conversation.as_str(), id: &m.id, seq: m.seq };
-                    // J-IM answers a private message to an offline user with 10001; kefu has
-                    // stored it and will deliver it when the user comes back.
-                    let status = if m.chat_type == 2 && !delivery.recipient_online { Status::Offline } else { Status::Ok };
-                    jim::resp(Command::ChatResp, status, Some(ack))
-                }
+                Ok(delivery) => chat_ack(&delivery.message, delivery.recipient_online),
                 Err(e) => {
                     tracing::warn!(error = %e, "append failed");
                     fail(Status::Retryable)
@@ -742,6 +730,14 @@ fn group_view(group_id: String, name: Option<String>, members: Vec<UserView>, fi
         })
         .collect();
     GroupView { avatar: None, group_id, name, online, users }
+}
+
+/// The cmd 12 success reply for a committed message. J-IM answers a private message to an
+/// offline user with 10001; kefu has stored it and will deliver it when the user comes back.
+fn chat_ack(m: &StoredMessage, recipient_online: bool) -> Vec<u8> {
+    let ack = ChatAck { client_id: m.client_id.as_deref(), conversation: m.conversation.as_str(), id: &m.id, seq: m.seq };
+    let status = if m.chat_type == 2 && !recipient_online { Status::Offline } else { Status::Ok };
+    jim::resp(Command::ChatResp, status, Some(ack))
 }
 
 /// The body of a recall notice and reply (cmd 16).
