@@ -81,34 +81,38 @@ async fn one_way(from: &mut TcpClient, to: &mut TcpClient, peer: &str, n: usize)
     Ok((times, acks))
 }
 
+/// One latency case: `sender` at node `from` sends to a recipient at node `to` whose conversation
+/// with the sender node `owner` sequences (the recipient's name is picked from `base` for that).
+async fn case(
+    c: &Cluster,
+    sender: &str,
+    from: usize,
+    base: &str,
+    to: usize,
+    owner: usize,
+    n: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let recipient = c.user_owned_by(base, sender, owner);
+    let mut s = c.node(from).tcp_login(sender).await?;
+    let mut r = c.node(to).tcp_login(&recipient).await?;
+    // Let the recipient's presence reach the other node first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    one_way(&mut s, &mut r, &recipient, n).await
+}
+
 async fn latency(bin: &std::path::Path, delay: Duration, n: usize) -> anyhow::Result<()> {
     let c = Cluster::start(bin, &[("iad-1", "iad"), ("fra-1", "fra")], &UNLIMITED).await?;
     c.all_links(LinkSettings { delay, ..LinkSettings::default() });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let d = delay.as_secs_f64() * 1000.0;
     // Same node: sender and recipient at iad, iad owns the conversation.
-    let local_peer = c.user_owned_by("local", "s1", 0);
-    let mut s1 = c.node(0).tcp_login("s1").await?;
-    let mut r1 = c.node(0).tcp_login(&local_peer).await?;
-    let base = one_way(&mut s1, &mut r1, &local_peer, n).await?;
+    let base = case(&c, "s1", 0, "local", 0, 0, n).await?;
     // Across regions, sequenced by the sender's node: one crossing (owner → recipient's node).
-    let far = c.user_owned_by("far", "s2", 0);
-    let mut s2 = c.node(0).tcp_login("s2").await?;
-    let mut r2 = c.node(1).tcp_login(&far).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let sender_owned = one_way(&mut s2, &mut r2, &far, n).await?;
+    let sender_owned = case(&c, "s2", 0, "far", 1, 0, n).await?;
     // Across regions, sequenced by the recipient's node: one crossing (forward to the owner).
-    let near = c.user_owned_by("near", "s3", 1);
-    let mut s3 = c.node(0).tcp_login("s3").await?;
-    let mut r3 = c.node(1).tcp_login(&near).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let recipient_owned = one_way(&mut s3, &mut r3, &near, n).await?;
+    let recipient_owned = case(&c, "s3", 0, "near", 1, 1, n).await?;
     // Both users at fra, the conversation owned by iad: forward there, ship back.
-    let away = c.user_owned_by("away", "s4", 0);
-    let mut s4 = c.node(1).tcp_login("s4").await?;
-    let mut r4 = c.node(1).tcp_login(&away).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let both_far = one_way(&mut s4, &mut r4, &away, n).await?;
+    let both_far = case(&c, "s4", 1, "away", 1, 0, n).await?;
     println!("latency: {n} messages each, relay delay {d} ms one way (delivery = send to arrival; reply = send to the sender's 10000)");
     for (name, crossings, (t, a)) in [
         ("same node", 0.0, &base),
