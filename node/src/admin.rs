@@ -1,7 +1,6 @@
 //! The admin port: `/healthz` (the process answers), `/readyz` (accepting clients) and
 //! `/metrics` (Prometheus text). Never exposed publicly.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -18,8 +17,10 @@ pub fn router(core: Arc<Core>) -> Router {
 }
 
 async fn readyz(State(core): State<Arc<Core>>) -> impl IntoResponse {
-    if core.ready.load(Ordering::Acquire) {
+    if core.may_sequence() {
         (StatusCode::OK, "ready\n")
+    } else if core.mesh.as_ref().is_some_and(|m| !m.agrees()) {
+        (StatusCode::SERVICE_UNAVAILABLE, "a peer has another node list\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
     }

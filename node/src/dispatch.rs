@@ -160,6 +160,12 @@ pub struct Sender<'a> {
 }
 
 impl Core {
+    /// Whether this node is ready and may hand out seqs: caught up with the mesh, and agreeing
+    /// with every peer it hears from on the configured node list (DESIGN §7).
+    pub fn may_sequence(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.mesh.as_ref().is_none_or(|m| m.agrees())
+    }
+
     /// Carries out one request.
     pub async fn handle(&self, s: &mut SessionState, req: Request) -> Outcome {
         match req {
@@ -451,9 +457,10 @@ impl Core {
         };
         if let Some(mesh) = &self.mesh {
             let owner = mesh.owner(&message.conversation).id.clone();
-            if owner == mesh.me.id && !self.ready.load(Ordering::Acquire) {
-                // An owner sequences only once it has caught up with the mesh: after losing its
-                // database it would otherwise hand out seqs that were already taken.
+            if owner == mesh.me.id && !self.may_sequence() {
+                // An owner sequences only once it has caught up with the mesh (after losing its
+                // database it would otherwise hand out seqs that were already taken) and while
+                // no peer has another node list (which could make that peer an owner too).
                 return Err(fail(Status::Retryable));
             }
             if owner != mesh.me.id {

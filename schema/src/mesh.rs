@@ -49,6 +49,13 @@ pub enum V1 {
         region: String,
         /// Random per process start.
         boot: u64,
+        /// [`crate::placement::fingerprint`] of the sender's configured node list: a node that
+        /// hears another one refuses the peer (a hello without it is from a node too old to say).
+        #[serde(default)]
+        fingerprint: String,
+        /// How many nodes that list has (for the operator's log when the lists differ).
+        #[serde(default)]
+        nodes: usize,
     },
     /// Liveness, sent every beat interval on the control stream.
     Beat {
@@ -230,9 +237,9 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_the_wire_shape_is_pinned() {
-        let hello = V1::Hello { node: "iad-1".into(), region: "iad".into(), boot: 7 };
+        let hello = V1::Hello { node: "iad-1".into(), region: "iad".into(), boot: 7, fingerprint: "00ff".into(), nodes: 3 };
         let frame = encode(&hello);
-        assert_eq!(&frame[4..], br#"{"V1":{"t":"Hello","node":"iad-1","region":"iad","boot":7}}"#);
+        assert_eq!(&frame[4..], br#"{"V1":{"t":"Hello","node":"iad-1","region":"iad","boot":7,"fingerprint":"00ff","nodes":3}}"#);
         assert_eq!(frame_len(frame[..4].try_into().unwrap()).unwrap(), frame.len() - 4);
         assert_eq!(decode(&frame[4..]).unwrap(), hello);
 
@@ -249,6 +256,13 @@ mod tests {
         assert_eq!(decode(&encode(&batch)[4..]).unwrap(), batch);
         let fwd = V1::Forwarded { result: Err(11007) };
         assert_eq!(decode(&encode(&fwd)[4..]).unwrap(), fwd);
+    }
+
+    #[test]
+    fn a_hello_from_before_fingerprints_reads_as_an_empty_one() {
+        let old = br#"{"V1":{"t":"Hello","node":"iad-1","region":"iad","boot":7}}"#;
+        let V1::Hello { fingerprint, nodes, .. } = decode(old).unwrap() else { panic!("not a hello") };
+        assert_eq!((fingerprint.as_str(), nodes), ("", 0));
     }
 
     #[test]

@@ -30,10 +30,26 @@ pub fn owner<'a>(conversation: &str, nodes: &'a [NodeSpec]) -> Option<&'a NodeSp
     nodes.iter().filter(|n| n.region == region).max_by_key(|n| (weight(conversation, &n.id), n.id.as_str()))
 }
 
+/// A fingerprint of the configured cluster: 16 hex digits that are equal on two nodes exactly
+/// when their node lists (ids and regions, in any order) are equal, as far as a 64-bit hash can
+/// tell. Nodes exchange it in the mesh hello: two nodes with different lists could both think
+/// they own a conversation, so they refuse to work together (DESIGN §7).
+pub fn fingerprint(nodes: &[NodeSpec]) -> String {
+    let mut lines: Vec<String> = nodes.iter().map(|n| format!("{}@{}", n.id, n.region)).collect();
+    lines.sort();
+    lines.dedup();
+    format!("{:016x}", hash(lines.join("\n").bytes()))
+}
+
 /// The rendezvous weight of `candidate` for `key`.
 fn weight(key: &str, candidate: &str) -> u64 {
+    hash(key.bytes().chain([0xff]).chain(candidate.bytes()))
+}
+
+/// FNV-1a 64 over `bytes`, finished with a 64-bit avalanche.
+fn hash(bytes: impl Iterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes().chain([0xff]).chain(candidate.bytes()) {
+    for b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -91,6 +107,23 @@ mod tests {
             assert!((3_000..3_700).contains(&n), "{node} owns {n} of 10,000");
         }
         assert!((2_200..2_800).contains(&moved), "{moved} moved; about a quarter should");
+    }
+
+    #[test]
+    fn the_fingerprint_sees_every_id_and_region_but_not_the_order() {
+        let a = nodes(&[("n1", "iad"), ("n2", "fra"), ("n3", "sin")]);
+        let mut b = a.clone();
+        b.reverse();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_eq!(fingerprint(&a).len(), 16);
+        let moved = nodes(&[("n1", "iad"), ("n2", "sin"), ("n3", "sin")]);
+        let fewer = nodes(&[("n1", "iad"), ("n2", "fra")]);
+        let renamed = nodes(&[("n1", "iad"), ("n2", "fra"), ("n4", "sin")]);
+        for other in [&moved, &fewer, &renamed] {
+            assert_ne!(fingerprint(&a), fingerprint(other), "{other:?}");
+        }
+        // Pinned: nodes of two releases must compute the same fingerprint.
+        assert_eq!(fingerprint(&nodes(&[("iad-1", "iad")])), "cfbda281b56204be");
     }
 
     #[test]

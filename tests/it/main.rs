@@ -12,6 +12,7 @@ mod extensions;
 mod http_api;
 mod interop;
 mod jim_tcp;
+mod mesh_rules;
 mod offline;
 mod parity;
 mod quic;

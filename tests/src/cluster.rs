@@ -188,6 +188,9 @@ pub struct Cluster {
     bin: PathBuf,
     ca: tempfile::TempDir,
     extra: Vec<String>,
+    /// Regions some nodes are told for others, where they differ from the truth: `(i, j)` → the
+    /// region node `i` is configured to think node `j` is in.
+    misconfigured: HashMap<(usize, usize), String>,
 }
 
 impl Cluster {
@@ -220,7 +223,13 @@ impl Cluster {
             nodes.push(ClusterNode { id: id.to_string(), region: region.to_string(), node: None, data: Some(data) });
         }
         let extra = extra.iter().flat_map(|(k, v)| [k.to_string(), v.to_string()]).collect();
-        Ok(Cluster { nodes, relays, bin: bin.as_ref().to_path_buf(), ca, extra })
+        Ok(Cluster { nodes, relays, bin: bin.as_ref().to_path_buf(), ca, extra, misconfigured: HashMap::new() })
+    }
+
+    /// Configures node `i` (before its launch) to think node `j` is in `region`: two nodes with
+    /// different node lists.
+    pub fn misconfigure(&mut self, i: usize, j: usize, region: &str) {
+        self.misconfigured.insert((i, j), region.to_string());
     }
 
     /// Starts node `i` for the first time (on its fresh data dir).
@@ -232,7 +241,8 @@ impl Cluster {
             .arg("--cluster-ca", self.ca.path().join("ca.pem").display());
         for (j, other) in self.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
             let relay = &self.relays[&(i, j)];
-            builder = builder.arg("--peer", format!("{}@{}={}", other.id, other.region, relay.addr));
+            let region = self.misconfigured.get(&(i, j)).unwrap_or(&other.region);
+            builder = builder.arg("--peer", format!("{}@{}={}", other.id, region, relay.addr));
         }
         for pair in self.extra.chunks(2) {
             builder = builder.arg(&pair[0], &pair[1]);

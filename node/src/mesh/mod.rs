@@ -45,6 +45,14 @@ pub const PRESENCE_EVERY: Duration = Duration::from_millis(100);
 const FRAME_BUDGET: usize = mesh::MAX_FRAME / 2;
 /// Frames queued for one peer's control stream before relays to it are dropped.
 const CONTROL_QUEUE: usize = 8192;
+/// How long a peer that said hello with another node list keeps this node from sequencing: a
+/// configured peer retries every 2 s at most, so a peer that still disagrees renews it well
+/// before it runs out, and one that stopped dialling (fixed or gone) is forgotten.
+const DISAGREEMENT_HOLDS: Duration = Duration::from_secs(10);
+/// QUIC close code: the node lists differ.
+const CLOSE_LISTS_DIFFER: u32 = 2;
+/// QUIC close code: the certificate names another node.
+const CLOSE_WRONG_NAME: u32 = 1;
 
 /// A forwarder waiting for its replica to reach a seq.
 type Waiter = (u64, oneshot::Sender<()>);
@@ -85,6 +93,7 @@ struct Stats {
     changes_applied: AtomicU64,
     relays_dropped: AtomicU64,
     handshakes_refused: AtomicU64,
+    lists_differ: AtomicU64,
 }
 
 /// The running mesh of this node.
@@ -93,6 +102,10 @@ pub struct Mesh {
     pub me: NodeSpec,
     /// Every configured node, this one included: the input of placement.
     pub nodes: Vec<NodeSpec>,
+    /// `placement::fingerprint` of `nodes`, said in every hello.
+    fingerprint: String,
+    /// Nodes that said hello with another node list (or refused ours), and when last.
+    disagreeing: Mutex<HashMap<String, Instant>>,
     peers: BTreeMap<String, Arc<Peer>>,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
@@ -143,6 +156,8 @@ impl Mesh {
         let ids: Vec<String> = peers.keys().cloned().collect();
         Ok(Some(Arc::new(Mesh {
             me,
+            fingerprint: placement::fingerprint(&nodes),
+            disagreeing: Mutex::new(HashMap::new()),
             nodes,
             membership: Mutex::new(Membership::new(ids.iter().map(String::as_str), BEAT, config.peer_down_after)),
             catchup: Mutex::new(CatchUp::new(ids.iter().map(String::as_str), Instant::now(), config.peer_down_after)),
@@ -168,6 +183,46 @@ impl Mesh {
     /// node agrees and a partition cannot make a second sequencer (DESIGN §7).
     pub fn owner(&self, conversation: &ConversationId) -> &NodeSpec {
         placement::owner(conversation.as_str(), &self.nodes).unwrap_or(&self.me)
+    }
+
+    /// Whether every node heard from lately has the same node list as this one. While one does
+    /// not, this node sequences nothing and is not ready: the two lists could name two owners
+    /// for one conversation.
+    pub fn agrees(&self) -> bool {
+        let mut disagreeing = self.disagreeing.lock().unwrap_or_else(|e| e.into_inner());
+        disagreeing.retain(|_, at| at.elapsed() < DISAGREEMENT_HOLDS);
+        disagreeing.is_empty()
+    }
+
+    /// Notes that `node` has another node list (`theirs` nodes long, 0 when unknown).
+    fn disagrees(&self, node: &str, theirs: usize) {
+        let first = self.disagreeing.lock().unwrap_or_else(|e| e.into_inner()).insert(node.to_string(), Instant::now()).is_none();
+        self.stats.lists_differ.fetch_add(1, Ordering::Relaxed);
+        if first {
+            tracing::error!(
+                peer = %node,
+                ours = self.nodes.len(),
+                theirs,
+                "a peer has another node list: refused, and this node sequences nothing until the lists agree"
+            );
+        }
+    }
+
+    /// Notes that `node` has the same node list.
+    fn agrees_with(&self, node: &str) {
+        if self.disagreeing.lock().unwrap_or_else(|e| e.into_inner()).remove(node).is_some() {
+            tracing::info!(peer = %node, "a peer's node list agrees now");
+        }
+    }
+
+    fn hello(&self) -> V1 {
+        V1::Hello {
+            node: self.me.id.clone(),
+            region: self.me.region.clone(),
+            boot: self.boot,
+            fingerprint: self.fingerprint.clone(),
+            nodes: self.nodes.len(),
+        }
     }
 
     fn lock_membership(&self) -> std::sync::MutexGuard<'_, Membership> {
@@ -474,6 +529,11 @@ impl Mesh {
                 "Incoming mesh connections refused (no valid cluster certificate, or one naming another node).",
                 &self.stats.handshakes_refused,
             ),
+            (
+                "kefu_mesh_node_list_mismatches_total",
+                "Mesh hellos refused, given or received, because the two nodes' configured node lists differ.",
+                &self.stats.lists_differ,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
@@ -579,6 +639,11 @@ async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: 
                         }
                     }
                 }
+                if let Some(quinn::ConnectionError::ApplicationClosed(close)) = conn.close_reason() {
+                    if close.error_code == quinn::VarInt::from_u32(CLOSE_LISTS_DIFFER) {
+                        mesh.disagrees(&peer.spec.id, 0);
+                    }
+                }
                 *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 *peer.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 conn.close(0u32.into(), b"reconnecting");
@@ -597,7 +662,7 @@ async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: 
 async fn run_outbound(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: quinn::Connection) -> anyhow::Result<()> {
     *peer.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
     let mut control = conn.open_uni().await?;
-    mesh.write(&mut control, &V1::Hello { node: mesh.me.id.clone(), region: mesh.me.region.clone(), boot: mesh.boot }).await?;
+    mesh.write(&mut control, &mesh.hello()).await?;
     let (tx, mut rx) = mpsc::channel::<Arc<Vec<u8>>>(CONTROL_QUEUE);
     {
         // The snapshot and the switch to the new queue happen together: every delta taken after
@@ -638,6 +703,8 @@ async fn subscribe(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: &
     loop {
         let Some(frame) = mesh.read(&mut recv).await? else { anyhow::bail!("the peer ended the change stream") };
         let V1::Changes(batch) = frame else { anyhow::bail!("expected a change batch") };
+        // The peer serves a subscription only after it accepted this node's hello.
+        mesh.agrees_with(&peer.spec.id);
         peer.head.store(batch.head, Ordering::Relaxed);
         if batch.head < applied {
             // The peer holds less than was already applied from it: its database was replaced
@@ -706,12 +773,18 @@ async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationTok
     }
 }
 
+/// Serves a peer's connection: its hello first, and only once that is accepted its control
+/// stream and its requests.
 async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection) {
+    let Ok(mut control) = conn.accept_uni().await else { return };
+    let Some(peer) = accept_hello(&mesh, &conn, &mut control).await else { return };
     let streams = TaskTracker::new();
+    streams.spawn(read_control(Arc::clone(&core), Arc::clone(&mesh), peer, control));
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
-                Ok(recv) => drop(streams.spawn(read_control(Arc::clone(&core), Arc::clone(&mesh), conn.clone(), recv))),
+                // A peer has one control stream per connection.
+                Ok(_) => tracing::warn!("a second control stream on a mesh connection; ignored"),
                 Err(_) => break,
             },
             bi = conn.accept_bi() => match bi {
@@ -723,21 +796,43 @@ async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection
     streams.close();
 }
 
-/// A peer's control stream: its hello, heartbeats, presence and relayed pushes.
-async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection, mut recv: quinn::RecvStream) {
-    let peer = match mesh.read(&mut recv).await {
-        Ok(Some(V1::Hello { node, .. })) if !tls::names(&conn, &node) => {
+/// Reads and checks the hello on a peer's control stream: the certificate must name the node
+/// it says it is, and its node list must be this node's. Returns the peer's id, or closes the
+/// connection.
+async fn accept_hello(mesh: &Mesh, conn: &quinn::Connection, recv: &mut quinn::RecvStream) -> Option<String> {
+    match mesh.read(recv).await {
+        Ok(Some(V1::Hello { node, .. })) if !tls::names(conn, &node) => {
             mesh.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-            conn.close(1u32.into(), b"certificate names another node");
-            return tracing::warn!(peer = %node, "a node said hello with a certificate that does not name it; closed");
+            conn.close(CLOSE_WRONG_NAME.into(), b"certificate names another node");
+            tracing::warn!(peer = %node, "a node said hello with a certificate that does not name it; closed");
+            None
         }
-        Ok(Some(V1::Hello { node, region, boot })) if mesh.peers.contains_key(&node) => {
+        Ok(Some(V1::Hello { node, fingerprint, nodes, .. })) if fingerprint != mesh.fingerprint => {
+            mesh.disagrees(&node, nodes);
+            conn.close(CLOSE_LISTS_DIFFER.into(), b"the node lists differ");
+            None
+        }
+        Ok(Some(V1::Hello { node, region, boot, .. })) if mesh.peers.contains_key(&node) => {
             tracing::debug!(peer = %node, region = %region, boot, "mesh hello");
-            node
+            mesh.agrees_with(&node);
+            Some(node)
         }
-        Ok(Some(V1::Hello { node, .. })) => return tracing::warn!(peer = %node, "a node that is not in the peer list dialled in; ignored"),
-        _ => return tracing::warn!("a mesh control stream did not start with a hello"),
-    };
+        Ok(Some(V1::Hello { node, .. })) => {
+            // Same fingerprint but not configured here: only this node itself could be that.
+            tracing::warn!(peer = %node, "a node that is not in the peer list dialled in; closed");
+            conn.close(CLOSE_WRONG_NAME.into(), b"not a configured peer");
+            None
+        }
+        _ => {
+            tracing::warn!("a mesh control stream did not start with a hello");
+            conn.close(CLOSE_WRONG_NAME.into(), b"no hello");
+            None
+        }
+    }
+}
+
+/// A peer's control stream after its hello: heartbeats, presence and relayed pushes.
+async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, peer: String, mut recv: quinn::RecvStream) {
     loop {
         let frame = match mesh.read(&mut recv).await {
             Ok(Some(frame)) => frame,
@@ -782,8 +877,9 @@ async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendSt
             return;
         }
         V1::Forward { message } => {
-            if !core.ready.load(Ordering::Acquire) {
-                // Not caught up yet: this node may not hold the newest seq it gave out before.
+            if !core.may_sequence() {
+                // Not caught up yet (this node may not hold the newest seq it gave out before),
+                // or a peer has another node list.
                 V1::Forwarded { result: Err(Status::Retryable.code()) }
             } else if mesh.owner(&message.conversation).id != mesh.me.id {
                 tracing::error!(conversation = %message.conversation.as_str(), "a send was forwarded here but this node does not own it: the nodes' peer lists differ");
