@@ -578,36 +578,20 @@ impl Core {
 
     /// Makes sure this node's replica of the user's conversations holds everything the user has
     /// already been shown (their cursors, or `seen` the client names): a conversation owned
-    /// elsewhere whose local copy is behind is fetched from its owner first (roaming, DESIGN §7).
+    /// elsewhere whose local copy is behind is fetched first, from its owner or any peer that has
+    /// it (roaming, DESIGN §7).
     async fn fill_gaps(&self, user: &str, only: Option<&ConversationId>, seen: u64) {
         let Some(mesh) = &self.mesh else { return };
         let behind = match self.store.behind(user, only, seen).await {
             Ok(behind) => behind,
             Err(e) => return tracing::warn!(error = %e, "checking the replica for gaps failed"),
         };
-        for (conv, local, wanted) in behind {
-            let owner = mesh.owner(&conv).id.clone();
-            if owner == mesh.me.id {
+        for (conv, _local, wanted) in behind {
+            if mesh.owner(&conv).id == mesh.me.id {
                 continue;
             }
-            let mut after = local;
-            while after < wanted {
-                let limit = u32::try_from(wanted - after).unwrap_or(u32::MAX).min(1000);
-                match mesh.fetch_since(&owner, &conv, after, limit).await {
-                    Ok(messages) if !messages.is_empty() => {
-                        after = messages.iter().map(|m| m.seq).max().unwrap_or(after);
-                        if let Err(e) = self.store.import(messages).await {
-                            tracing::warn!(error = %e, "storing a gap fill failed");
-                            break;
-                        }
-                        mesh.note_stored(&conv, after);
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, conversation = %conv.as_str(), "the owner could not fill the replica's gap; answering from the replica");
-                        break;
-                    }
-                }
+            if !mesh.fill(self, &conv, wanted).await {
+                tracing::warn!(conversation = %conv.as_str(), wanted, "no peer could fill the replica's gap; answering from the replica");
             }
         }
     }

@@ -2,8 +2,8 @@
 //! message sequenced here to the connections on this node that should see it, then answers the
 //! sender. Because one task does this in feed order, every recipient sees one order per
 //! conversation, and a sender's success reply always comes after the commit and after the push.
-//! Messages replicated from other nodes are normally pushed by the mesh as they arrive; the feed
-//! pushes one only if that did not happen (`Mesh::replicated`).
+//! Messages replicated from other nodes are pushed by the mesh's replica as they arrive, in seq
+//! order, before they are stored; the feed pushes only messages imported without a mesh.
 //!
 //! Hot path: one JSON serialisation per message, shared by every recipient; no logging per
 //! message; no awaits except on the feed.
@@ -27,6 +27,9 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
         };
         match event {
             Committed::Message { message, duplicate, reply } => {
+                if let (Some(mesh), false) = (&core.mesh, duplicate) {
+                    mesh.replica.note_local(&message.conversation, message.seq);
+                }
                 let delivered = if duplicate { 0 } else { core.deliver_local(&message) };
                 // Online means a connection here took the push (a slow consumer that was just
                 // dropped does not count), or a session at another node.
@@ -36,10 +39,12 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
                     .is_some_and(|r| (if duplicate { core.hub.is_online(r) } else { delivered > 0 }) || core.hub.is_online_elsewhere(r));
                 let _ = reply.send(Ok(Delivery { message, recipient_online }));
             }
-            Committed::Replica(message) => match &core.mesh {
-                Some(mesh) => mesh.replicated(&core, &message),
-                None => drop(core.deliver_local(&message)),
-            },
+            // With a mesh, the replica pushed it before it was queued for storing.
+            Committed::Replica(message) => {
+                if core.mesh.is_none() {
+                    core.deliver_local(&message);
+                }
+            }
             // The requester's dispatcher tells the members, skipping the requesting connection,
             // which gets the reply instead.
             Committed::Recall { recalled, reply } => drop(reply.send(Ok(recalled))),

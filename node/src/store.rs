@@ -151,6 +151,25 @@ enum WriteOp {
     ForgetPeer(String, oneshot::Sender<Result<bool>>),
 }
 
+/// A reserved place in the write queue ([`Store::reserve`]).
+pub struct WritePermit(mpsc::OwnedPermit<WriteOp>);
+
+impl WritePermit {
+    /// Queues a peer's change batch now; the future resolves after its commit. See [`Store::apply`].
+    pub fn apply(self, peer: &str, batch: ChangeBatch) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(WriteOp::Apply(peer.to_string(), batch, tx));
+        async move { rx.await.map_err(|_| StoreError::Closed)?.map(drop) }
+    }
+
+    /// Queues an import now; the future resolves after its commit. See [`Store::import`].
+    pub fn import(self, messages: Vec<StoredMessage>) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(WriteOp::Import(messages, tx));
+        async move { rx.await.map_err(|_| StoreError::Closed)?.map(drop) }
+    }
+}
+
 /// A cheap, cloneable handle to the store.
 #[derive(Clone)]
 pub struct Store {
@@ -298,8 +317,17 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Reserves a place in the write queue, so that what is then written through the permit is
+    /// queued at once, in the order the permits are used (the mesh's replica decides what to push
+    /// and queues the same rows under one lock, so pushes and stores agree).
+    pub async fn reserve(&self) -> Result<WritePermit> {
+        self.writer.clone().reserve_owned().await.map(WritePermit).map_err(|_| StoreError::Closed)
+    }
+
     /// Stores messages that were sequenced elsewhere (an import of old history, a replica), keeping
     /// their ids and seqs; ones already present are left alone. Nothing is pushed to anyone.
+    /// Every conversation is stored as a prefix: a message whose predecessor is missing here is
+    /// left out (it comes again from its owner, or with a gap fill).
     pub async fn import(&self, messages: Vec<StoredMessage>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Import(messages, tx)).await?;
@@ -308,7 +336,8 @@ impl Store {
 
     /// Applies a batch of a peer's change stream and records that everything of `peer` up to
     /// `batch.upto` is applied, in one transaction. Messages new here are handed to the fan-out
-    /// (as [`Committed::Replica`]) in commit order.
+    /// (as [`Committed::Replica`]) in commit order. As with [`Store::import`], a message whose
+    /// predecessor is missing here is left out.
     pub async fn apply(&self, peer: &str, batch: ChangeBatch) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Apply(peer.to_string(), batch, tx)).await?;
@@ -1047,20 +1076,24 @@ impl Writer {
         Ok(())
     }
 
-    /// Stores a message sequenced elsewhere unless it is here already. Returns whether it was new.
-    /// Never a local change: another node sequenced it.
+    /// Stores a message sequenced elsewhere unless it is here already, or its predecessor is not:
+    /// this node holds every conversation as a prefix `1..n`, so offline reads (`seq > cursor`)
+    /// never skip a hole, and every change stream carries a conversation in seq order. Returns
+    /// whether it was stored. Never a local change: another node sequenced it.
     async fn insert_replica(&mut self, m: &StoredMessage) -> Result<bool> {
+        let newest = self.newest_seq(&m.conversation).await?;
+        if m.seq > newest + 1 {
+            return Ok(false);
+        }
         let rev = self.next_rev();
         let n = self.exec(INSERT_MESSAGE_IF_NEW, row_values(m, rev)).await?;
         if n == 0 {
             return Ok(false);
         }
         self.add_private_participants(m).await?;
-        // The sequencer's cache must not fall behind what was stored (this node may own the
-        // conversation later, after a configuration change).
-        if let Some(seq) = self.seqs.get_mut(&m.conversation) {
-            *seq = (*seq).max(m.seq);
-        }
+        // The sequencer's cache follows what was stored (this node may own the conversation
+        // later, after a configuration change).
+        self.seqs.insert(m.conversation.clone(), newest.max(m.seq));
         self.pending_changes.push((false, Change::Message(m.clone())));
         Ok(true)
     }

@@ -11,6 +11,7 @@
 
 pub mod dns;
 pub mod membership;
+pub mod replica;
 pub mod replication;
 pub mod tls;
 
@@ -26,7 +27,7 @@ use schema::mesh::{self, ChangeBatch, RelayTarget, V1};
 use schema::message::{NewMessage, StoredMessage};
 use schema::placement::{self, NodeSpec};
 use schema::{ConversationId, Status};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,9 +54,6 @@ const DISAGREEMENT_HOLDS: Duration = Duration::from_secs(10);
 const CLOSE_LISTS_DIFFER: u32 = 2;
 /// QUIC close code: the certificate names another node.
 const CLOSE_WRONG_NAME: u32 = 1;
-
-/// A forwarder waiting for its replica to reach a seq.
-type Waiter = (u64, oneshot::Sender<()>);
 
 /// A configured peer and its connection.
 struct Peer {
@@ -111,10 +109,8 @@ pub struct Mesh {
     client: quinn::ClientConfig,
     membership: Mutex<Membership>,
     catchup: Mutex<CatchUp>,
-    waiters: Mutex<HashMap<ConversationId, Vec<Waiter>>>,
-    waiting: AtomicBool,
-    /// Newest seq per conversation that reached this node's replica from a peer.
-    highs: Mutex<HashMap<ConversationId, u64>>,
+    /// What this node holds of conversations sequenced elsewhere.
+    pub replica: replica::Replica,
     boot: u64,
     forward_timeout: Duration,
     /// Held while presence is gathered and queued, so a snapshot and the deltas around it go out
@@ -164,9 +160,7 @@ impl Mesh {
             peers,
             endpoint,
             client: identity.client_config()?,
-            waiters: Mutex::new(HashMap::new()),
-            waiting: AtomicBool::new(false),
-            highs: Mutex::new(HashMap::new()),
+            replica: replica::Replica::default(),
             boot: rand::random(),
             forward_timeout: config.forward_timeout,
             presence: tokio::sync::Mutex::new(()),
@@ -263,19 +257,37 @@ impl Mesh {
         };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         let left = self.forward_timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
-        self.wait_replicated(&stored.conversation, stored.seq, left).await;
+        self.replica.wait_for(&stored.conversation, stored.seq, left).await;
         Ok(stored)
     }
 
+    /// Where to fetch `conversation`'s messages from: its owner first, then every other peer
+    /// that is connected (any of them may have it).
+    fn sources(&self, conversation: &ConversationId) -> Vec<String> {
+        let owner = &self.owner(conversation).id;
+        let mut sources: Vec<String> = Vec::new();
+        if *owner != self.me.id {
+            sources.push(owner.clone());
+        }
+        for id in self.peers.keys() {
+            if id != owner && self.connection(id).is_some() {
+                sources.push(id.clone());
+            }
+        }
+        sources
+    }
+
+    /// Makes this node's copy of `conversation` reach `wanted`, fetching what is missing from
+    /// the owner or any peer that has it (pushed to local sessions in order, then stored).
+    /// Returns whether it reaches that far.
+    pub async fn fill(&self, core: &Core, conversation: &ConversationId, wanted: u64) -> bool {
+        let sources = self.sources(conversation);
+        self.replica.fill(core, conversation, wanted, &sources, |peer, after| self.fetch_since(peer, conversation, after, 1000)).await
+    }
+
     /// Asks `peer` for `conversation`'s messages after `after`.
-    pub async fn fetch_since(
-        &self,
-        peer: &str,
-        conversation: &ConversationId,
-        after: u64,
-        limit: u32,
-    ) -> anyhow::Result<Vec<StoredMessage>> {
-        let conn = self.connection(peer).context("no connection to the owner")?;
+    async fn fetch_since(&self, peer: String, conversation: &ConversationId, after: u64, limit: u32) -> anyhow::Result<Vec<StoredMessage>> {
+        let conn = self.connection(&peer).context("no connection to the peer")?;
         let request = V1::Since { conversation: conversation.clone(), after, limit };
         match tokio::time::timeout(self.forward_timeout, self.request(&conn, &request)).await?? {
             V1::Messages { messages } => Ok(messages),
@@ -288,93 +300,6 @@ impl Mesh {
         self.write(&mut send, request).await?;
         send.finish()?;
         self.read(&mut recv).await?.context("the peer closed the stream without answering")
-    }
-
-    /// Waits until this node has pushed (or stored) `conversation` up to `seq`, or `timeout`.
-    async fn wait_replicated(&self, conversation: &ConversationId, seq: u64, timeout: Duration) {
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-            waiters.entry(conversation.clone()).or_default().push((seq, tx));
-            self.waiting.store(true, Ordering::Release);
-        }
-        // The message may have arrived before the waiter was registered.
-        if let Some(high) = self.replica_high(conversation) {
-            self.wake(conversation, high);
-        }
-        let _ = tokio::time::timeout(timeout, rx).await;
-    }
-
-    fn replica_high(&self, conversation: &ConversationId) -> Option<u64> {
-        self.highs.lock().unwrap_or_else(|e| e.into_inner()).get(conversation).copied()
-    }
-
-    /// Claims the push of replicated message `seq`: true the first time a seq above everything
-    /// pushed or stored here is seen. `stored` is the newest seq in the database, for a
-    /// conversation not seen since start.
-    fn claim(&self, conversation: &ConversationId, seq: u64, stored: Option<u64>) -> bool {
-        let claimed = {
-            let mut highs = self.highs.lock().unwrap_or_else(|e| e.into_inner());
-            let high = highs.entry(conversation.clone()).or_insert(stored.unwrap_or(0));
-            let fresh = seq > *high;
-            *high = (*high).max(seq);
-            fresh
-        };
-        self.wake(conversation, seq);
-        claimed
-    }
-
-    /// Records that this node stored `conversation` up to `seq` by other means (a gap fill), so
-    /// the same messages arriving later from a change stream are not pushed again.
-    pub fn note_stored(&self, conversation: &ConversationId, seq: u64) {
-        self.claim(conversation, seq, None);
-    }
-
-    /// Pushes a message from a peer's change stream to local connections as soon as it arrives,
-    /// before this node's copy is committed: delivery does not wait for a second fsync. Each
-    /// message is pushed once, in seq order (every stream carries a conversation in seq order).
-    async fn push_replica(&self, core: &Core, m: &StoredMessage) {
-        let stored = match self.replica_high(&m.conversation) {
-            Some(_) => None,
-            None => Some(core.store.newest_seq(&m.conversation).await.unwrap_or(0)),
-        };
-        if self.claim(&m.conversation, m.seq, stored) {
-            core.deliver_local(m);
-        }
-    }
-
-    /// Called by the fan-out for every replicated message after commit: pushes it if the change
-    /// stream did not already.
-    pub fn replicated(&self, core: &Core, m: &StoredMessage) {
-        if self.claim(&m.conversation, m.seq, None) {
-            core.deliver_local(m);
-        }
-    }
-
-    fn wake(&self, conversation: &ConversationId, seq: u64) {
-        if !self.waiting.load(Ordering::Acquire) {
-            return;
-        }
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(list) = waiters.get_mut(conversation) {
-            let mut i = 0;
-            while i < list.len() {
-                if list[i].0 <= seq {
-                    let (_, tx) = list.swap_remove(i);
-                    let _ = tx.send(());
-                } else {
-                    i += 1;
-                }
-            }
-            if list.is_empty() {
-                waiters.remove(conversation);
-            }
-        }
-        waiters.retain(|_, l| {
-            l.retain(|(_, tx)| !tx.is_closed());
-            !l.is_empty()
-        });
-        self.waiting.store(!waiters.is_empty(), Ordering::Release);
     }
 
     /// Pushes a frame to the matching connections of every other node (typing, receipts, join and
@@ -563,7 +488,7 @@ pub fn start(core: &Arc<Core>, mesh: &Arc<Mesh>, shutdown: &CancellationToken, t
     core.hub.track_presence();
     tasks.spawn(accept_loop(Arc::clone(core), Arc::clone(mesh), shutdown.clone(), tasks.clone()));
     for peer in mesh.peers.values() {
-        tasks.spawn(dial_loop(Arc::clone(core), Arc::clone(mesh), Arc::clone(peer), shutdown.clone()));
+        tasks.spawn(dial_loop(Arc::clone(core), Arc::clone(mesh), Arc::clone(peer), shutdown.clone(), tasks.clone()));
     }
     tasks.spawn(timer_loop(Arc::clone(core), Arc::clone(mesh), shutdown.clone()));
 }
@@ -611,7 +536,7 @@ async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToke
 
 // -- the dialling side ------------------------------------------------------------------------
 
-async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: CancellationToken) {
+async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: CancellationToken, tasks: TaskTracker) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
@@ -633,7 +558,7 @@ async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: 
                         conn.close(0u32.into(), b"shutdown");
                         return;
                     }
-                    r = run_outbound(&core, &mesh, &peer, conn.clone()) => {
+                    r = run_outbound(&core, &mesh, &peer, conn.clone(), &shutdown, &tasks) => {
                         if let Err(e) = r {
                             tracing::info!(peer = %peer.spec.id, error = %e, "mesh connection ended");
                         }
@@ -659,7 +584,14 @@ async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: 
 }
 
 /// Runs one dialled connection until it fails: the control stream and the subscription.
-async fn run_outbound(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: quinn::Connection) -> anyhow::Result<()> {
+async fn run_outbound(
+    core: &Arc<Core>,
+    mesh: &Arc<Mesh>,
+    peer: &Arc<Peer>,
+    conn: quinn::Connection,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<()> {
     *peer.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
     let mut control = conn.open_uni().await?;
     mesh.write(&mut control, &mesh.hello()).await?;
@@ -674,7 +606,7 @@ async fn run_outbound(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn
         *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         peer.presence_stale.store(false, Ordering::Release);
     }
-    let subscription = subscribe(core, mesh, peer, &conn);
+    let subscription = subscribe(core, mesh, peer, &conn, shutdown, tasks);
     let control_loop = async {
         let mut beat = tokio::time::interval(BEAT);
         loop {
@@ -695,7 +627,14 @@ async fn run_outbound(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn
 }
 
 /// Follows the peer's change stream from the newest revision of it applied here.
-async fn subscribe(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: &quinn::Connection) -> anyhow::Result<()> {
+async fn subscribe(
+    core: &Arc<Core>,
+    mesh: &Arc<Mesh>,
+    peer: &Arc<Peer>,
+    conn: &quinn::Connection,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<()> {
     let mut applied = core.store.peer_applied(&peer.spec.id).await?;
     peer.applied.store(applied, Ordering::Relaxed);
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -716,16 +655,29 @@ async fn subscribe(core: &Arc<Core>, mesh: &Arc<Mesh>, peer: &Arc<Peer>, conn: &
         match replication::accept(applied, batch.after, batch.upto) {
             Accept::Apply => {
                 for change in &batch.changes {
-                    match change {
-                        schema::mesh::Change::Message(m) => mesh.push_replica(core, m).await,
-                        // A user online here who joined a group at another node gets its
-                        // messages here too from now on.
-                        schema::mesh::Change::Member { group_id, user_id } => core.hub.join(user_id, group_id),
-                        _ => {}
+                    // A user online here who joined a group at another node gets its messages
+                    // here too from now on.
+                    if let schema::mesh::Change::Member { group_id, user_id } = change {
+                        core.hub.join(user_id, group_id);
                     }
                 }
                 let (upto, head, at_ms, n) = (batch.upto, batch.head, batch.at_ms, batch.changes.len());
-                core.store.apply(&peer.spec.id, batch).await?;
+                let gaps = mesh.replica.receive(core, &peer.spec.id, batch).await?;
+                for conversation in gaps {
+                    let (core, mesh, shutdown) = (Arc::clone(core), Arc::clone(mesh), shutdown.clone());
+                    tasks.spawn(async move {
+                        let fill = mesh.replica.fill_gap(
+                            &core,
+                            conversation.clone(),
+                            || mesh.sources(&conversation),
+                            |peer, after| mesh.fetch_since(peer, &conversation, after, 1000),
+                        );
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = fill => {}
+                        }
+                    });
+                }
                 applied = upto;
                 peer.applied.store(applied, Ordering::Relaxed);
                 peer.applied_at_ms.store(at_ms, Ordering::Relaxed);
