@@ -465,10 +465,11 @@ impl Core {
             }
             if owner != mesh.me.id {
                 // Another node sequences this conversation: forward, and answer after its commit.
-                let mesh = Arc::clone(mesh);
                 let recipient_online = message.recipient.as_deref().is_some_and(|r| self.hub.is_online_anywhere(r));
+                // Queued now, in request order, on the one ordered stream to the owner.
+                let forwarded = mesh.submit_forward(&owner, message);
                 return Ok(Box::pin(async move {
-                    match mesh.forward(&owner, message).await {
+                    match forwarded.await {
                         Ok(m) => chat_ack(&m, recipient_online),
                         Err(status) => fail(status),
                     }

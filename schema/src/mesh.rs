@@ -6,7 +6,9 @@
 //! - one unidirectional *control* stream: `Hello`, then `Beat`, `Presence` and `Relay` frames;
 //! - one bidirectional *subscribe* stream: the dialler sends `Subscribe { after }` and the peer
 //!   answers with `Changes` batches, forever: first its backlog, then each commit as it happens;
-//! - one bidirectional stream per request: `Forward` → `Forwarded`, `Since` → `Messages`.
+//! - one bidirectional *forwarding* stream: `ForwardStream`, then `Forward` frames, each
+//!   answered on the same stream by a `Forwarded` with its id, in order;
+//! - one bidirectional stream per request: `Since` → `Messages` (or a lone `Forward`).
 //!
 //! A frame on the wire is a 4-byte big-endian length and that many bytes of JSON.
 
@@ -93,15 +95,26 @@ pub enum V1 {
     },
     /// Changes with revisions in `(after, upto]`, in revision order.
     Changes(ChangeBatch),
-    /// A send for a conversation the receiver owns.
+    /// First frame of a forwarding stream: `Forward` frames follow, each answered by a
+    /// `Forwarded` with its id. The owner sequences them in the order they arrive, so a
+    /// session's pipelined sends keep their order end to end.
+    ForwardStream,
+    /// A send for a conversation the receiver owns (on a forwarding stream, or alone on a
+    /// request stream).
     Forward {
         /// The message, with the sender already authenticated by the forwarding node.
         message: NewMessage,
+        /// Numbers the sends of one forwarding stream, 1, 2, 3 … (0 on a request stream).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        id: u64,
     },
     /// The owner's answer to `Forward`: the committed message, or a status code.
     Forwarded {
         /// Committed message, or the status the sender gets.
         result: Result<StoredMessage, u32>,
+        /// The id of the `Forward` it answers.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        id: u64,
     },
     /// Asks for a conversation's messages after a seq (a gap fill).
     Since {
@@ -122,6 +135,10 @@ pub enum V1 {
         /// kefu status code.
         status: u32,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A slice of a node's change stream. Every row a node writes gets the next revision of that
@@ -254,8 +271,12 @@ mod tests {
             ],
         });
         assert_eq!(decode(&encode(&batch)[4..]).unwrap(), batch);
-        let fwd = V1::Forwarded { result: Err(11007) };
+        let fwd = V1::Forwarded { result: Err(11007), id: 0 };
+        assert_eq!(&encode(&fwd)[4..], br#"{"V1":{"t":"Forwarded","result":{"Err":11007}}}"#);
         assert_eq!(decode(&encode(&fwd)[4..]).unwrap(), fwd);
+        let numbered = V1::Forwarded { result: Err(11007), id: 9 };
+        assert_eq!(&encode(&numbered)[4..], br#"{"V1":{"t":"Forwarded","result":{"Err":11007},"id":9}}"#);
+        assert_eq!(&encode(&V1::ForwardStream)[4..], br#"{"V1":{"t":"ForwardStream"}}"#);
     }
 
     #[test]

@@ -151,3 +151,25 @@ async fn a_replica_pushes_in_seq_order_and_never_skips_what_a_backfill_brought_e
     assert!(missing.is_empty(), "acknowledged but never delivered to the online user: {missing:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn pipelined_sends_to_a_conversation_owned_elsewhere_keep_their_order() -> anyhow::Result<()> {
+    let c = Cluster::start(bin(), &[("iad-1", "iad"), ("fra-1", "fra")], &[("--msg-rate", "100000"), ("--msg-burst", "100000")]).await?;
+    // A user at iad writes to a conversation fra owns, 200 sends without waiting for replies.
+    let sender_id = c.user_owned_by("px", "py", 1);
+    let mut sender = c.node(0).tcp_login(&sender_id).await?;
+    for k in 0..200 {
+        sender.send(json!({"cmd": 11, "chatType": 2, "to": "py", "content": format!("m{k}"), "id": format!("k{k}")})).await?;
+    }
+    let mut seqs = Vec::new();
+    for _ in 0..200 {
+        let ack = sender.recv_cmd(12).await?;
+        assert_eq!(ack["code"], 10001, "{ack}");
+        let k: usize = ack["data"]["clientId"].as_str().and_then(|id| id.strip_prefix('k')).and_then(|k| k.parse().ok()).unwrap();
+        seqs.push((k, ack["data"]["seq"].as_u64().unwrap()));
+    }
+    seqs.sort_unstable();
+    let out_of_place = seqs.iter().filter(|(k, seq)| *seq != *k as u64 + 1).count();
+    assert_eq!(out_of_place, 0, "sends sequenced in another order than sent: {seqs:?}");
+    Ok(())
+}

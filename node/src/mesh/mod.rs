@@ -23,11 +23,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use schema::mesh::{self, ChangeBatch, RelayTarget, V1};
 use schema::message::{NewMessage, StoredMessage};
 use schema::placement::{self, NodeSpec};
 use schema::{ConversationId, Status};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -55,6 +56,15 @@ const CLOSE_LISTS_DIFFER: u32 = 2;
 /// QUIC close code: the certificate names another node.
 const CLOSE_WRONG_NAME: u32 = 1;
 
+/// A send waiting for its owner's answer.
+type Forwarding = (NewMessage, oneshot::Sender<Result<StoredMessage, Status>>);
+
+/// Sends queued for one peer's forwarding stream; beyond it sends are answered retryable.
+const FORWARD_QUEUE: usize = 8192;
+/// Forwarded sends an owner has taken from one stream and not answered yet; it reads no further
+/// until some are answered.
+const FORWARDS_IN_FLIGHT: usize = 4096;
+
 /// A configured peer and its connection.
 struct Peer {
     spec: NodeSpec,
@@ -63,6 +73,8 @@ struct Peer {
     conn: Mutex<Option<quinn::Connection>>,
     /// Frames for the control stream of that connection.
     control: Mutex<Option<mpsc::Sender<Arc<Vec<u8>>>>>,
+    /// Sends for the forwarding stream of that connection.
+    forwards: Mutex<Option<mpsc::Sender<Forwarding>>>,
     /// Presence deltas for this peer were dropped: it gets a full snapshot next.
     presence_stale: AtomicBool,
     /// Newest revision of the peer applied here.
@@ -79,6 +91,11 @@ impl Peer {
     /// The queue of the control stream, while connected.
     fn control_tx(&self) -> Option<mpsc::Sender<Arc<Vec<u8>>>> {
         self.control.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The queue of the forwarding stream, while connected.
+    fn forward_tx(&self) -> Option<mpsc::Sender<Forwarding>> {
+        self.forwards.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -141,6 +158,7 @@ impl Mesh {
                     addr: p.addr.clone(),
                     conn: Mutex::new(None),
                     control: Mutex::new(None),
+                    forwards: Mutex::new(None),
                     presence_stale: AtomicBool::new(false),
                     applied: AtomicU64::new(0),
                     head: AtomicU64::new(0),
@@ -234,47 +252,56 @@ impl Mesh {
         conn.filter(|c| c.close_reason().is_none())
     }
 
-    /// Sends `message` to `owner` and waits for its commit there (and for the message to reach
-    /// this node's replica, so local pushes precede the reply as they do on the owner). Any
+    /// Sends `message` to `owner` on the forwarding stream and waits for its commit there (and
+    /// for the message to reach this node's replica, so local pushes precede the reply as they do
+    /// on the owner). The send is queued now, before the returned future is polled: sends
+    /// submitted one after another reach the owner, and are sequenced, in that order. Any
     /// failure to hear back in time is `Retryable`: the sender resends with the same client id,
     /// which the owner deduplicates.
-    pub async fn forward(&self, owner: &str, message: NewMessage) -> Result<StoredMessage, Status> {
+    pub fn submit_forward(
+        self: &Arc<Self>,
+        owner: &str,
+        message: NewMessage,
+    ) -> impl std::future::Future<Output = Result<StoredMessage, Status>> + Send + 'static {
         let started = Instant::now();
-        let fail = |status| {
-            self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
-            Err(status)
-        };
-        if self.peer_state(owner) == PeerState::Down {
-            return fail(Status::Retryable);
+        let queue = if self.peer_state(owner) == PeerState::Down { None } else { self.peers.get(owner).and_then(|p| p.forward_tx()) };
+        let queued = queue.and_then(|tx| {
+            let (reply, answer) = oneshot::channel();
+            // Full (8192 sends waiting for one peer) or disconnected: retryable, like a timeout.
+            tx.try_send((message, reply)).ok().map(|()| answer)
+        });
+        let mesh = Arc::clone(self);
+        async move {
+            let fail = |status| {
+                mesh.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
+                Err(status)
+            };
+            let Some(answer) = queued else { return fail(Status::Retryable) };
+            let stored = match tokio::time::timeout(mesh.forward_timeout, answer).await {
+                Ok(Ok(Ok(m))) => m,
+                Ok(Ok(Err(status))) => return fail(status),
+                Ok(Err(_)) | Err(_) => return fail(Status::Retryable),
+            };
+            mesh.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            let left = mesh.forward_timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+            mesh.replica.wait_for(&stored.conversation, stored.seq, left).await;
+            Ok(stored)
         }
-        let Some(conn) = self.connection(owner) else { return fail(Status::Retryable) };
-        let request = V1::Forward { message };
-        let answer = tokio::time::timeout(self.forward_timeout, self.request(&conn, &request)).await;
-        let stored = match answer {
-            Ok(Ok(V1::Forwarded { result: Ok(m) })) => m,
-            Ok(Ok(V1::Forwarded { result: Err(code) })) => return fail(Status::from_code(code).unwrap_or(Status::Retryable)),
-            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => return fail(Status::Retryable),
-        };
-        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        let left = self.forward_timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
-        self.replica.wait_for(&stored.conversation, stored.seq, left).await;
-        Ok(stored)
     }
 
-    /// Where to fetch `conversation`'s messages from: its owner first, then every other peer
-    /// that is connected (any of them may have it).
+    /// Where to fetch `conversation`'s messages from: its owner first, then every other connected
+    /// peer (any of them may have it); peers that are up before suspect or down ones, so a cut
+    /// link does not hold the fill up for a whole timeout first.
     fn sources(&self, conversation: &ConversationId) -> Vec<String> {
         let owner = &self.owner(conversation).id;
-        let mut sources: Vec<String> = Vec::new();
-        if *owner != self.me.id {
-            sources.push(owner.clone());
-        }
-        for id in self.peers.keys() {
-            if id != owner && self.connection(id).is_some() {
-                sources.push(id.clone());
-            }
-        }
-        sources
+        let mut sources: Vec<(bool, bool, String)> = self
+            .peers
+            .keys()
+            .filter(|id| self.connection(id).is_some())
+            .map(|id| (self.peer_state(id) != PeerState::Up, id != owner, id.clone()))
+            .collect();
+        sources.sort();
+        sources.into_iter().map(|(_, _, id)| id).collect()
     }
 
     /// Makes this node's copy of `conversation` reach `wanted`, fetching what is missing from
@@ -570,6 +597,7 @@ async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: 
                     }
                 }
                 *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *peer.forwards.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 *peer.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 conn.close(0u32.into(), b"reconnecting");
             }
@@ -607,6 +635,9 @@ async fn run_outbound(
         peer.presence_stale.store(false, Ordering::Release);
     }
     let subscription = subscribe(core, mesh, peer, &conn, shutdown, tasks);
+    let (forward_tx, forward_rx) = mpsc::channel(FORWARD_QUEUE);
+    *peer.forwards.lock().unwrap_or_else(|e| e.into_inner()) = Some(forward_tx);
+    let forwarding = forward_loop(mesh, &conn, forward_rx);
     let control_loop = async {
         let mut beat = tokio::time::interval(BEAT);
         loop {
@@ -622,7 +653,40 @@ async fn run_outbound(
     tokio::select! {
         r = subscription => r,
         r = control_loop => r,
+        r = forwarding => r,
         e = conn.closed() => Err(e.into()),
+    }
+}
+
+/// The forwarding stream to a peer: writes the queued sends in queue order, each numbered, and
+/// hands each answer to its sender. Ends (and every unanswered sender hears nothing, so it
+/// answers retryable) when the connection does.
+async fn forward_loop(mesh: &Mesh, conn: &quinn::Connection, mut queue: mpsc::Receiver<Forwarding>) -> anyhow::Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    mesh.write(&mut send, &V1::ForwardStream).await?;
+    let waiting: Mutex<HashMap<u64, oneshot::Sender<Result<StoredMessage, Status>>>> = Mutex::new(HashMap::new());
+    let writing = async {
+        let mut next = 0u64;
+        while let Some((message, reply)) = queue.recv().await {
+            next += 1;
+            waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(next, reply);
+            mesh.write(&mut send, &V1::Forward { message, id: next }).await?;
+        }
+        anyhow::Ok(())
+    };
+    let reading = async {
+        loop {
+            let Some(frame) = mesh.read(&mut recv).await? else { anyhow::bail!("the peer ended the forwarding stream") };
+            let V1::Forwarded { result, id } = frame else { anyhow::bail!("expected an answer to a forwarded send") };
+            let reply = waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            if let Some(reply) = reply {
+                let _ = reply.send(result.map_err(|code| Status::from_code(code).unwrap_or(Status::Retryable)));
+            }
+        }
+    };
+    tokio::select! {
+        r = writing => r,
+        r = reading => r,
     }
 }
 
@@ -828,25 +892,8 @@ async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendSt
             }
             return;
         }
-        V1::Forward { message } => {
-            if !core.may_sequence() {
-                // Not caught up yet (this node may not hold the newest seq it gave out before),
-                // or a peer has another node list.
-                V1::Forwarded { result: Err(Status::Retryable.code()) }
-            } else if mesh.owner(&message.conversation).id != mesh.me.id {
-                tracing::error!(conversation = %message.conversation.as_str(), "a send was forwarded here but this node does not own it: the nodes' peer lists differ");
-                V1::Forwarded { result: Err(Status::Retryable.code()) }
-            } else {
-                core.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-                match core.store.append(message).await {
-                    Ok(delivery) => V1::Forwarded { result: Ok(StoredMessage::clone(&delivery.message)) },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "forwarded append failed");
-                        V1::Forwarded { result: Err(Status::Retryable.code()) }
-                    }
-                }
-            }
-        }
+        V1::ForwardStream => return serve_forwards(&core, &mesh, send, recv).await,
+        V1::Forward { message, id } => answer_forward(&core, &mesh, message, id).await,
         V1::Since { conversation, after, limit } => match core.store.since(&conversation, after, limit.min(1000)).await {
             Ok(messages) => V1::Messages { messages },
             Err(_) => V1::Error { status: Status::Retryable.code() },
@@ -856,6 +903,76 @@ async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendSt
     if mesh.write(&mut send, &answer).await.is_ok() {
         let _ = send.finish();
     }
+}
+
+/// Checks a forwarded send and queues it for the writer now (so sends are sequenced in the order
+/// they arrived); the future resolves to the answer after the commit.
+fn answer_forward(core: &Core, mesh: &Mesh, message: NewMessage, id: u64) -> impl std::future::Future<Output = V1> + Send + 'static {
+    let refused = if !core.may_sequence() {
+        // Not caught up yet (this node may not hold the newest seq it gave out before), or a
+        // peer has another node list.
+        Some(Status::Retryable)
+    } else if mesh.owner(&message.conversation).id != mesh.me.id {
+        tracing::error!(conversation = %message.conversation.as_str(), "a send was forwarded here but this node does not own it: the nodes' peer lists differ");
+        Some(Status::Retryable)
+    } else {
+        None
+    };
+    let appended = refused.is_none().then(|| {
+        core.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+        core.store.submit_append(message)
+    });
+    async move {
+        let result = match appended {
+            None => Err(refused.unwrap_or(Status::Retryable).code()),
+            Some(appended) => match appended.await {
+                Ok(delivery) => Ok(StoredMessage::clone(&delivery.message)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "forwarded append failed");
+                    Err(Status::Retryable.code())
+                }
+            },
+        };
+        V1::Forwarded { result, id }
+    }
+}
+
+/// A peer's forwarding stream: each send is queued for the writer as it arrives, and answered in
+/// the same order once committed. At most `FORWARDS_IN_FLIGHT` are waiting at a time.
+async fn serve_forwards(core: &Arc<Core>, mesh: &Arc<Mesh>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    // Reading is not cancel-safe, so it runs on its own and hands whole frames over.
+    let (frames_tx, mut frames) = mpsc::channel::<V1>(1024);
+    let reading = async {
+        while let Ok(Some(frame)) = mesh.read(&mut recv).await {
+            if frames_tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+        drop(frames_tx);
+    };
+    let answering = async {
+        let mut in_flight = FuturesOrdered::new();
+        let mut open = true;
+        while open || !in_flight.is_empty() {
+            tokio::select! {
+                frame = frames.recv(), if open && in_flight.len() < FORWARDS_IN_FLIGHT => match frame {
+                    Some(V1::Forward { message, id }) => in_flight.push_back(answer_forward(core, mesh, message, id)),
+                    Some(other) => {
+                        tracing::warn!(frame = ?other, "unexpected frame on a forwarding stream");
+                        open = false;
+                    }
+                    None => open = false,
+                },
+                Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
+                    if mesh.write(&mut send, &answer).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = send.finish();
+    };
+    tokio::join!(reading, answering);
 }
 
 /// Streams this node's changes after `after` to `subscriber`: backfill from the database, then
