@@ -157,6 +157,9 @@ pub struct Sender<'a> {
     pub avatar: Option<String>,
     /// Groups known to include the sender (a session's); `None` means ask the store.
     pub groups: Option<&'a HashSet<String>>,
+    /// The sender's connection here, if the send came from a session: the sender's other
+    /// connections, on every node, get a copy of a private message; this one gets the reply.
+    pub conn: Option<u64>,
 }
 
 impl Core {
@@ -397,6 +400,16 @@ impl Core {
         self.hub.online_in_group(group) <= self.config.presence_notice_limit
     }
 
+    /// The user's last session here closed: the exit notice goes out now if they are online
+    /// nowhere else, or is held until they are (the mesh then decides which node sends it).
+    pub fn went_offline(&self, user: &str, gone: crate::hub::WentOffline) {
+        if self.hub.is_online_elsewhere(user) {
+            return self.hub.hold_exit(user, gone);
+        }
+        self.hub.mark_announced(user);
+        self.notify_exit(user, gone.nick, &gone.groups);
+    }
+
     /// Tells the remaining members of `groups` that `user` went offline.
     pub fn notify_exit(&self, user: &str, nick: Option<String>, groups: &[Arc<str>]) {
         let view = UserView { avatar: None, nick, status: "offline", user_id: user.to_string() };
@@ -466,19 +479,27 @@ impl Core {
             if owner != mesh.me.id {
                 // Another node sequences this conversation: forward, and answer after its commit.
                 let recipient_online = message.recipient.as_deref().is_some_and(|r| self.hub.is_online_anywhere(r));
-                // Queued now, in request order, on the one ordered stream to the owner.
+                // Queued now, in request order, on the one ordered stream to the owner. The
+                // replica's push of the committed message skips the sending connection.
+                let own = (message.recipient.is_some()).then(|| mesh.replica.expect_own(&message, sender.conn)).flatten();
                 let forwarded = mesh.submit_forward(&owner, message);
+                let mesh = Arc::clone(mesh);
                 return Ok(Box::pin(async move {
                     match forwarded.await {
                         Ok(m) => chat_ack(&m, recipient_online),
-                        Err(status) => fail(status),
+                        Err(status) => {
+                            if let Some(own) = own {
+                                mesh.replica.forget_own(own);
+                            }
+                            fail(status)
+                        }
                     }
                 }));
             }
         }
         self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
         // Queued now, in request order: pipelined sends get their seqs in the order they came.
-        let appended = self.store.submit_append(message);
+        let appended = self.store.submit_append(message, sender.conn);
         Ok(Box::pin(async move {
             match appended.await {
                 Ok(delivery) => chat_ack(&delivery.message, delivery.recipient_online),
@@ -496,7 +517,13 @@ impl Core {
         if !s.bucket.take(Instant::now()) {
             return Err(jim::status_reply(Command::ChatResp, Status::RateLimited));
         }
-        let sender = Sender { id: &user.id, nick: user.nick.clone(), avatar: user.avatar.clone(), groups: Some(&user.groups) };
+        let sender = Sender {
+            id: &user.id,
+            nick: user.nick.clone(),
+            avatar: user.avatar.clone(),
+            groups: Some(&user.groups),
+            conn: Some(s.conn.id),
+        };
         self.prepare_chat(&sender, chat, None)
     }
 
@@ -560,20 +587,24 @@ impl Core {
     }
 
     /// Pushes a committed chat message to the connections on this node that should see it: the
-    /// recipient of a private message, every online member of a group. Returns how many took it.
-    pub fn deliver_local(&self, message: &StoredMessage) -> usize {
+    /// recipient of a private message and the sender's other connections (every device shows the
+    /// same conversation; `skip` is the connection it was sent from, if here), every online member
+    /// of a group (the sender's connections included, as J-IM echoes). Returns how many of the
+    /// recipient's connections took it.
+    pub fn deliver_local(&self, message: &StoredMessage, skip: Option<u64>) -> usize {
         let body = jim::push(Command::ChatReq, &message.to_chat_body());
         let push = Arc::new(Push {
             command: Command::ChatReq.code(),
             body: body.into(),
             delivery: Some((message.conversation.clone(), message.seq)),
         });
-        let delivered = match (&message.recipient, &message.group_id) {
-            (Some(to), _) => self.hub.send_user(to, &push, None),
-            (None, Some(group)) => self.hub.send_group(group, &push, None),
-            (None, None) => 0,
+        let (delivered, copies) = match (&message.recipient, &message.group_id) {
+            (Some(to), _) if *to == message.sender => (self.hub.send_user(to, &push, None), 0),
+            (Some(to), _) => (self.hub.send_user(to, &push, None), self.hub.send_user(&message.sender, &push, skip)),
+            (None, Some(group)) => (self.hub.send_group(group, &push, None), 0),
+            (None, None) => (0, 0),
         };
-        self.metrics.messages_out.fetch_add(delivered as u64, Ordering::Relaxed);
+        self.metrics.messages_out.fetch_add((delivered + copies) as u64, Ordering::Relaxed);
         delivered
     }
 

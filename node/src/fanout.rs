@@ -26,11 +26,11 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
             },
         };
         match event {
-            Committed::Message { message, duplicate, reply } => {
+            Committed::Message { message, duplicate, from_conn, reply } => {
                 if let (Some(mesh), false) = (&core.mesh, duplicate) {
                     mesh.replica.note_local(&message.conversation, message.seq);
                 }
-                let delivered = if duplicate { 0 } else { core.deliver_local(&message) };
+                let delivered = if duplicate { 0 } else { core.deliver_local(&message, from_conn) };
                 // Online means a connection here took the push (a slow consumer that was just
                 // dropped does not count), or a session at another node.
                 let recipient_online = message
@@ -42,7 +42,7 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
             // With a mesh, the replica pushed it before it was queued for storing.
             Committed::Replica(message) => {
                 if core.mesh.is_none() {
-                    core.deliver_local(&message);
+                    core.deliver_local(&message, None);
                 }
             }
             // The requester's dispatcher tells the members, skipping the requesting connection,

@@ -126,14 +126,33 @@ impl Remote {
 pub struct Hub {
     inner: Mutex<Inner>,
     remote: Mutex<Remote>,
-    /// Users whose local presence changed since the mesh last shipped it (only when tracking).
-    dirty: Mutex<HashSet<Arc<str>>>,
+    /// Users whose local presence changed since the mesh last shipped it (only when tracking),
+    /// each with whether this node sent the exit notice of their going offline.
+    dirty: Mutex<HashMap<Arc<str>, bool>>,
+    /// Exit notices held back because the user was still online at another node.
+    held: Mutex<HashMap<Arc<str>, HeldExit>>,
     track: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
+/// An exit notice this node held back: the user's last session here closed while they were
+/// online at another node. It is sent when the user is online nowhere, by the node with the
+/// smallest id among those that held theirs back, unless one of the others sent it.
+struct HeldExit {
+    gone: WentOffline,
+    /// Nodes that said the user went offline there without sending the notice.
+    others: Vec<String>,
+    /// Another node sent it.
+    announced: bool,
+    since: std::time::Instant,
+}
+
+/// How long a held exit notice waits for the user to go offline everywhere.
+const HOLD_EXIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What `unregister` reports when a user's last connection went away.
+#[derive(Debug)]
 pub struct WentOffline {
     /// The groups the user was in, whose remaining members get an exit notice.
     pub groups: Vec<Arc<str>>,
@@ -148,6 +167,7 @@ impl Hub {
             inner: Mutex::new(Inner::default()),
             remote: Mutex::default(),
             dirty: Mutex::default(),
+            held: Mutex::default(),
             track: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             metrics,
@@ -161,39 +181,107 @@ impl Hub {
 
     fn mark_dirty(&self, user: &Arc<str>) {
         if self.track.load(Ordering::Acquire) {
-            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(user.clone());
+            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).entry(user.clone()).or_insert(false);
         }
     }
 
-    /// Takes the users whose local presence changed, each with whether they are online here now.
-    pub fn take_presence_changes(&self) -> Vec<(String, bool)> {
+    /// Takes the users whose local presence changed, each with whether they are online here now
+    /// and whether this node sent the notice of their exit.
+    pub fn take_presence_changes(&self) -> Vec<(String, bool, bool)> {
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
         let inner = self.lock();
-        dirty.into_iter().map(|u| (u.to_string(), inner.users.contains_key(&u))).collect()
+        dirty.into_iter().map(|(u, announced)| (u.to_string(), inner.users.contains_key(&u), announced)).collect()
+    }
+
+    /// Records that this node sent `user`'s exit notice (their last session anywhere closed here).
+    pub fn mark_announced(&self, user: &str) {
+        if self.track.load(Ordering::Acquire) {
+            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(user.into(), true);
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HeldExit>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds `user`'s exit notice back: they are still online at another node.
+    pub fn hold_exit(&self, user: &str, gone: WentOffline) {
+        let now = std::time::Instant::now();
+        let mut held = self.held();
+        held.retain(|_, h| now.duration_since(h.since) < HOLD_EXIT);
+        held.insert(user.into(), HeldExit { gone, others: Vec::new(), announced: false, since: now });
+    }
+
+    /// The held exit notices that this node (`me`) sends now, for `users` whose presence changed:
+    /// those online nowhere any more, that no other node sent and that no node with a smaller id
+    /// held back too.
+    fn settle<'a>(&self, me: &str, users: impl Iterator<Item = &'a str>) -> Vec<(String, WentOffline)> {
+        let mut out = Vec::new();
+        for user in users {
+            if !self.held().contains_key(user) || self.is_online_anywhere(user) {
+                continue;
+            }
+            let Some(h) = self.held().remove(user) else { continue };
+            if !h.announced && h.others.iter().all(|o| me < o.as_str()) {
+                out.push((user.to_string(), h.gone));
+            }
+        }
+        out
     }
 
     fn remote(&self) -> std::sync::MutexGuard<'_, Remote> {
         self.remote.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies a presence message from `node`.
-    pub fn remote_presence(&self, node: &str, snapshot: bool, online: &[String], offline: &[String]) {
-        let mut remote = self.remote();
-        if snapshot {
-            remote.drop_node(node);
-            remote.by_node.entry(node.to_string()).or_default();
+    /// Applies a presence message from `node` (see `schema::mesh::V1::Presence`). Returns the
+    /// exit notices this node (`me`) held back and sends now.
+    pub fn remote_presence(
+        &self,
+        me: &str,
+        node: &str,
+        snapshot: bool,
+        online: &[String],
+        offline: &[String],
+        announced: &[String],
+    ) -> Vec<(String, WentOffline)> {
+        let mut gone: Vec<String> = offline.to_vec();
+        {
+            let mut remote = self.remote();
+            if snapshot {
+                // Whoever the snapshot leaves out went offline there, unannounced.
+                let before = remote.by_node.get(node).cloned().unwrap_or_default();
+                remote.drop_node(node);
+                remote.by_node.entry(node.to_string()).or_default();
+                gone.extend(before.iter().filter(|u| !online.iter().any(|o| o.as_str() == &***u)).map(|u| u.to_string()));
+            }
+            for u in online {
+                remote.add(node, u);
+            }
+            for u in offline {
+                remote.remove(node, u);
+            }
         }
-        for u in online {
-            remote.add(node, u);
+        {
+            let mut held = self.held();
+            for u in &gone {
+                if let Some(h) = held.get_mut(u.as_str()) {
+                    if announced.contains(u) {
+                        h.announced = true;
+                    } else if !h.others.iter().any(|o| o == node) {
+                        h.others.push(node.to_string());
+                    }
+                }
+            }
         }
-        for u in offline {
-            remote.remove(node, u);
-        }
+        self.settle(me, gone.iter().map(String::as_str))
     }
 
-    /// Forgets everything `node` said (it is down).
-    pub fn drop_remote(&self, node: &str) {
+    /// Forgets everything `node` said (it is down). Returns the exit notices this node (`me`)
+    /// held back and sends now.
+    pub fn drop_remote(&self, me: &str, node: &str) -> Vec<(String, WentOffline)> {
+        let users: Vec<String> = self.remote().by_node.get(node).map(|s| s.iter().map(|u| u.to_string()).collect()).unwrap_or_default();
         self.remote().drop_node(node);
+        self.settle(me, users.iter().map(String::as_str))
     }
 
     /// Whether `user` is online here or at any other node.
@@ -257,6 +345,7 @@ impl Hub {
         entry.avatar = avatar;
         drop(inner);
         if first {
+            self.held().remove(&user);
             self.mark_dirty(&user);
         }
     }

@@ -370,7 +370,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             });
         }
         if let Some(gone) = core.hub.unregister(&user.id, self.state.conn.id) {
-            core.notify_exit(&user.id, gone.nick, &gone.groups);
+            core.went_offline(&user.id, gone);
         }
     }
 }

@@ -79,6 +79,9 @@ pub enum Committed {
         message: Arc<StoredMessage>,
         /// Whether this was a repeat of a client id already stored.
         duplicate: bool,
+        /// The connection the send came in on, as the submitter named it (the fan-out gives the
+        /// sender's other connections a copy, not this one).
+        from_conn: Option<u64>,
         /// The sender's reply, answered by the fan-out after delivery.
         reply: oneshot::Sender<Result<Delivery>>,
     },
@@ -123,7 +126,7 @@ pub struct LocalBatch {
 const CHANGE_TAIL: usize = 1024;
 
 enum WriteOp {
-    Append(NewMessage, oneshot::Sender<Result<Delivery>>),
+    Append(NewMessage, Option<u64>, oneshot::Sender<Result<Delivery>>),
     Cursor {
         user: String,
         conversation: ConversationId,
@@ -248,17 +251,21 @@ impl Store {
 
     /// Appends a message. Resolves after commit and delivery.
     pub async fn append(&self, message: NewMessage) -> Result<Delivery> {
-        self.submit_append(message).await
+        self.submit_append(message, None).await
     }
 
     /// Queues a message for the writer now, before the returned future is first polled, so that
     /// messages submitted one after another get their seqs in that order even when the futures
     /// are polled out of order (a session keeps several in flight). Only when the write queue is
     /// full (8192 operations) does the future wait for room, and order among such waiters follows
-    /// the queue's fairness.
-    pub fn submit_append(&self, message: NewMessage) -> impl std::future::Future<Output = Result<Delivery>> + Send + 'static {
+    /// the queue's fairness. `from_conn` comes back with the commit ([`Committed::Message`]).
+    pub fn submit_append(
+        &self,
+        message: NewMessage,
+        from_conn: Option<u64>,
+    ) -> impl std::future::Future<Output = Result<Delivery>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
-        let (waiting, closed) = match self.writer.try_send(WriteOp::Append(message, tx)) {
+        let (waiting, closed) = match self.writer.try_send(WriteOp::Append(message, from_conn, tx)) {
             Ok(()) => (None, false),
             Err(mpsc::error::TrySendError::Full(op)) => (Some(op), false),
             Err(mpsc::error::TrySendError::Closed(_)) => (None, true),
@@ -756,7 +763,7 @@ struct Writer {
 
 /// What one op produced inside the transaction, answered after commit.
 enum Done {
-    Append(Arc<StoredMessage>, bool, oneshot::Sender<Result<Delivery>>),
+    Append(Arc<StoredMessage>, bool, Option<u64>, oneshot::Sender<Result<Delivery>>),
     Recall(Result<Arc<Recalled>, RecallRefusal>, oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>>),
     Flag(bool, oneshot::Sender<Result<bool>>),
     /// Messages new to this node, applied from a peer.
@@ -893,7 +900,10 @@ impl Writer {
         // Attach the reply channels, which stayed with the ops.
         for (op, d) in batch.drain(..).zip(done.iter_mut()) {
             match (op, d) {
-                (WriteOp::Append(_, reply), Done::Append(_, _, slot)) => *slot = reply,
+                (WriteOp::Append(_, from, reply), Done::Append(_, _, conn, slot)) => {
+                    *slot = reply;
+                    *conn = from;
+                }
                 (WriteOp::Recall { reply, .. }, Done::Recall(_, slot)) => *slot = reply,
                 (WriteOp::CreateUser(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
@@ -909,9 +919,9 @@ impl Writer {
 
     async fn apply_one(&mut self, op: &WriteOp) -> Result<Done> {
         Ok(match op {
-            WriteOp::Append(msg, _) => {
+            WriteOp::Append(msg, _, _) => {
                 let (stored, duplicate) = self.append(msg).await?;
-                Done::Append(Arc::new(stored), duplicate, oneshot::channel().0)
+                Done::Append(Arc::new(stored), duplicate, None, oneshot::channel().0)
             }
             WriteOp::Cursor { user, conversation, delivered, read, reply } => {
                 self.upsert_cursor(user, conversation, *delivered, *read, true).await?;
@@ -1176,7 +1186,7 @@ impl Writer {
     async fn publish(&self, done: Vec<Done>) {
         for d in done {
             let event = match d {
-                Done::Append(message, duplicate, reply) => Committed::Message { message, duplicate, reply },
+                Done::Append(message, duplicate, from_conn, reply) => Committed::Message { message, duplicate, from_conn, reply },
                 Done::Recall(Ok(recalled), reply) => Committed::Recall { recalled, reply },
                 Done::Recall(Err(refusal), reply) => {
                     let _ = reply.send(Err(refusal));
@@ -1221,7 +1231,7 @@ async fn newest_rev(conn: &Connection) -> Result<u64> {
 fn fail(op: WriteOp) {
     let retry = || StoreError::Closed;
     match op {
-        WriteOp::Append(_, reply) => drop(reply.send(Err(retry()))),
+        WriteOp::Append(_, _, reply) => drop(reply.send(Err(retry()))),
         WriteOp::CreateUser(_, reply)
         | WriteOp::Join { reply, .. }
         | WriteOp::Import(_, reply)

@@ -73,6 +73,11 @@ pub enum V1 {
         online: Vec<String>,
         /// Users no longer online at the sender.
         offline: Vec<String>,
+        /// Those of `offline` whose exit notice the sender sent (it saw them online nowhere
+        /// else). A node that held its own notice back for one of them drops it; for the others,
+        /// of the nodes that held theirs back, the one with the smallest id sends it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        announced: Vec<String>,
     },
     /// Asks the receiver to send its full presence again (the sender had marked it down and
     /// dropped its entries).

@@ -173,3 +173,79 @@ async fn pipelined_sends_to_a_conversation_owned_elsewhere_keep_their_order() ->
     assert_eq!(out_of_place, 0, "sends sequenced in another order than sent: {seqs:?}");
     Ok(())
 }
+
+/// The nodes other than `i` where `i` sees `user` online.
+async fn other_nodes(c: &Cluster, i: usize, user: &str) -> Vec<String> {
+    let Ok(r) = reqwest::get(format!("{}/v1/presence/{user}", c.node(i).http())).await else { return vec![] };
+    let Ok(v) = r.json::<serde_json::Value>().await else { return vec![] };
+    v["otherNodes"].as_array().map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+/// The exit notices (cmd 10) about `user` that `client` receives until none came for a second.
+async fn exit_notices(client: &mut tests::TcpClient, user: &str) -> usize {
+    let mut n = 0;
+    for _ in 0..100 {
+        match tokio::time::timeout(Duration::from_secs(1), client.recv_cmd(10)).await {
+            Ok(Ok(notice)) if notice["data"]["user"]["userId"] == user => n += 1,
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn the_exit_notice_goes_out_once_when_the_last_session_anywhere_closes() -> anyhow::Result<()> {
+    let c = Cluster::start(bin(), &[("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")], &[]).await?;
+    let mut watcher = c.node(2).tcp_login("ew").await?;
+    // One after the other: the first close leaves a session at fra, so no notice yet.
+    let first = c.node(0).tcp_login("eu").await?;
+    let second = c.node(1).tcp_login("eu").await?;
+    for (i, other) in [(0, "fra-1"), (1, "iad-1")] {
+        eventually(Duration::from_secs(5), || async { (other_nodes(&c, i, "eu").await == [other]).then_some(()) }).await?;
+    }
+    drop(first);
+    eventually(Duration::from_secs(5), || async { other_nodes(&c, 1, "eu").await.is_empty().then_some(()) }).await?;
+    drop(second);
+    assert_eq!(exit_notices(&mut watcher, "eu").await, 1, "one exit notice, after the last session closed");
+
+    // At the same moment, each node still seeing the other session: still exactly one notice.
+    let first = c.node(0).tcp_login("eu").await?;
+    let second = c.node(1).tcp_login("eu").await?;
+    for (i, other) in [(0, "fra-1"), (1, "iad-1")] {
+        eventually(Duration::from_secs(5), || async { (other_nodes(&c, i, "eu").await == [other]).then_some(()) }).await?;
+    }
+    watcher.clear_backlog();
+    drop((first, second));
+    assert_eq!(exit_notices(&mut watcher, "eu").await, 1, "one exit notice when both sessions closed at once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_users_other_devices_get_a_copy_of_what_it_sends() -> anyhow::Result<()> {
+    let c = Cluster::start(bin(), &[("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")], &[]).await?;
+    let mut bob = c.node(2).tcp_login("db").await?;
+    // Once where the sender's node owns the conversation, once where another node does.
+    for owner in [0, 1] {
+        let me = c.user_owned_by(&format!("da{owner}-"), "db", owner);
+        let mut phone = c.node(0).tcp_login(&me).await?;
+        let mut laptop = c.node(0).tcp_login(&me).await?;
+        let mut tablet = c.node(1).tcp_login(&me).await?;
+        eventually(Duration::from_secs(5), || async { (other_nodes(&c, 0, &me).await == ["fra-1"]).then_some(()) }).await?;
+        let content = format!("from the phone, owner {owner}");
+        let ack = phone.chat(json!({"chatType": 2, "to": "db", "content": content, "id": format!("c{owner}")})).await?;
+        assert_eq!(ack["code"], 10000, "{ack}");
+        for (device, client) in [("laptop", &mut laptop), ("tablet", &mut tablet), ("recipient", &mut bob)] {
+            let got = client.recv_cmd(11).await?;
+            assert_eq!(
+                (got["data"]["content"].as_str(), got["data"]["from"].as_str()),
+                (Some(content.as_str()), Some(me.as_str())),
+                "{device}"
+            );
+        }
+        // The phone got its reply, and no copy of its own message (a copy would come before the reply).
+        let copies = phone.backlog().iter().filter(|f| f["command"] == 11).count();
+        assert_eq!(copies, 0, "the sending connection got a copy: {:?}", phone.backlog());
+    }
+    Ok(())
+}

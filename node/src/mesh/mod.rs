@@ -502,10 +502,10 @@ fn snapshot_frames(online: Vec<String>) -> Vec<V1> {
     let mut frames: Vec<V1> = online
         .chunks(PRESENCE_CHUNK)
         .enumerate()
-        .map(|(i, chunk)| V1::Presence { snapshot: i == 0, online: chunk.to_vec(), offline: vec![] })
+        .map(|(i, chunk)| V1::Presence { snapshot: i == 0, online: chunk.to_vec(), offline: vec![], announced: vec![] })
         .collect();
     if frames.is_empty() {
-        frames.push(V1::Presence { snapshot: true, online: vec![], offline: vec![] });
+        frames.push(V1::Presence { snapshot: true, online: vec![], offline: vec![], announced: vec![] });
     }
     frames
 }
@@ -533,22 +533,25 @@ async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToke
         for t in transitions {
             tracing::warn!(peer = %t.peer, from = t.from.name(), to = t.to.name(), "mesh peer state changed");
             if t.to == PeerState::Down {
-                core.hub.drop_remote(&t.peer);
+                for (user, gone) in core.hub.drop_remote(&mesh.me.id, &t.peer) {
+                    core.notify_exit(&user, gone.nick, &gone.groups);
+                }
             }
         }
         {
             let _order = mesh.presence.lock().await;
             let changes = core.hub.take_presence_changes();
             if !changes.is_empty() {
-                let (online, offline): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(_, on)| *on);
-                let online: Vec<String> = online.into_iter().map(|(u, _)| u).collect();
-                let offline: Vec<String> = offline.into_iter().map(|(u, _)| u).collect();
+                let (online, offline): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(_, on, _)| *on);
+                let online: Vec<String> = online.into_iter().map(|(u, _, _)| u).collect();
                 let mut frames = Vec::new();
                 for chunk in online.chunks(PRESENCE_CHUNK) {
-                    frames.push(V1::Presence { snapshot: false, online: chunk.to_vec(), offline: vec![] });
+                    frames.push(V1::Presence { snapshot: false, online: chunk.to_vec(), offline: vec![], announced: vec![] });
                 }
                 for chunk in offline.chunks(PRESENCE_CHUNK) {
-                    frames.push(V1::Presence { snapshot: false, online: vec![], offline: chunk.to_vec() });
+                    let announced = chunk.iter().filter(|(_, _, a)| *a).map(|(u, _, _)| u.clone()).collect();
+                    let offline = chunk.iter().map(|(u, _, _)| u.clone()).collect();
+                    frames.push(V1::Presence { snapshot: false, online: vec![], offline, announced });
                 }
                 mesh.broadcast_presence(&frames);
             }
@@ -866,7 +869,11 @@ async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, peer: String, mut recv: 
         match frame {
             V1::Beat { .. } => {}
             V1::Resync => mesh.send_snapshot(&core, &peer).await,
-            V1::Presence { snapshot, online, offline } => core.hub.remote_presence(&peer, snapshot, &online, &offline),
+            V1::Presence { snapshot, online, offline, announced } => {
+                for (user, gone) in core.hub.remote_presence(&mesh.me.id, &peer, snapshot, &online, &offline, &announced) {
+                    core.notify_exit(&user, gone.nick, &gone.groups);
+                }
+            }
             V1::Relay { to, command, body } => {
                 let push = Arc::new(Push { command, body: body.into_bytes().into(), delivery: None });
                 match &to {
@@ -920,7 +927,7 @@ fn answer_forward(core: &Core, mesh: &Mesh, message: NewMessage, id: u64) -> imp
     };
     let appended = refused.is_none().then(|| {
         core.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-        core.store.submit_append(message)
+        core.store.submit_append(message, None)
     });
     async move {
         let result = match appended {

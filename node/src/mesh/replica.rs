@@ -120,12 +120,27 @@ impl Ledger {
 /// A forwarder waiting for its replica to reach a seq.
 type Waiter = (u64, oneshot::Sender<()>);
 
+/// A private message sent from a connection here and forwarded to its owner: when it comes back
+/// through the replica, the sender's other connections get a copy, this one does not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnSend {
+    conversation: ConversationId,
+    sender: String,
+    client_id: Option<String>,
+    conn: u64,
+}
+
+/// Forwarded sends remembered per (conversation, sender) at most; older ones are forgotten (their
+/// sending connection would get a copy too, which J-IM clients ignore).
+const OWN_SENDS: usize = 1024;
+
 /// The replica of conversations sequenced elsewhere.
 #[derive(Default)]
 pub struct Replica {
     ledger: Mutex<Ledger>,
     waiters: Mutex<HashMap<ConversationId, Vec<Waiter>>>,
     waiting: AtomicBool,
+    own: Mutex<HashMap<(ConversationId, String), std::collections::VecDeque<OwnSend>>>,
 }
 
 /// Attempts to fill one gap in the background before waiting for the next message ahead.
@@ -134,6 +149,52 @@ const FILL_ROUNDS: u32 = 12;
 impl Replica {
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers that connection `conn` here sent `message` (private, being forwarded).
+    pub fn expect_own(&self, message: &schema::message::NewMessage, conn: Option<u64>) -> Option<OwnSend> {
+        let own = OwnSend {
+            conversation: message.conversation.clone(),
+            sender: message.sender.clone(),
+            client_id: message.client_id.clone(),
+            conn: conn?,
+        };
+        let mut sends = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        let list = sends.entry((own.conversation.clone(), own.sender.clone())).or_default();
+        if list.len() >= OWN_SENDS {
+            list.pop_front();
+        }
+        list.push_back(own.clone());
+        Some(own)
+    }
+
+    /// Forgets a forwarded send that failed.
+    pub fn forget_own(&self, own: OwnSend) {
+        let mut sends = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (own.conversation.clone(), own.sender.clone());
+        if let Some(list) = sends.get_mut(&key) {
+            if let Some(i) = list.iter().position(|o| *o == own) {
+                list.remove(i);
+            }
+            if list.is_empty() {
+                sends.remove(&key);
+            }
+        }
+    }
+
+    /// The connection here that sent `m`, if it was sent here: matched by client id, or else the
+    /// oldest send without one (this node's sends reach the owner, and come back, in order).
+    fn sent_from(&self, m: &StoredMessage) -> Option<u64> {
+        m.recipient.as_ref()?;
+        let mut sends = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (m.conversation.clone(), m.sender.clone());
+        let list = sends.get_mut(&key)?;
+        let i = list.iter().position(|o| o.client_id == m.client_id)?;
+        let own = list.remove(i)?;
+        if list.is_empty() {
+            sends.remove(&key);
+        }
+        Some(own.conn)
     }
 
     /// Takes a batch of a peer's change stream: pushes its messages that come next, in order,
@@ -150,7 +211,7 @@ impl Replica {
             for m in messages_of(&batch) {
                 match ledger.admit(&m.conversation, m.seq) {
                     Admit::Take => {
-                        core.deliver_local(m);
+                        core.deliver_local(m, self.sent_from(m));
                         reached.push((m.conversation.clone(), m.seq));
                     }
                     Admit::Duplicate => {}
@@ -176,7 +237,7 @@ impl Replica {
             let mut taken = Vec::new();
             for m in fetched {
                 if m.conversation == *conversation && ledger.admit(conversation, m.seq) == Admit::Take {
-                    core.deliver_local(&m);
+                    core.deliver_local(&m, self.sent_from(&m));
                     taken.push(m);
                 }
             }

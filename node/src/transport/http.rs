@@ -167,7 +167,7 @@ async fn send_from_api(core: &Core, body: &[u8]) -> (Status, Vec<u8>) {
         Ok(None) => (None, None),
         Err(_) => return (Status::Retryable, jim::status_reply(Command::ChatResp, Status::Retryable)),
     };
-    let sender = Sender { id: &from, nick, avatar, groups: None };
+    let sender = Sender { id: &from, nick, avatar, groups: None, conn: None };
     let reply = core.send_chat(&sender, chat).await;
     let status = serde_json::from_slice::<Value>(&reply)
         .ok()
