@@ -609,6 +609,20 @@ impl Store {
         collect_messages(rows).await
     }
 
+    /// Messages sequenced by `origin` and stored here with a revision above `after`, in revision
+    /// order, at most `limit` (what a peer that cannot reach `origin` asks this node to pass on).
+    /// Each with its revision here.
+    pub async fn sequenced_by(&self, origin: &str, after: u64, limit: u32) -> Result<Vec<(u64, StoredMessage)>> {
+        let conn = self.reader().await;
+        let sql = format!("SELECT {MSG_COLS}, m.rev FROM messages m WHERE m.rev > ?1 AND m.origin = ?2 ORDER BY m.rev LIMIT ?3");
+        let mut rows = conn.query(&sql, params![to_i64(after), origin, limit]).await?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await? {
+            out.push((row.get::<u64>(16)?, message_from_row(&row)?));
+        }
+        Ok(out)
+    }
+
     /// A message by server id.
     pub async fn message(&self, id: &str) -> Result<Option<StoredMessage>> {
         let conn = self.reader().await;

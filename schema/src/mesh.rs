@@ -3,7 +3,8 @@
 //! of misreading it: today only `V1` exists.
 //!
 //! Streams (all opened by the dialling node on its own connection to a peer):
-//! - one unidirectional *control* stream: `Hello`, then `Beat`, `Presence` and `Relay` frames;
+//! - one unidirectional *control* stream: `Hello`, then `Beat`, `Presence`, `Relay`, `Cover` and
+//!   `Covered` frames;
 //! - one bidirectional *subscribe* stream: the dialler sends `Subscribe { after }` and the peer
 //!   answers with `Changes` batches, forever: first its backlog, then each commit as it happens;
 //! - one bidirectional *forwarding* stream: `ForwardStream`, then `Forward` frames, each
@@ -90,6 +91,21 @@ pub enum V1 {
         command: u8,
         /// JSON body of the frame.
         body: String,
+    },
+    /// On a control stream: the sender cannot reach `origin` and asks the receiver to pass on
+    /// the messages `origin` sequenced, the ones committed there since `since_ms` (origin's clock,
+    /// give or take) at once and new ones as they arrive, for a few seconds; renewed while the
+    /// sender still cannot reach it.
+    Cover {
+        /// The node the sender cannot reach.
+        origin: String,
+        /// Epoch ms: pass on what `origin` committed from about then.
+        since_ms: i64,
+    },
+    /// On a control stream: messages passed on for a `Cover`, each conversation's in seq order.
+    Covered {
+        /// The messages.
+        messages: Vec<StoredMessage>,
     },
     /// Asks for the peer's changes with a revision above `after`, then for every later change.
     Subscribe {

@@ -249,3 +249,45 @@ async fn a_users_other_devices_get_a_copy_of_what_it_sends() -> anyhow::Result<(
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn with_one_link_cut_messages_and_sends_go_through_the_third_node() -> anyhow::Result<()> {
+    let c = Cluster::start(bin(), &[("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")], &[]).await?;
+    // A conversation iad owns, between a user at iad and a user at sin.
+    let near = c.user_owned_by("la", "lc", 0);
+    let mut at_iad = c.node(0).tcp_login(&near).await?;
+    let mut at_sin = c.node(2).tcp_login("lc").await?;
+    c.link(0, 2, tests::cluster::LinkSettings { cut: true, ..Default::default() });
+    // sin notices that iad stopped beating (suspect after three missed beats).
+    eventually(Duration::from_secs(10), || async { (c.metric(2, "kefu_mesh_peer_up").await.ok()? < 2.0).then_some(()) }).await?;
+
+    // From iad to sin: through fra, each message once and in order.
+    let mut sent = Vec::new();
+    for k in 0..5 {
+        let ack = at_iad.chat(json!({"chatType": 2, "to": "lc", "content": format!("i{k}"), "id": format!("i{k}")})).await?;
+        assert!(matches!(ack["code"].as_u64(), Some(10000 | 10001)), "{ack}");
+        sent.push(ack["data"]["seq"].as_u64().unwrap());
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        got.push(at_sin.recv_cmd(11).await?["data"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, sent, "sin got iad's messages through fra");
+
+    // From sin to iad's conversation: forwarded through fra (retryable answers at most, until
+    // sin routes around the cut).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    for k in 0..5 {
+        loop {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "send {k} from sin never got through");
+            let ack = at_sin.chat(json!({"chatType": 2, "to": near, "content": format!("s{k}"), "id": format!("s{k}")})).await?;
+            match ack["code"].as_u64() {
+                Some(10000 | 10001) => break,
+                Some(11007) => continue,
+                _ => anyhow::bail!("unexpected answer {ack}"),
+            }
+        }
+        assert_eq!(at_iad.recv_cmd(11).await?["data"]["content"], format!("s{k}"));
+    }
+    Ok(())
+}

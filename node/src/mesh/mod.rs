@@ -51,6 +51,14 @@ const CONTROL_QUEUE: usize = 8192;
 /// configured peer retries every 2 s at most, so a peer that still disagrees renews it well
 /// before it runs out, and one that stopped dialling (fixed or gone) is forgotten.
 const DISAGREEMENT_HOLDS: Duration = Duration::from_secs(10);
+/// How long a `Cover` lasts unless renewed (the asking node renews it every second).
+const COVER_LASTS: Duration = Duration::from_secs(3);
+/// How far before the named time a `Cover` starts passing messages on: clocks of two nodes differ.
+const COVER_MARGIN_MS: i64 = 5_000;
+/// Messages per `Covered` frame, and pages of them passed on at once for one `Cover`.
+const COVER_PAGE: u32 = 1000;
+const COVER_PAGES: usize = 20;
+
 /// QUIC close code: the node lists differ.
 const CLOSE_LISTS_DIFFER: u32 = 2;
 /// QUIC close code: the certificate names another node.
@@ -128,6 +136,12 @@ pub struct Mesh {
     catchup: Mutex<CatchUp>,
     /// What this node holds of conversations sequenced elsewhere.
     pub replica: replica::Replica,
+    /// Peers this node passes another node's messages on to, because they cannot reach it:
+    /// (peer, origin) → until when.
+    covering: Mutex<HashMap<(String, String), Instant>>,
+    /// This node's head revision once a second, for the last ten minutes (epoch ms, revision):
+    /// where to start passing messages on from for a `Cover` that names a time.
+    heads: Mutex<std::collections::VecDeque<(i64, u64)>>,
     boot: u64,
     forward_timeout: Duration,
     /// Held while presence is gathered and queued, so a snapshot and the deltas around it go out
@@ -179,6 +193,8 @@ impl Mesh {
             endpoint,
             client: identity.client_config()?,
             replica: replica::Replica::default(),
+            covering: Mutex::new(HashMap::new()),
+            heads: Mutex::new(std::collections::VecDeque::new()),
             boot: rand::random(),
             forward_timeout: config.forward_timeout,
             presence: tokio::sync::Mutex::new(()),
@@ -255,14 +271,31 @@ impl Mesh {
     /// Sends `message` to `owner` on the forwarding stream and waits for its commit there (and
     /// for the message to reach this node's replica, so local pushes precede the reply as they do
     /// on the owner). The send is queued now, before the returned future is polled: sends
-    /// submitted one after another reach the owner, and are sequenced, in that order. Any
-    /// failure to hear back in time is `Retryable`: the sender resends with the same client id,
-    /// which the owner deduplicates.
+    /// submitted one after another reach the owner, and are sequenced, in that order. When the
+    /// owner is not up from here, the send goes through a peer that is, which passes it on
+    /// (DESIGN §7: through any peer). Any failure to hear back in time is `Retryable`: the
+    /// sender resends with the same client id, which the owner deduplicates.
     pub fn submit_forward(
         self: &Arc<Self>,
         owner: &str,
         message: NewMessage,
     ) -> impl std::future::Future<Output = Result<StoredMessage, Status>> + Send + 'static {
+        let reachable = |p: &str| self.peer_state(p) == PeerState::Up && self.connection(p).is_some();
+        let route = if reachable(owner) {
+            owner.to_string()
+        } else {
+            self.peers.keys().find(|p| p.as_str() != owner && reachable(p)).cloned().unwrap_or_else(|| owner.to_string())
+        };
+        self.forward_on(&route, message)
+    }
+
+    /// Sends `message` on `peer`'s forwarding stream (the owner, or a peer passing it on).
+    fn forward_on(
+        self: &Arc<Self>,
+        peer: &str,
+        message: NewMessage,
+    ) -> impl std::future::Future<Output = Result<StoredMessage, Status>> + Send + 'static {
+        let owner = peer;
         let started = Instant::now();
         let queue = if self.peer_state(owner) == PeerState::Down { None } else { self.peers.get(owner).and_then(|p| p.forward_tx()) };
         let queued = queue.and_then(|tx| {
@@ -302,6 +335,119 @@ impl Mesh {
             .collect();
         sources.sort();
         sources.into_iter().map(|(_, _, id)| id).collect()
+    }
+
+    /// Renews or starts passing `origin`'s messages on to `peer`. A new cover first passes on what
+    /// `origin` sequenced from about `since_ms`.
+    async fn cover(&self, core: &Core, peer: &str, origin: String, since_ms: i64) {
+        if origin == self.me.id || origin == peer || !self.peers.contains_key(&origin) {
+            return;
+        }
+        let key = (peer.to_string(), origin.clone());
+        let started = self.covering.lock().unwrap_or_else(|e| e.into_inner()).insert(key, Instant::now() + COVER_LASTS).is_none();
+        if !started {
+            return;
+        }
+        tracing::info!(peer, origin = %origin, "a peer cannot reach a node; passing that node's messages on to it");
+        let from = since_ms - COVER_MARGIN_MS;
+        let mut after = {
+            let heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+            heads.iter().rev().find(|(at, _)| *at <= from).map_or(0, |(_, rev)| *rev)
+        };
+        for _ in 0..COVER_PAGES {
+            let Ok(page) = core.store.sequenced_by(&origin, after, COVER_PAGE).await else { return };
+            let Some(last) = page.last().map(|(rev, _)| *rev) else { return };
+            after = last;
+            self.pass_on(peer, page.into_iter().map(|(_, m)| m).collect());
+        }
+    }
+
+    /// The peers this node passes `origin`'s messages on to now.
+    fn covered_peers(&self, origin: &str) -> Vec<String> {
+        let now = Instant::now();
+        let mut covering = self.covering.lock().unwrap_or_else(|e| e.into_inner());
+        covering.retain(|_, until| *until > now);
+        covering.keys().filter(|(_, o)| o == origin).map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Queues messages for `peer`'s control stream, each conversation's in seq order.
+    fn pass_on(&self, peer: &str, mut messages: Vec<StoredMessage>) {
+        messages.sort_by(|a, b| (a.conversation.as_str(), a.seq).cmp(&(b.conversation.as_str(), b.seq)));
+        if !self.send_to(peer, &V1::Covered { messages }) {
+            self.stats.relays_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes messages a peer passed on: each conversation through the replica (pushed and stored
+    /// in order), and a gap left behind is filled in the background.
+    async fn take_covered(
+        self: &Arc<Self>,
+        core: &Arc<Core>,
+        messages: Vec<StoredMessage>,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let mut by_conversation: Vec<(ConversationId, Vec<StoredMessage>)> = Vec::new();
+        for m in messages {
+            match by_conversation.iter_mut().find(|(c, _)| *c == m.conversation) {
+                Some((_, list)) => list.push(m),
+                None => by_conversation.push((m.conversation.clone(), vec![m])),
+            }
+        }
+        for (conversation, list) in by_conversation {
+            match self.replica.take(core, &conversation, list).await {
+                Ok(true) => self.fill_in_background(core, conversation, tasks, shutdown),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "storing messages a peer passed on failed"),
+            }
+        }
+    }
+
+    /// Fills `conversation`'s gap from the owner or any peer, in a tracked task.
+    fn fill_in_background(
+        self: &Arc<Self>,
+        core: &Arc<Core>,
+        conversation: ConversationId,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let (core, mesh, shutdown) = (Arc::clone(core), Arc::clone(self), shutdown.clone());
+        tasks.spawn(async move {
+            let fill = mesh.replica.fill_gap(
+                &core,
+                conversation.clone(),
+                || mesh.sources(&conversation),
+                |peer, after| mesh.fetch_since(peer, &conversation, after, 1000),
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = fill => {}
+            }
+        });
+    }
+
+    /// Once a second: records the head revision, and asks the peers that are up to pass on the
+    /// messages of each peer that is not.
+    fn renew_covers(&self, now_ms: i64, head: u64) {
+        {
+            let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+            heads.push_back((now_ms, head));
+            while heads.len() > 600 {
+                heads.pop_front();
+            }
+        }
+        let states: Vec<(String, PeerState)> = self.lock_membership().states().map(|(p, s)| (p.to_string(), s)).collect();
+        for (origin, state) in &states {
+            if *state == PeerState::Up {
+                continue;
+            }
+            let since_ms = self.peers.get(origin).map_or(0, |p| p.applied_at_ms.load(Ordering::Relaxed));
+            for (via, via_state) in &states {
+                if via != origin && *via_state == PeerState::Up {
+                    self.send_to(via, &V1::Cover { origin: origin.clone(), since_ms });
+                }
+            }
+        }
     }
 
     /// Makes this node's copy of `conversation` reach `wanted`, fetching what is missing from
@@ -523,12 +669,15 @@ pub fn start(core: &Arc<Core>, mesh: &Arc<Mesh>, shutdown: &CancellationToken, t
 async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(PRESENCE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for tick in 0u64.. {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
         let now = Instant::now();
+        if tick % 10 == 0 {
+            mesh.renew_covers(crate::store::now_ms(), core.store.head());
+        }
         let transitions = mesh.lock_membership().tick(now);
         for t in transitions {
             tracing::warn!(peer = %t.peer, from = t.from.name(), to = t.to.name(), "mesh peer state changed");
@@ -729,21 +878,28 @@ async fn subscribe(
                     }
                 }
                 let (upto, head, at_ms, n) = (batch.upto, batch.head, batch.at_ms, batch.changes.len());
+                // Peers that cannot reach this one get its messages from here.
+                let covered = mesh.covered_peers(&peer.spec.id);
+                let passing: Vec<StoredMessage> = if covered.is_empty() {
+                    Vec::new()
+                } else {
+                    batch
+                        .changes
+                        .iter()
+                        .filter_map(|c| match c {
+                            schema::mesh::Change::Message(m) if m.origin == peer.spec.id => Some(m.clone()),
+                            _ => None,
+                        })
+                        .collect()
+                };
                 let gaps = mesh.replica.receive(core, &peer.spec.id, batch).await?;
+                if !passing.is_empty() {
+                    for p in &covered {
+                        mesh.pass_on(p, passing.clone());
+                    }
+                }
                 for conversation in gaps {
-                    let (core, mesh, shutdown) = (Arc::clone(core), Arc::clone(mesh), shutdown.clone());
-                    tasks.spawn(async move {
-                        let fill = mesh.replica.fill_gap(
-                            &core,
-                            conversation.clone(),
-                            || mesh.sources(&conversation),
-                            |peer, after| mesh.fetch_since(peer, &conversation, after, 1000),
-                        );
-                        tokio::select! {
-                            _ = shutdown.cancelled() => {}
-                            _ = fill => {}
-                        }
-                    });
+                    mesh.fill_in_background(core, conversation, tasks, shutdown);
                 }
                 applied = upto;
                 peer.applied.store(applied, Ordering::Relaxed);
@@ -775,7 +931,7 @@ async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationTok
                 None => return,
             },
         };
-        let (core, mesh, shutdown) = (Arc::clone(&core), Arc::clone(&mesh), shutdown.clone());
+        let (core, mesh, shutdown, inner) = (Arc::clone(&core), Arc::clone(&mesh), shutdown.clone(), tasks.clone());
         tasks.spawn(async move {
             let conn = match incoming.await {
                 Ok(conn) => conn,
@@ -786,7 +942,7 @@ async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationTok
             };
             tokio::select! {
                 _ = shutdown.cancelled() => conn.close(0u32.into(), b"shutdown"),
-                _ = serve_inbound(core, mesh, conn.clone()) => {}
+                _ = serve_inbound(core, mesh, conn.clone(), shutdown.clone(), inner) => {}
             }
         });
     }
@@ -794,11 +950,11 @@ async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationTok
 
 /// Serves a peer's connection: its hello first, and only once that is accepted its control
 /// stream and its requests.
-async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection) {
+async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection, shutdown: CancellationToken, tasks: TaskTracker) {
     let Ok(mut control) = conn.accept_uni().await else { return };
     let Some(peer) = accept_hello(&mesh, &conn, &mut control).await else { return };
     let streams = TaskTracker::new();
-    streams.spawn(read_control(Arc::clone(&core), Arc::clone(&mesh), peer, control));
+    streams.spawn(read_control(Arc::clone(&core), Arc::clone(&mesh), peer, control, shutdown, tasks));
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
@@ -851,7 +1007,14 @@ async fn accept_hello(mesh: &Mesh, conn: &quinn::Connection, recv: &mut quinn::R
 }
 
 /// A peer's control stream after its hello: heartbeats, presence and relayed pushes.
-async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, peer: String, mut recv: quinn::RecvStream) {
+async fn read_control(
+    core: Arc<Core>,
+    mesh: Arc<Mesh>,
+    peer: String,
+    mut recv: quinn::RecvStream,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     loop {
         let frame = match mesh.read(&mut recv).await {
             Ok(Some(frame)) => frame,
@@ -869,6 +1032,8 @@ async fn read_control(core: Arc<Core>, mesh: Arc<Mesh>, peer: String, mut recv: 
         match frame {
             V1::Beat { .. } => {}
             V1::Resync => mesh.send_snapshot(&core, &peer).await,
+            V1::Cover { origin, since_ms } => mesh.cover(&core, &peer, origin, since_ms).await,
+            V1::Covered { messages } => mesh.take_covered(&core, messages, &tasks, &shutdown).await,
             V1::Presence { snapshot, online, offline, announced } => {
                 for (user, gone) in core.hub.remote_presence(&mesh.me.id, &peer, snapshot, &online, &offline, &announced) {
                     core.notify_exit(&user, gone.nick, &gone.groups);
@@ -914,13 +1079,25 @@ async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendSt
 
 /// Checks a forwarded send and queues it for the writer now (so sends are sequenced in the order
 /// they arrived); the future resolves to the answer after the commit.
-fn answer_forward(core: &Core, mesh: &Mesh, message: NewMessage, id: u64) -> impl std::future::Future<Output = V1> + Send + 'static {
+fn answer_forward(
+    core: &Core,
+    mesh: &Arc<Mesh>,
+    message: NewMessage,
+    id: u64,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = V1> + Send>> {
+    let owner = mesh.owner(&message.conversation).id.clone();
+    if owner != mesh.me.id {
+        // A peer that cannot reach the owner sent it here: pass it on, straight to the owner
+        // (never through a third node), in the order it came.
+        let passed = mesh.forward_on(&owner, message);
+        return Box::pin(async move {
+            let result = passed.await.map_err(Status::code);
+            V1::Forwarded { result, id }
+        });
+    }
     let refused = if !core.may_sequence() {
         // Not caught up yet (this node may not hold the newest seq it gave out before), or a
         // peer has another node list.
-        Some(Status::Retryable)
-    } else if mesh.owner(&message.conversation).id != mesh.me.id {
-        tracing::error!(conversation = %message.conversation.as_str(), "a send was forwarded here but this node does not own it: the nodes' peer lists differ");
         Some(Status::Retryable)
     } else {
         None
@@ -929,7 +1106,7 @@ fn answer_forward(core: &Core, mesh: &Mesh, message: NewMessage, id: u64) -> imp
         core.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
         core.store.submit_append(message, None)
     });
-    async move {
+    Box::pin(async move {
         let result = match appended {
             None => Err(refused.unwrap_or(Status::Retryable).code()),
             Some(appended) => match appended.await {
@@ -941,7 +1118,7 @@ fn answer_forward(core: &Core, mesh: &Mesh, message: NewMessage, id: u64) -> imp
             },
         };
         V1::Forwarded { result, id }
-    }
+    })
 }
 
 /// A peer's forwarding stream: each send is queued for the writer as it arrives, and answered in

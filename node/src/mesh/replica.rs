@@ -227,6 +227,13 @@ impl Replica {
         Ok(gaps)
     }
 
+    /// Takes messages of one conversation that a peer passed on: pushes and stores those that
+    /// come next. Returns whether a gap is left before some of them.
+    pub async fn take(&self, core: &Core, conversation: &ConversationId, messages: Vec<StoredMessage>) -> Result<bool, StoreError> {
+        self.take_fetched(core, conversation, messages).await?;
+        Ok(self.ledger().gap(conversation).is_some())
+    }
+
     /// Takes messages fetched for a gap (oldest first): pushes and stores those that come next.
     /// Returns how far the conversation now reaches.
     async fn take_fetched(&self, core: &Core, conversation: &ConversationId, fetched: Vec<StoredMessage>) -> Result<u64, StoreError> {
