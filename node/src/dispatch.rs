@@ -403,11 +403,10 @@ impl Core {
     /// The user's last session here closed: the exit notice goes out now if they are online
     /// nowhere else, or is held until they are (the mesh then decides which node sends it).
     pub fn went_offline(&self, user: &str, gone: crate::hub::WentOffline) {
-        if self.hub.is_online_elsewhere(user) {
-            return self.hub.hold_exit(user, gone);
+        let me = self.mesh.as_ref().map_or("", |m| m.me.id.as_str());
+        if let Some(gone) = self.hub.left(me, user, gone) {
+            self.notify_exit(user, gone.nick, &gone.groups);
         }
-        self.hub.mark_announced(user);
-        self.notify_exit(user, gone.nick, &gone.groups);
     }
 
     /// Tells the remaining members of `groups` that `user` went offline.
@@ -485,14 +484,14 @@ impl Core {
                 let forwarded = mesh.submit_forward(&owner, message);
                 let mesh = Arc::clone(mesh);
                 return Ok(Box::pin(async move {
-                    match forwarded.await {
+                    let answer = forwarded.await;
+                    // Pushed by now, or never (a failure, or a repeat the owner deduplicated).
+                    if let Some(own) = own {
+                        mesh.replica.forget_own(own);
+                    }
+                    match answer {
                         Ok(m) => chat_ack(&m, recipient_online),
-                        Err(status) => {
-                            if let Some(own) = own {
-                                mesh.replica.forget_own(own);
-                            }
-                            fail(status)
-                        }
+                        Err(status) => fail(status),
                     }
                 }));
             }

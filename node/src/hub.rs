@@ -129,8 +129,8 @@ pub struct Hub {
     /// Users whose local presence changed since the mesh last shipped it (only when tracking),
     /// each with whether this node sent the exit notice of their going offline.
     dirty: Mutex<HashMap<Arc<str>, bool>>,
-    /// Exit notices held back because the user was still online at another node.
-    held: Mutex<HashMap<Arc<str>, HeldExit>>,
+    /// Exits: notices held back, and what other nodes said lately of users going offline.
+    exits: Mutex<Exits>,
     track: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
@@ -141,14 +141,43 @@ pub struct Hub {
 /// smallest id among those that held theirs back, unless one of the others sent it.
 struct HeldExit {
     gone: WentOffline,
-    /// Nodes that said the user went offline there without sending the notice.
-    others: Vec<String>,
-    /// Another node sent it.
-    announced: bool,
     since: std::time::Instant,
 }
 
-/// How long a held exit notice waits for the user to go offline everywhere.
+/// What a node said of a user going offline there lately: whether it sent the exit notice.
+struct OfflineAt {
+    node: String,
+    announced: bool,
+    at: std::time::Instant,
+}
+
+/// The exit bookkeeping of the hub, under one lock.
+#[derive(Default)]
+struct Exits {
+    held: HashMap<Arc<str>, HeldExit>,
+    /// Per user, the nodes that said lately the user went offline there (explicit deltas only).
+    said: HashMap<Arc<str>, Vec<OfflineAt>>,
+}
+
+impl Exits {
+    fn expire(&mut self, now: std::time::Instant) {
+        self.held.retain(|_, h| now.duration_since(h.since) < HOLD_EXIT);
+        self.said.retain(|_, list| {
+            list.retain(|o| now.duration_since(o.at) < HOLD_EXIT);
+            !list.is_empty()
+        });
+    }
+
+    /// Whether this node (`me`) sends `user`'s held notice once they are online nowhere: no other
+    /// node sent it, and no node with a smaller id held its own back.
+    fn mine(&self, me: &str, user: &str) -> bool {
+        let said = self.said.get(user).map(Vec::as_slice).unwrap_or_default();
+        !said.iter().any(|o| o.announced) && said.iter().all(|o| me < o.node.as_str())
+    }
+}
+
+/// How long a held exit notice waits for the user to go offline everywhere, and how long what
+/// other nodes said is remembered.
 const HOLD_EXIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What `unregister` reports when a user's last connection went away.
@@ -167,7 +196,7 @@ impl Hub {
             inner: Mutex::new(Inner::default()),
             remote: Mutex::default(),
             dirty: Mutex::default(),
-            held: Mutex::default(),
+            exits: Mutex::default(),
             track: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             metrics,
@@ -193,44 +222,51 @@ impl Hub {
         dirty.into_iter().map(|(u, announced)| (u.to_string(), inner.users.contains_key(&u), announced)).collect()
     }
 
-    /// Records that this node sent `user`'s exit notice (their last session anywhere closed here).
-    pub fn mark_announced(&self, user: &str) {
+    fn remote(&self) -> std::sync::MutexGuard<'_, Remote> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn exits(&self) -> std::sync::MutexGuard<'_, Exits> {
+        self.exits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `user`'s last session here closed (`unregister` said so). Returns the exit notice to send
+    /// now, or `None` when it is held back because they are online at another node (it is then
+    /// sent by whichever node the rules pick, when they are online nowhere).
+    pub fn left(&self, me: &str, user: &str, gone: WentOffline) -> Option<WentOffline> {
+        let key: Arc<str> = user.into();
+        let mut exits = self.exits();
+        exits.expire(std::time::Instant::now());
+        let elsewhere = self.is_online_elsewhere(user);
         if self.track.load(Ordering::Acquire) {
-            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(user.into(), true);
+            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), !elsewhere);
         }
-    }
-
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HeldExit>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Holds `user`'s exit notice back: they are still online at another node.
-    pub fn hold_exit(&self, user: &str, gone: WentOffline) {
-        let now = std::time::Instant::now();
-        let mut held = self.held();
-        held.retain(|_, h| now.duration_since(h.since) < HOLD_EXIT);
-        held.insert(user.into(), HeldExit { gone, others: Vec::new(), announced: false, since: now });
+        if !elsewhere {
+            return Some(gone);
+        }
+        exits.held.insert(key, HeldExit { gone, since: std::time::Instant::now() });
+        drop(exits);
+        // What the others said while this was being decided counts too.
+        self.settle(me, std::iter::once(user)).pop().map(|(_, gone)| gone)
     }
 
     /// The held exit notices that this node (`me`) sends now, for `users` whose presence changed:
-    /// those online nowhere any more, that no other node sent and that no node with a smaller id
-    /// held back too.
+    /// those online nowhere any more that the rules give to this node. Held notices of users
+    /// online nowhere that another node sends are dropped.
     fn settle<'a>(&self, me: &str, users: impl Iterator<Item = &'a str>) -> Vec<(String, WentOffline)> {
         let mut out = Vec::new();
         for user in users {
-            if !self.held().contains_key(user) || self.is_online_anywhere(user) {
+            if self.is_online_anywhere(user) {
                 continue;
             }
-            let Some(h) = self.held().remove(user) else { continue };
-            if !h.announced && h.others.iter().all(|o| me < o.as_str()) {
+            let mut exits = self.exits();
+            let mine = exits.mine(me, user);
+            let Some(h) = exits.held.remove(user) else { continue };
+            if mine {
                 out.push((user.to_string(), h.gone));
             }
         }
         out
-    }
-
-    fn remote(&self) -> std::sync::MutexGuard<'_, Remote> {
-        self.remote.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Applies a presence message from `node` (see `schema::mesh::V1::Presence`). Returns the
@@ -262,15 +298,20 @@ impl Hub {
             }
         }
         {
-            let mut held = self.held();
-            for u in &gone {
-                if let Some(h) = held.get_mut(u.as_str()) {
-                    if announced.contains(u) {
-                        h.announced = true;
-                    } else if !h.others.iter().any(|o| o == node) {
-                        h.others.push(node.to_string());
-                    }
+            let now = std::time::Instant::now();
+            let mut exits = self.exits();
+            exits.expire(now);
+            for u in online {
+                if let Some(list) = exits.said.get_mut(u.as_str()) {
+                    list.retain(|o| o.node != node);
                 }
+            }
+            // Only explicit offlines say whether that node held its notice: a user a snapshot
+            // leaves out (the node restarted, say) went offline without one there.
+            for u in offline {
+                let list = exits.said.entry(u.as_str().into()).or_default();
+                list.retain(|o| o.node != node);
+                list.push(OfflineAt { node: node.to_string(), announced: announced.contains(u), at: now });
             }
         }
         self.settle(me, gone.iter().map(String::as_str))
@@ -345,7 +386,7 @@ impl Hub {
         entry.avatar = avatar;
         drop(inner);
         if first {
-            self.held().remove(&user);
+            self.exits().held.remove(&user);
             self.mark_dirty(&user);
         }
     }
@@ -370,8 +411,8 @@ impl Hub {
         if !entry.conns.is_empty() {
             return None;
         }
+        // The presence change is marked by `left`, with whether the exit was announced.
         let (key, entry) = inner.users.remove_entry(user)?;
-        self.mark_dirty(&key);
         for g in &entry.groups {
             if let Some(members) = inner.groups.get_mut(g) {
                 members.remove(&key);
@@ -469,5 +510,75 @@ impl Hub {
         for c in &conns {
             c.close(status);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+mod tests {
+    use super::*;
+
+    const NODES: [&str; 3] = ["n1", "n2", "n3"];
+
+    /// Three nodes' hubs with user `u` online at each, each knowing the others have it.
+    fn three() -> (Vec<Hub>, Vec<Conn>) {
+        let hubs: Vec<Hub> = NODES.iter().map(|_| Hub::new(Arc::new(Metrics::default()))).collect();
+        let mut conns = Vec::new();
+        for (i, h) in hubs.iter().enumerate() {
+            h.track_presence();
+            let (c, _queue) = h.connection(Transport::Tcp);
+            h.register("u", c.clone(), &[], None, None);
+            conns.push(c);
+            for other in NODES.iter().filter(|n| **n != NODES[i]) {
+                h.remote_presence(NODES[i], other, false, &["u".into()], &[], &[]);
+            }
+        }
+        (hubs, conns)
+    }
+
+    /// Node `i`'s last session of `u` closes: whether it sends the notice at once, and whether it
+    /// said so in its presence change.
+    fn close(hubs: &[Hub], conns: &[Conn], i: usize) -> (bool, bool) {
+        let gone = hubs[i].unregister("u", conns[i].id).unwrap();
+        let sent = hubs[i].left(NODES[i], "u", gone).is_some();
+        let changes = hubs[i].take_presence_changes();
+        assert_eq!(changes.len(), 1);
+        (sent, changes[0].2)
+    }
+
+    /// Node `from`'s offline of `u` reaches node `to`: how many notices `to` sends then.
+    fn tell(hubs: &[Hub], from: usize, to: usize, announced: bool) -> usize {
+        let announced: Vec<String> = if announced { vec!["u".into()] } else { vec![] };
+        hubs[to].remote_presence(NODES[to], NODES[from], false, &[], &["u".into()], &announced).len()
+    }
+
+    #[test]
+    fn one_after_the_other_the_last_node_sends_the_notice() {
+        let (hubs, conns) = three();
+        let mut sent = 0;
+        for i in 0..3 {
+            let (now, announced) = close(&hubs, &conns, i);
+            sent += usize::from(now);
+            for to in (0..3).filter(|to| *to != i) {
+                sent += tell(&hubs, i, to, announced);
+            }
+        }
+        assert_eq!(sent, 1);
+    }
+
+    #[test]
+    fn of_the_nodes_that_held_it_back_the_smallest_id_sends_it() {
+        let (hubs, conns) = three();
+        // n1 closes first and holds its notice; its offline reaches n2 and n3.
+        let (now, announced) = close(&hubs, &conns, 0);
+        assert!(!now && !announced);
+        let mut sent = tell(&hubs, 0, 1, false) + tell(&hubs, 0, 2, false);
+        // n2 and n3 close at the same moment, each still seeing the other: both hold.
+        let closed: Vec<(bool, bool)> = [1, 2].map(|i| close(&hubs, &conns, i)).into();
+        sent += closed.iter().filter(|(now, _)| *now).count();
+        for (from, to) in [(1, 0), (1, 2), (2, 0), (2, 1)] {
+            sent += tell(&hubs, from, to, false);
+        }
+        assert_eq!(sent, 1, "exactly one node sends the exit notice");
     }
 }

@@ -165,6 +165,14 @@ impl WritePermit {
         async move { rx.await.map_err(|_| StoreError::Closed)?.map(drop) }
     }
 
+    /// Queues an append now; the future resolves after its commit and delivery. See
+    /// [`Store::submit_append`].
+    pub fn append(self, message: NewMessage) -> impl std::future::Future<Output = Result<Delivery>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(WriteOp::Append(message, None, tx));
+        async move { rx.await.map_err(|_| StoreError::Closed)? }
+    }
+
     /// Queues an import now; the future resolves after its commit. See [`Store::import`].
     pub fn import(self, messages: Vec<StoredMessage>) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
         let (tx, rx) = oneshot::channel();

@@ -982,12 +982,16 @@ async fn accept_hello(mesh: &Mesh, conn: &quinn::Connection, recv: &mut quinn::R
             tracing::warn!(peer = %node, "a node said hello with a certificate that does not name it; closed");
             None
         }
-        Ok(Some(V1::Hello { node, fingerprint, nodes, .. })) if fingerprint != mesh.fingerprint => {
+        Ok(Some(V1::Hello { node, fingerprint, nodes, .. })) if !fingerprint.is_empty() && fingerprint != mesh.fingerprint => {
             mesh.disagrees(&node, nodes);
             conn.close(CLOSE_LISTS_DIFFER.into(), b"the node lists differ");
             None
         }
-        Ok(Some(V1::Hello { node, region, boot, .. })) if mesh.peers.contains_key(&node) => {
+        Ok(Some(V1::Hello { node, region, boot, fingerprint, .. })) if mesh.peers.contains_key(&node) => {
+            if fingerprint.is_empty() {
+                // A node from before fingerprints (a rolling upgrade): it cannot say its list.
+                tracing::warn!(peer = %node, "a peer did not say its node list (an older version); make sure the lists agree");
+            }
             tracing::debug!(peer = %node, region = %region, boot, "mesh hello");
             mesh.agrees_with(&node);
             Some(node)
@@ -1065,7 +1069,7 @@ async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendSt
             return;
         }
         V1::ForwardStream => return serve_forwards(&core, &mesh, send, recv).await,
-        V1::Forward { message, id } => answer_forward(&core, &mesh, message, id).await,
+        V1::Forward { message, id } => answer_forward(&core, &mesh, message, id, None).await,
         V1::Since { conversation, after, limit } => match core.store.since(&conversation, after, limit.min(1000)).await {
             Ok(messages) => V1::Messages { messages },
             Err(_) => V1::Error { status: Status::Retryable.code() },
@@ -1079,11 +1083,13 @@ async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendSt
 
 /// Checks a forwarded send and queues it for the writer now (so sends are sequenced in the order
 /// they arrived); the future resolves to the answer after the commit.
+/// `permit`, when given, is the place in the write queue reserved for it.
 fn answer_forward(
     core: &Core,
     mesh: &Arc<Mesh>,
     message: NewMessage,
     id: u64,
+    permit: Option<crate::store::WritePermit>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = V1> + Send>> {
     let owner = mesh.owner(&message.conversation).id.clone();
     if owner != mesh.me.id {
@@ -1104,7 +1110,11 @@ fn answer_forward(
     };
     let appended = refused.is_none().then(|| {
         core.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-        core.store.submit_append(message, None)
+        let appended: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match permit {
+            Some(permit) => Box::pin(permit.append(message)),
+            None => Box::pin(core.store.submit_append(message, None)),
+        };
+        appended
     });
     Box::pin(async move {
         let result = match appended {
@@ -1134,13 +1144,22 @@ async fn serve_forwards(core: &Arc<Core>, mesh: &Arc<Mesh>, mut send: quinn::Sen
         }
         drop(frames_tx);
     };
-    let answering = async {
+    // Owns `frames`: when it stops early, the reader's next hand-over fails and it stops too.
+    let answering = async move {
         let mut in_flight = FuturesOrdered::new();
         let mut open = true;
         while open || !in_flight.is_empty() {
             tokio::select! {
                 frame = frames.recv(), if open && in_flight.len() < FORWARDS_IN_FLIGHT => match frame {
-                    Some(V1::Forward { message, id }) => in_flight.push_back(answer_forward(core, mesh, message, id)),
+                    Some(V1::Forward { message, id }) => {
+                        // A place in the write queue first, so that a full queue cannot let the
+                        // next send overtake this one.
+                        let permit = match mesh.owner(&message.conversation).id == mesh.me.id {
+                            true => core.store.reserve().await.ok(),
+                            false => None,
+                        };
+                        in_flight.push_back(answer_forward(core, mesh, message, id, permit));
+                    }
                     Some(other) => {
                         tracing::warn!(frame = ?other, "unexpected frame on a forwarding stream");
                         open = false;

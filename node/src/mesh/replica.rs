@@ -91,8 +91,13 @@ impl Ledger {
         self.convs.get(conversation).map(|r| r.have)
     }
 
+    /// Forgets `conversation` (a write of it failed): it starts again from the database.
+    pub fn forget(&mut self, conversation: &ConversationId) {
+        self.convs.remove(conversation);
+    }
+
     /// Claims the fill of `conversation`'s gap: `Some((have, seen))` when there is one and no
-    /// fill is running (the caller must call [`Ledger::end_fill`]).
+    /// fill is running (the caller must call [`Ledger::end_fill`] or [`Ledger::end_fill_if_whole`]).
     pub fn begin_fill(&mut self, conversation: &ConversationId) -> Option<(u64, u64)> {
         let r = self.convs.get_mut(conversation)?;
         if r.filling || r.seen <= r.have {
@@ -107,12 +112,23 @@ impl Ledger {
         self.convs.get(conversation).filter(|r| r.seen > r.have).map(|r| (r.have, r.seen))
     }
 
-    /// The fill of `conversation` stopped (done, or given up until the next message ahead).
+    /// Ends the fill of `conversation` if no gap is left (a message ahead of a new gap may have
+    /// come while it ran). Returns whether it ended.
+    pub fn end_fill_if_whole(&mut self, conversation: &ConversationId) -> bool {
+        match self.convs.get_mut(conversation) {
+            Some(r) if r.seen > r.have => false,
+            Some(r) => {
+                r.filling = false;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The fill of `conversation` gave up: the next message ahead of the gap starts another.
     pub fn end_fill(&mut self, conversation: &ConversationId) {
         if let Some(r) = self.convs.get_mut(conversation) {
             r.filling = false;
-            // What was heard of but not found anywhere is asked for again when it is heard of again.
-            r.seen = r.have;
         }
     }
 }
@@ -223,7 +239,15 @@ impl Replica {
             permit.apply(peer, batch)
         };
         self.wake_all(reached);
-        committed.await?;
+        if let Err(e) = committed.await {
+            // What was pushed may not be stored: follow these conversations from the database
+            // again (a message may then be pushed twice, never skipped).
+            let mut ledger = self.ledger();
+            for c in &conversations {
+                ledger.forget(c);
+            }
+            return Err(e);
+        }
         Ok(gaps)
     }
 
@@ -253,7 +277,10 @@ impl Replica {
             (permit.import(taken), have)
         };
         self.wake(conversation, have);
-        committed.await?;
+        if let Err(e) = committed.await {
+            self.ledger().forget(conversation);
+            return Err(e);
+        }
         Ok(have)
     }
 
@@ -340,11 +367,15 @@ impl Replica {
         let mut backoff = Duration::from_millis(100);
         for _ in 0..FILL_ROUNDS {
             if self.fill(core, &conversation, 0, &sources(), &fetch).await {
-                break;
+                if self.ledger().end_fill_if_whole(&conversation) {
+                    return;
+                }
+                continue;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+        tracing::info!(conversation = %conversation.as_str(), "no peer could fill a replica gap yet; it waits for the owner's stream");
         self.ledger().end_fill(&conversation);
     }
 
@@ -429,7 +460,7 @@ mod tests {
         assert_eq!(l.admit(&conv(), 20), Admit::Duplicate);
         assert_eq!(l.admit(&conv(), 19), Admit::Duplicate);
         assert_eq!(l.gap(&conv()), None);
-        l.end_fill(&conv());
+        assert!(l.end_fill_if_whole(&conv()));
         assert_eq!(l.begin_fill(&conv()), None, "no gap, no fill");
     }
 
@@ -439,10 +470,13 @@ mod tests {
         l.start(&conv(), 5);
         assert_eq!(l.admit(&conv(), 9), Admit::Ahead);
         assert_eq!(l.begin_fill(&conv()), Some((5, 9)));
+        assert!(!l.end_fill_if_whole(&conv()), "the gap is still there");
         l.end_fill(&conv());
-        assert_eq!(l.begin_fill(&conv()), None);
         assert_eq!(l.admit(&conv(), 10), Admit::Ahead);
         assert_eq!(l.begin_fill(&conv()), Some((5, 10)));
+        // A write that failed makes the conversation start from the database again.
+        l.forget(&conv());
+        assert!(!l.knows(&conv()));
     }
 
     #[test]
