@@ -83,6 +83,9 @@ pub struct SessionState {
     /// Per conversation, the first seq pushed live to this connection: offline reads leave out
     /// everything from there on, because this connection already has it.
     pub live_floor: HashMap<ConversationId, u64>,
+    /// Per conversation, the newest seq pushed live to this connection (the delivered cursor
+    /// follows it once the messages before `live_floor` were read).
+    pub live_high: HashMap<ConversationId, u64>,
     bucket: TokenBucket,
 }
 
@@ -94,6 +97,7 @@ impl SessionState {
             peer,
             user: None,
             live_floor: HashMap::new(),
+            live_high: HashMap::new(),
             bucket: TokenBucket::new(core.config.msg_rate, core.config.msg_burst),
         }
     }
@@ -722,6 +726,10 @@ impl Core {
             for (conv, seq) in newest {
                 if let Err(e) = self.store.advance_cursor_committed(&me.id, conv, seq, 0).await {
                     return self.retryable(Command::GetMessageResp, e);
+                }
+                // What this connection had live after them counts now that the cursor reaches it.
+                if let (Some(floor), Some(high)) = (s.live_floor.get(conv), s.live_high.get(conv)) {
+                    let _ = self.store.advance_cursor_live(&me.id, conv, *floor, *high).await;
                 }
             }
         }

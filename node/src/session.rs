@@ -312,6 +312,8 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
     fn delivered(&mut self, delivery: Option<(ConversationId, u64)>) {
         if let Some((conv, seq)) = delivery {
             self.state.live_floor.entry(conv.clone()).or_insert(seq);
+            let high = self.state.live_high.entry(conv.clone()).or_default();
+            *high = (*high).max(seq);
             let e = self.pending_cursors.entry(conv).or_default();
             *e = (*e).max(seq);
         }
@@ -350,7 +352,8 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             return;
         };
         for (conv, seq) in self.pending_cursors.drain() {
-            if self.core.store.advance_cursor(&user, &conv, seq, 0).await.is_err() {
+            let floor = self.state.live_floor.get(&conv).copied().unwrap_or(seq);
+            if self.core.store.advance_cursor_live(&user, &conv, floor, seq).await.is_err() {
                 return;
             }
         }
@@ -359,13 +362,19 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
     fn finish(mut self) {
         let core = Arc::clone(&self.core);
         let Some(user) = self.state.user.take() else { return };
-        let pending: Vec<(ConversationId, u64)> = self.pending_cursors.drain().collect();
+        let floors = &self.state.live_floor;
+        let pending: Vec<(ConversationId, u64, u64)> = self
+            .pending_cursors
+            .drain()
+            .map(|(conv, seq)| (floors.get(&conv).copied().unwrap_or(seq), conv, seq))
+            .map(|(f, c, s)| (c, f, s))
+            .collect();
         if !pending.is_empty() {
             let store = core.store.clone();
             let id = user.id.clone();
             tokio::spawn(async move {
-                for (conv, seq) in pending {
-                    let _ = store.advance_cursor(&id, &conv, seq, 0).await;
+                for (conv, floor, seq) in pending {
+                    let _ = store.advance_cursor_live(&id, &conv, floor, seq).await;
                 }
             });
         }

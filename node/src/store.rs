@@ -132,6 +132,8 @@ enum WriteOp {
         conversation: ConversationId,
         delivered: u64,
         read: u64,
+        /// For a move from live pushes: the first seq pushed (0: unconditional).
+        floor: u64,
         reply: Option<oneshot::Sender<Result<bool>>>,
     },
     Recall {
@@ -290,15 +292,27 @@ impl Store {
         }
     }
 
-    /// Moves a user's cursors forward (never back). Fire and forget: applied with the next batch.
-    pub async fn advance_cursor(&self, user: &str, conversation: &ConversationId, delivered: u64, read: u64) -> Result<()> {
-        self.send(WriteOp::Cursor { user: user.to_string(), conversation: conversation.clone(), delivered, read, reply: None }).await
+    /// Moves a user's delivered cursor to `delivered` after live pushes that started at seq
+    /// `floor`, but only if the user has had everything before `floor` (the user's own messages
+    /// aside): a push must not carry the cursor past earlier messages the user has not had (they
+    /// stay offline messages). Fire and forget: applied with the next batch.
+    pub async fn advance_cursor_live(&self, user: &str, conversation: &ConversationId, floor: u64, delivered: u64) -> Result<()> {
+        let (user, conversation) = (user.to_string(), conversation.clone());
+        self.send(WriteOp::Cursor { user, conversation, delivered, read: 0, floor, reply: None }).await
     }
 
     /// Moves a user's cursors forward and waits for the commit, so the next read sees it.
     pub async fn advance_cursor_committed(&self, user: &str, conversation: &ConversationId, delivered: u64, read: u64) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(WriteOp::Cursor { user: user.to_string(), conversation: conversation.clone(), delivered, read, reply: Some(tx) }).await?;
+        self.send(WriteOp::Cursor {
+            user: user.to_string(),
+            conversation: conversation.clone(),
+            delivered,
+            read,
+            floor: 0,
+            reply: Some(tx),
+        })
+        .await?;
         rx.await.map_err(|_| StoreError::Closed)?.map(drop)
     }
 
@@ -769,7 +783,8 @@ struct Writer {
     /// Prepared statements, by SQL text: the hot inserts are parsed once, not once per row.
     stmts: HashMap<&'static str, libsql::Statement>,
     /// Cursor moves waiting for the next transaction, merged by max.
-    pending_cursors: HashMap<(String, ConversationId), (u64, u64)>,
+    /// Cursor moves waiting for the next transaction, merged by max (the floor by min).
+    pending_cursors: HashMap<(String, ConversationId), (u64, u64, u64)>,
     /// Newest revision handed out (in the open transaction, or committed).
     rev: u64,
     /// Newest committed revision.
@@ -828,10 +843,11 @@ impl Writer {
             // next batch that has real work, or after CURSOR_DELAY: one push to each of 10,000
             // group members must not cost 10,000 transactions.
             batch.retain(|op| match op {
-                WriteOp::Cursor { user, conversation, delivered, read, reply: None } => {
-                    let e = self.pending_cursors.entry((user.clone(), conversation.clone())).or_default();
+                WriteOp::Cursor { user, conversation, delivered, read, floor, reply: None } => {
+                    let e = self.pending_cursors.entry((user.clone(), conversation.clone())).or_insert((0, 0, u64::MAX));
                     e.0 = e.0.max(*delivered);
                     e.1 = e.1.max(*read);
+                    e.2 = e.2.min(*floor);
                     false
                 }
                 _ => true,
@@ -905,8 +921,8 @@ impl Writer {
         // still answer each of them.
         let cursors = std::mem::take(&mut self.pending_cursors);
         let result = async {
-            for ((user, conversation), (delivered, read)) in &cursors {
-                self.upsert_cursor(user, conversation, *delivered, *read, true).await?;
+            for ((user, conversation), (delivered, read, floor)) in &cursors {
+                self.upsert_cursor_from(user, conversation, *delivered, *read, *floor, true).await?;
             }
             for op in batch.iter() {
                 done.push(self.apply_one(op).await?);
@@ -945,7 +961,7 @@ impl Writer {
                 let (stored, duplicate) = self.append(msg).await?;
                 Done::Append(Arc::new(stored), duplicate, None, oneshot::channel().0)
             }
-            WriteOp::Cursor { user, conversation, delivered, read, reply } => {
+            WriteOp::Cursor { user, conversation, delivered, read, reply, .. } => {
                 self.upsert_cursor(user, conversation, *delivered, *read, true).await?;
                 if reply.is_some() {
                     Done::Flag(true, oneshot::channel().0)
@@ -1091,14 +1107,31 @@ impl Writer {
     }
 
     async fn upsert_cursor(&mut self, user: &str, conversation: &ConversationId, delivered: u64, read: u64, local: bool) -> Result<()> {
+        self.upsert_cursor_from(user, conversation, delivered, read, 0, local).await
+    }
+
+    /// Merges a cursor move by max; a move from live pushes that started at `floor` only if the
+    /// user has had every message before `floor` (all that lie between the delivered cursor and
+    /// `floor` are the user's own, which are never offered as offline); 0: always.
+    async fn upsert_cursor_from(
+        &mut self,
+        user: &str,
+        conversation: &ConversationId,
+        delivered: u64,
+        read: u64,
+        floor: u64,
+        local: bool,
+    ) -> Result<()> {
         let rev = self.next_rev();
         let n = self
             .exec(
                 "INSERT INTO cursors (user_id, conversation, delivered, read, rev) VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (user_id, conversation) DO UPDATE SET delivered = MAX(delivered, excluded.delivered), \
                  read = MAX(read, excluded.read), rev = excluded.rev \
-                 WHERE excluded.delivered > cursors.delivered OR excluded.read > cursors.read",
-                params![user, conversation.as_str(), to_i64(delivered), to_i64(read), rev],
+                 WHERE (excluded.delivered > cursors.delivered OR excluded.read > cursors.read) \
+                 AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation = ?2 AND m.seq > cursors.delivered AND m.seq < ?6 \
+                 AND m.sender != ?1)",
+                params![user, conversation.as_str(), to_i64(delivered), to_i64(read), rev, to_i64(floor)],
             )
             .await?;
         if n > 0 {

@@ -6,6 +6,7 @@
 mod admin;
 mod bad_input;
 mod browser;
+mod chaos;
 mod cluster;
 mod durability;
 mod extensions;
