@@ -30,6 +30,11 @@ async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
     let mut text = core.metrics.render();
     if let Some(mesh) = &core.mesh {
         text.push_str(&mesh.render_metrics());
+        // What peers compare their applied revision of this node with.
+        text.push_str(&format!(
+            "# HELP kefu_store_head_revision Newest revision written here.\n# TYPE kefu_store_head_revision gauge\nkefu_store_head_revision {}\n",
+            core.store.head()
+        ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -172,11 +172,7 @@ async fn roaming_user_gets_offline_messages_once_and_the_same_history() -> anyho
 
     // The cursor moved at sin replicates: once fra has applied everything sin wrote, logging in
     // at fra offers nothing again.
-    eventually(Duration::from_secs(5), || async { (c.metric(1, "kefu_mesh_replication_lag_revisions").await.ok()? == 0.0).then_some(()) })
-        .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    eventually(Duration::from_secs(5), || async { (c.metric(1, "kefu_mesh_replication_lag_revisions").await.ok()? == 0.0).then_some(()) })
-        .await?;
+    c.caught_up(Duration::from_secs(10)).await?;
     let mut third = c.node(1).tcp_login("dave").await?;
     third.send(json!({"cmd": 19, "type": 0, "userId": "dave"})).await?;
     let again = third.recv_cmd(20).await?;
@@ -199,13 +195,19 @@ async fn a_replica_behind_what_the_user_has_seen_fetches_the_gap_from_the_owner(
     let mut at_fra = c.node(1).tcp_login(&frank).await?;
     let mut at_sin = c.node(2).tcp_login(&frank).await?;
     c.link(2, 0, tests::cluster::LinkSettings { delay: Duration::from_millis(900), ..Default::default() });
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let ack = erin.chat(json!({"chatType": 2, "to": frank, "content": "seen at fra"})).await?;
     assert_eq!(ack["code"], 10000);
     let seq = ack["data"]["seq"].as_u64().unwrap();
     assert_eq!(at_fra.recv_cmd(11).await?["data"]["seq"], seq);
-    // Let fra's cursor move (it is written within 100 ms) and reach sin.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // fra's cursor moves (a read receipt, committed before erin is told of it) and reaches sin,
+    // while iad's copy of the message is still on its slow way there.
+    at_fra.send(json!({"cmd": 103, "chatType": 2, "to": "erin", "seq": seq})).await?;
+    erin.recv_cmd(103).await?;
+    eventually(Duration::from_secs(5), || async {
+        let head = c.metric(1, "kefu_store_head_revision").await.ok()?;
+        (c.metric_line(2, "kefu_mesh_applied_revision{peer=\"fra-1\"}").await.ok()? >= head).then_some(())
+    })
+    .await?;
     at_sin.send(json!({"cmd": 19, "type": 1, "userId": frank, "fromUserId": "erin"})).await?;
     let history = at_sin.recv_cmd(20).await?;
     let seqs: Vec<u64> =
@@ -274,8 +276,8 @@ async fn converged(c: &Cluster, conv: &str, acked: &[(String, String, u64)]) -> 
         .await
         .map_err(|e| anyhow::anyhow!("node {} is missing acknowledged messages: {e}", c.nodes[i].id))?;
     }
-    // Give the last commits a moment to spread, then every copy must be the same.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once every node has everything every other wrote, every copy must be the same.
+    c.caught_up(Duration::from_secs(30)).await?;
     let reference: Vec<(u64, String, String)> = c
         .messages(0, conv)
         .await?
@@ -325,7 +327,9 @@ async fn owner_killed_under_load_loses_nothing_and_keeps_one_order() -> anyhow::
     }
     eventually(Duration::from_secs(30), || async { (acked.load(std::sync::atomic::Ordering::Relaxed) >= 40).then_some(()) }).await?;
     c.kill(owner).await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Down long enough for the others to notice (suspect after three missed beats).
+    let other = (owner + 1) % 3;
+    eventually(Duration::from_secs(10), || async { (c.metric(other, "kefu_mesh_peer_up").await.ok()? < 2.0).then_some(()) }).await?;
     c.restart(owner).await?;
     let mut all = Vec::new();
     let mut retryable = 0;
@@ -361,7 +365,9 @@ async fn partition_under_load_heals_without_loss_and_cut_off_sends_are_retryable
     c.partition(&region);
     // Once the cut-off node counts as down (3 s), its users are offline for the others.
     eventually(Duration::from_secs(6), || async { (!online_at(&c, owner).await.contains(&cut_user)).then_some(()) }).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And the cut-off sender has met the retryable answer.
+    eventually(Duration::from_secs(10), || async { (c.metric(cut, "kefu_mesh_forward_failures_total").await.ok()? >= 1.0).then_some(()) })
+        .await?;
     c.heal(&region);
     // After the heal its presence comes back (a fresh snapshot).
     eventually(Duration::from_secs(8), || async { online_at(&c, owner).await.contains(&cut_user).then_some(()) }).await?;
@@ -429,10 +435,10 @@ async fn refused_while_fra_stays(c: &Cluster, outsider: &tests::TestNode) -> any
     let _mallory = outsider.tcp_login("mallory").await?;
     eventually(Duration::from_secs(10), || async { (c.metric(0, "kefu_mesh_handshakes_refused_total").await.ok()? >= 1.0).then_some(()) })
         .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!online_at(c, 0).await.contains("mallory"), "a node that is not what it claims got its presence in");
+    // bob's presence, which comes after mallory's attempt, reaches iad; mallory's never does.
     let _bob = c.node(1).tcp_login("bob").await?;
     eventually(Duration::from_secs(2), || async { online_at(c, 0).await.contains("bob").then_some(()) }).await?;
+    assert!(!online_at(c, 0).await.contains("mallory"), "a node that is not what it claims got its presence in");
     Ok(())
 }
 

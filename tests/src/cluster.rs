@@ -399,6 +399,34 @@ impl Cluster {
         }
     }
 
+    /// Waits until every running node has applied everything every other running node has
+    /// written (each node's change stream position at each peer reaches that node's head).
+    pub async fn caught_up(&self, within: Duration) -> anyhow::Result<()> {
+        let running: Vec<usize> = (0..self.nodes.len()).filter(|i| self.nodes[*i].node.is_some()).collect();
+        crate::eventually(within, || async {
+            for &j in &running {
+                let head = self.metric(j, "kefu_store_head_revision").await.ok()?;
+                for &i in running.iter().filter(|i| **i != j) {
+                    let label = format!("kefu_mesh_applied_revision{{peer=\"{}\"}}", self.nodes[j].id);
+                    if self.metric_line(i, &label).await.ok()? < head {
+                        return None;
+                    }
+                }
+            }
+            Some(())
+        })
+        .await
+        .context("the nodes did not catch up with each other")
+    }
+
+    /// The value of the metric line that starts with `series` (name and labels) at node `i`.
+    pub async fn metric_line(&self, i: usize, series: &str) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.node(i).admin)).await?.text().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .with_context(|| format!("no {series} at node {i}"))
+    }
+
     /// Metric `name` (without labels) as node `i` reports it, summed over its label sets.
     pub async fn metric(&self, i: usize, name: &str) -> anyhow::Result<f64> {
         let text = reqwest::get(format!("http://{}/metrics", self.node(i).admin)).await?.text().await?;

@@ -608,6 +608,13 @@ impl Mesh {
             let _ = writeln!(out, "kefu_mesh_replication_lag_revisions{{peer=\"{id}\"}} {lag}");
         }
         out.push_str(
+            "# HELP kefu_mesh_applied_revision Newest revision of a peer's change stream applied here.\n\
+             # TYPE kefu_mesh_applied_revision gauge\n",
+        );
+        for (id, p) in &self.peers {
+            let _ = writeln!(out, "kefu_mesh_applied_revision{{peer=\"{id}\"}} {}", p.applied.load(Ordering::Relaxed));
+        }
+        out.push_str(
             "# HELP kefu_mesh_replication_lag_seconds Commit at the peer to apply here, for the newest applied batch.\n\
              # TYPE kefu_mesh_replication_lag_seconds gauge\n",
         );
