@@ -15,6 +15,7 @@ use schema::{Command, ConversationId, Status};
 use serde_json::json;
 
 use crate::auth::{self, LoginThrottle, Tokens};
+use crate::cluster::Cluster;
 use crate::config::{Config, Profile};
 use crate::hub::{Conn, Hub, Push, SharedPush};
 use crate::mesh::Mesh;
@@ -43,7 +44,10 @@ pub struct Core {
     pub hashing: tokio::sync::Semaphore,
     /// The TLS certificate (reloaded on SIGHUP, renewed when self-signed).
     pub certs: Arc<crate::tls::CertStore>,
-    /// The mesh to the other nodes; `None` for a single node.
+    /// The rest of the cluster, as the dispatcher sees it (the mesh, or a node on its own).
+    pub cluster: Arc<dyn Cluster>,
+    /// The mesh to the other nodes, for its own management (metrics, readiness); `None` for a
+    /// single node. Commands go through `cluster`.
     pub mesh: Option<Arc<Mesh>>,
 }
 
@@ -170,7 +174,7 @@ impl Core {
     /// Whether this node is ready and may hand out seqs: caught up with the mesh, and agreeing
     /// with every peer it hears from on the configured node list (DESIGN §7).
     pub fn may_sequence(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.mesh.as_ref().is_none_or(|m| m.agrees())
+        self.ready.load(Ordering::Acquire) && self.cluster.agrees()
     }
 
     /// Carries out one request.
@@ -407,8 +411,7 @@ impl Core {
     /// The user's last session here closed: the exit notice goes out now if they are online
     /// nowhere else, or is held until they are (the mesh then decides which node sends it).
     pub fn went_offline(&self, user: &str, gone: crate::hub::WentOffline) {
-        let me = self.mesh.as_ref().map_or("", |m| m.me.id.as_str());
-        if let Some(gone) = self.hub.left(me, user, gone) {
+        if let Some(gone) = self.hub.left(self.cluster.node_id(), user, gone) {
             self.notify_exit(user, gone.nick, &gone.groups);
         }
     }
@@ -471,34 +474,23 @@ impl Core {
             nick: sender.nick.clone(),
             avatar: sender.avatar.clone(),
         };
-        if let Some(mesh) = &self.mesh {
-            let owner = mesh.owner(&message.conversation).id.clone();
-            if owner == mesh.me.id && !self.may_sequence() {
-                // An owner sequences only once it has caught up with the mesh (after losing its
-                // database it would otherwise hand out seqs that were already taken) and while
-                // no peer has another node list (which could make that peer an owner too).
-                return Err(fail(Status::Retryable));
-            }
-            if owner != mesh.me.id {
-                // Another node sequences this conversation: forward, and answer after its commit.
-                let recipient_online = message.recipient.as_deref().is_some_and(|r| self.hub.is_online_anywhere(r));
-                // Queued now, in request order, on the one ordered stream to the owner. The
-                // replica's push of the committed message skips the sending connection.
-                let own = (message.recipient.is_some()).then(|| mesh.replica.expect_own(&message, sender.conn)).flatten();
-                let forwarded = mesh.submit_forward(&owner, message);
-                let mesh = Arc::clone(mesh);
-                return Ok(Box::pin(async move {
-                    let answer = forwarded.await;
-                    // Pushed by now, or never (a failure, or a repeat the owner deduplicated).
-                    if let Some(own) = own {
-                        mesh.replica.forget_own(own);
-                    }
-                    match answer {
-                        Ok(m) => chat_ack(&m, recipient_online),
-                        Err(status) => fail(status),
-                    }
-                }));
-            }
+        if !self.cluster.owns(&message.conversation) {
+            // Another node sequences this conversation: forward (queued now, in request order),
+            // and answer after its commit.
+            let recipient_online = message.recipient.as_deref().is_some_and(|r| self.hub.is_online_anywhere(r));
+            let forwarded = self.cluster.forward(message, sender.conn);
+            return Ok(Box::pin(async move {
+                match forwarded.await {
+                    Ok(m) => chat_ack(&m, recipient_online),
+                    Err(status) => fail(status),
+                }
+            }));
+        }
+        if !self.may_sequence() {
+            // An owner sequences only once it has caught up with the mesh (after losing its
+            // database it would otherwise hand out seqs that were already taken) and while no
+            // peer has another node list (which could make that peer an owner too).
+            return Err(fail(Status::Retryable));
         }
         self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
         // Queued now, in request order: pipelined sends get their seqs in the order they came.
@@ -584,9 +576,7 @@ impl Core {
             RelayTarget::User(u) => drop(self.hub.send_user(u, push, skip)),
             RelayTarget::Group(g) => drop(self.hub.send_group(g, push, skip)),
         }
-        if let Some(mesh) = &self.mesh {
-            mesh.relay(to, push.command, &push.body);
-        }
+        self.cluster.relay(to, push.command, &push.body);
     }
 
     /// Pushes a committed chat message to the connections on this node that should see it: the
@@ -616,16 +606,16 @@ impl Core {
     /// elsewhere whose local copy is behind is fetched first, from its owner or any peer that has
     /// it (roaming, DESIGN §7).
     async fn fill_gaps(&self, user: &str, only: Option<&ConversationId>, seen: u64) {
-        let Some(mesh) = &self.mesh else { return };
+        if self.mesh.is_none() {
+            // A node on its own has every conversation whole.
+            return;
+        }
         let behind = match self.store.behind(user, only, seen).await {
             Ok(behind) => behind,
             Err(e) => return tracing::warn!(error = %e, "checking the replica for gaps failed"),
         };
         for (conv, _local, wanted) in behind {
-            if mesh.owner(&conv).id == mesh.me.id {
-                continue;
-            }
-            if !mesh.fill(self, &conv, wanted).await {
+            if !self.cluster.fill(self, &conv, wanted).await {
                 tracing::warn!(conversation = %conv.as_str(), wanted, "no peer could fill the replica's gap; answering from the replica");
             }
         }

@@ -27,8 +27,8 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
         };
         match event {
             Committed::Message { message, duplicate, from_conn, reply } => {
-                if let (Some(mesh), false) = (&core.mesh, duplicate) {
-                    mesh.replica.note_local(&message.conversation, message.seq);
+                if !duplicate {
+                    core.cluster.committed_here(&message.conversation, message.seq);
                 }
                 let delivered = if duplicate { 0 } else { core.deliver_local(&message, from_conn) };
                 // Online means a connection here took the push (a slow consumer that was just
@@ -41,7 +41,7 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
             }
             // With a mesh, the replica pushed it before it was queued for storing.
             Committed::Replica(message) => {
-                if core.mesh.is_none() {
+                if !core.cluster.pushes_replicas() {
                     core.deliver_local(&message, None);
                 }
             }

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod fanout;
@@ -93,6 +94,10 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         ready: AtomicBool::new(false),
         hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         certs: Arc::clone(&certs),
+        cluster: match &mesh {
+            Some(mesh) => Arc::new(Arc::clone(mesh)),
+            None => Arc::new(cluster::SingleNode),
+        },
         mesh: mesh.clone(),
     });
     let shutdown = CancellationToken::new();

@@ -383,3 +383,6 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
