@@ -14,8 +14,6 @@ use schema::mesh::RelayTarget;
 use schema::message::{NewMessage, StoredMessage};
 use schema::{ConversationId, Status};
 
-use crate::dispatch::Core;
-
 /// A send on its way to its owner: the committed message, or the status the sender gets.
 pub type Forwarded = Pin<Box<dyn Future<Output = Result<StoredMessage, Status>> + Send>>;
 
@@ -43,7 +41,7 @@ pub trait Cluster: Send + Sync {
     fn relay(&self, to: RelayTarget, command: u8, body: &[u8]);
 
     /// Makes this node's copy of `conversation` (sequenced elsewhere) reach `wanted`.
-    fn fill<'a>(&'a self, core: &'a Core, conversation: &'a ConversationId, wanted: u64) -> Filled<'a>;
+    fn fill<'a>(&'a self, conversation: &'a ConversationId, wanted: u64) -> Filled<'a>;
 
     /// A message this node sequenced was committed.
     fn committed_here(&self, conversation: &ConversationId, seq: u64);
@@ -77,7 +75,7 @@ impl Cluster for SingleNode {
 
     fn relay(&self, _to: RelayTarget, _command: u8, _body: &[u8]) {}
 
-    fn fill<'a>(&'a self, _core: &'a Core, _conversation: &'a ConversationId, _wanted: u64) -> Filled<'a> {
+    fn fill<'a>(&'a self, _conversation: &'a ConversationId, _wanted: u64) -> Filled<'a> {
         Box::pin(async { true })
     }
 
@@ -122,11 +120,11 @@ impl Cluster for Arc<crate::mesh::Mesh> {
         crate::mesh::Mesh::relay(self, to, command, body);
     }
 
-    fn fill<'a>(&'a self, core: &'a Core, conversation: &'a ConversationId, wanted: u64) -> Filled<'a> {
+    fn fill<'a>(&'a self, conversation: &'a ConversationId, wanted: u64) -> Filled<'a> {
         if self.owns(conversation) {
             return Box::pin(async { true });
         }
-        Box::pin(crate::mesh::Mesh::fill(self, core, conversation, wanted))
+        Box::pin(crate::mesh::Mesh::fill(self, conversation, wanted))
     }
 
     fn committed_here(&self, conversation: &ConversationId, seq: u64) {

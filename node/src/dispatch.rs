@@ -30,15 +30,15 @@ pub struct Core {
     /// Storage.
     pub store: Store,
     /// Local connections and presence.
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
     /// Token issuer.
     pub tokens: Tokens,
     /// Failed-login throttle.
     pub throttle: LoginThrottle,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Set once the node accepts connections.
-    pub ready: AtomicBool,
+    /// Set once the node accepts connections (with peers: once caught up, by the mesh).
+    pub ready: Arc<AtomicBool>,
     /// Password hashing runs on blocking threads, at most one per core at a time: a login storm
     /// queues here instead of spawning hundreds of threads (and their memory).
     pub hashing: tokio::sync::Semaphore,
@@ -418,10 +418,8 @@ impl Core {
 
     /// Tells the remaining members of `groups` that `user` went offline.
     pub fn notify_exit(&self, user: &str, nick: Option<String>, groups: &[Arc<str>]) {
-        let view = UserView { avatar: None, nick, status: "offline", user_id: user.to_string() };
-        for g in groups.iter().filter(|g| self.announces(g)) {
-            let push = Arc::new(Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(g, &view).into(), delivery: None });
-            self.push_everywhere(RelayTarget::Group(g.to_string()), &push, None);
+        for (g, push) in self.hub.exit_pushes(user, nick, groups, self.config.presence_notice_limit) {
+            self.push_everywhere(RelayTarget::Group(g), &push, None);
         }
     }
 
@@ -585,20 +583,7 @@ impl Core {
     /// of a group (the sender's connections included, as J-IM echoes). Returns how many of the
     /// recipient's connections took it.
     pub fn deliver_local(&self, message: &StoredMessage, skip: Option<u64>) -> usize {
-        let body = jim::push(Command::ChatReq, &message.to_chat_body());
-        let push = Arc::new(Push {
-            command: Command::ChatReq.code(),
-            body: body.into(),
-            delivery: Some((message.conversation.clone(), message.seq)),
-        });
-        let (delivered, copies) = match (&message.recipient, &message.group_id) {
-            (Some(to), _) if *to == message.sender => (self.hub.send_user(to, &push, None), 0),
-            (Some(to), _) => (self.hub.send_user(to, &push, None), self.hub.send_user(&message.sender, &push, skip)),
-            (None, Some(group)) => (self.hub.send_group(group, &push, None), 0),
-            (None, None) => (0, 0),
-        };
-        self.metrics.messages_out.fetch_add((delivered + copies) as u64, Ordering::Relaxed);
-        delivered
+        self.hub.deliver(message, skip)
     }
 
     /// Makes sure this node's replica of the user's conversations holds everything the user has
@@ -615,7 +600,7 @@ impl Core {
             Err(e) => return tracing::warn!(error = %e, "checking the replica for gaps failed"),
         };
         for (conv, _local, wanted) in behind {
-            if !self.cluster.fill(self, &conv, wanted).await {
+            if !self.cluster.fill(&conv, wanted).await {
                 tracing::warn!(conversation = %conv.as_str(), wanted, "no peer could fill the replica's gap; answering from the replica");
             }
         }

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use schema::{ConversationId, Status};
+use schema::jim::{self, UserView};
+use schema::message::StoredMessage;
+use schema::{Command, ConversationId, Status};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -470,6 +472,43 @@ impl Hub {
             .flat_map(|e| e.conns.iter())
             .filter(|c| Some(c.id) != skip && self.offer(c, push))
             .count()
+    }
+
+    /// Pushes a committed chat message to the connections here that should see it: the recipient
+    /// of a private message and the sender's other connections (`skip` is the one it was sent
+    /// from, if here), every online member of a group (the sender's connections included, as
+    /// J-IM echoes). Returns how many of the recipient's connections took it. One serialisation
+    /// per message, shared by every connection.
+    pub fn deliver(&self, message: &StoredMessage, skip: Option<u64>) -> usize {
+        let body = jim::push(Command::ChatReq, &message.to_chat_body());
+        let push = Arc::new(Push {
+            command: Command::ChatReq.code(),
+            body: body.into(),
+            delivery: Some((message.conversation.clone(), message.seq)),
+        });
+        let (delivered, copies) = match (&message.recipient, &message.group_id) {
+            (Some(to), _) if *to == message.sender => (self.send_user(to, &push, None), 0),
+            (Some(to), _) => (self.send_user(to, &push, None), self.send_user(&message.sender, &push, skip)),
+            (None, Some(group)) => (self.send_group(group, &push, None), 0),
+            (None, None) => (0, 0),
+        };
+        self.metrics.messages_out.fetch_add((delivered + copies) as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    /// The exit notices of `user` for `groups`, one per group that announces joins and exits
+    /// (at most `limit` members online here, where the notices alone would not cost O(members²)).
+    pub fn exit_pushes(&self, user: &str, nick: Option<String>, groups: &[Arc<str>], limit: usize) -> Vec<(String, SharedPush)> {
+        let view = UserView { avatar: None, nick, status: "offline", user_id: user.to_string() };
+        groups
+            .iter()
+            .filter(|g| self.online_in_group(g) <= limit)
+            .map(|g| {
+                let push =
+                    Arc::new(Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(g, &view).into(), delivery: None });
+                (g.to_string(), push)
+            })
+            .collect()
     }
 
     fn offer(&self, conn: &Conn, push: &SharedPush) -> bool {

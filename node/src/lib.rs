@@ -83,15 +83,24 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         }
         tracing::info!(peers = config.peers.len(), dns = %name, "peers found in DNS");
     }
-    let mesh = mesh::Mesh::bind(&config).context("starting the mesh")?;
+    let hub = Arc::new(Hub::new(Arc::clone(&metrics)));
+    let ready = Arc::new(AtomicBool::new(false));
+    let local = Arc::new(mesh::Local {
+        store: store.clone(),
+        hub: Arc::clone(&hub),
+        metrics: Arc::clone(&metrics),
+        ready: Arc::clone(&ready),
+        notice_limit: config.presence_notice_limit,
+    });
+    let mesh = mesh::Mesh::bind(&config, local).context("starting the mesh")?;
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),
-        hub: Hub::new(Arc::clone(&metrics)),
+        hub,
         config,
         store,
         tokens,
         metrics,
-        ready: AtomicBool::new(false),
+        ready,
         hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         certs: Arc::clone(&certs),
         cluster: match &mesh {
@@ -130,7 +139,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     });
     match &mesh {
         // Ready once the initial catch-up with the peers is done (the mesh's timer decides).
-        Some(mesh) => mesh::start(&core, mesh, &shutdown, &tasks),
+        Some(mesh) => mesh::start(mesh, &shutdown, &tasks),
         None => core.ready.store(true, Ordering::Release),
     }
     Ok(handle)

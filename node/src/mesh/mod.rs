@@ -33,8 +33,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::dispatch::Core;
+use crate::hub::Hub;
 use crate::hub::Push;
+use crate::metrics::Metrics;
+use crate::store::Store;
 use membership::{Membership, PeerState};
 use replication::{Accept, CatchUp, Step};
 
@@ -63,6 +65,22 @@ const COVER_PAGES: usize = 20;
 const CLOSE_LISTS_DIFFER: u32 = 2;
 /// QUIC close code: the certificate names another node.
 const CLOSE_WRONG_NAME: u32 = 1;
+
+/// What the mesh works with of its node: handles to state owned elsewhere (the store by its
+/// writer, the hub by the sessions, readiness by the mesh's timer, which sets it). The mesh never
+/// reaches the dispatcher.
+pub struct Local {
+    /// The store.
+    pub store: Store,
+    /// Who is connected here.
+    pub hub: Arc<Hub>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Caught up with the mesh (set by the mesh's timer).
+    pub ready: Arc<AtomicBool>,
+    /// Groups with more online members here than this get no join or exit notices.
+    pub notice_limit: usize,
+}
 
 /// A send waiting for its owner's answer.
 type Forwarding = (NewMessage, oneshot::Sender<Result<StoredMessage, Status>>);
@@ -134,6 +152,8 @@ pub struct Mesh {
     client: quinn::ClientConfig,
     membership: Mutex<Membership>,
     catchup: Mutex<CatchUp>,
+    /// This node's store, hub and readiness.
+    local: Arc<Local>,
     /// What this node holds of conversations sequenced elsewhere.
     pub replica: replica::Replica,
     /// Peers this node passes another node's messages on to, because they cannot reach it:
@@ -152,7 +172,7 @@ pub struct Mesh {
 
 impl Mesh {
     /// Binds the mesh endpoint when the configuration names peers; `None` for a single node.
-    pub fn bind(config: &Config) -> anyhow::Result<Option<Arc<Mesh>>> {
+    pub fn bind(config: &Config, local: Arc<Local>) -> anyhow::Result<Option<Arc<Mesh>>> {
         if config.peers.is_empty() {
             return Ok(None);
         }
@@ -183,6 +203,7 @@ impl Mesh {
         }
         let ids: Vec<String> = peers.keys().cloned().collect();
         Ok(Some(Arc::new(Mesh {
+            local,
             me,
             fingerprint: placement::fingerprint(&nodes),
             disagreeing: Mutex::new(HashMap::new()),
@@ -339,7 +360,7 @@ impl Mesh {
 
     /// Renews or starts passing `origin`'s messages on to `peer`. A new cover first passes on what
     /// `origin` sequenced from about `since_ms`.
-    async fn cover(&self, core: &Core, peer: &str, origin: String, since_ms: i64) {
+    async fn cover(&self, local: &Local, peer: &str, origin: String, since_ms: i64) {
         if origin == self.me.id || origin == peer || !self.peers.contains_key(&origin) {
             return;
         }
@@ -355,7 +376,7 @@ impl Mesh {
             heads.iter().rev().find(|(at, _)| *at <= from).map_or(0, |(_, rev)| *rev)
         };
         for _ in 0..COVER_PAGES {
-            let Ok(page) = core.store.sequenced_by(&origin, after, COVER_PAGE).await else { return };
+            let Ok(page) = local.store.sequenced_by(&origin, after, COVER_PAGE).await else { return };
             let Some(last) = page.last().map(|(rev, _)| *rev) else { return };
             after = last;
             self.pass_on(peer, page.into_iter().map(|(_, m)| m).collect());
@@ -382,7 +403,7 @@ impl Mesh {
     /// in order), and a gap left behind is filled in the background.
     async fn take_covered(
         self: &Arc<Self>,
-        core: &Arc<Core>,
+        local: &Arc<Local>,
         messages: Vec<StoredMessage>,
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
@@ -395,8 +416,8 @@ impl Mesh {
             }
         }
         for (conversation, list) in by_conversation {
-            match self.replica.take(core, &conversation, list).await {
-                Ok(true) => self.fill_in_background(core, conversation, tasks, shutdown),
+            match self.replica.take(local, &conversation, list).await {
+                Ok(true) => self.fill_in_background(local, conversation, tasks, shutdown),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "storing messages a peer passed on failed"),
             }
@@ -406,15 +427,15 @@ impl Mesh {
     /// Fills `conversation`'s gap from the owner or any peer, in a tracked task.
     fn fill_in_background(
         self: &Arc<Self>,
-        core: &Arc<Core>,
+        local: &Arc<Local>,
         conversation: ConversationId,
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
-        let (core, mesh, shutdown) = (Arc::clone(core), Arc::clone(self), shutdown.clone());
+        let (local, mesh, shutdown) = (Arc::clone(local), Arc::clone(self), shutdown.clone());
         tasks.spawn(async move {
             let fill = mesh.replica.fill_gap(
-                &core,
+                &local,
                 conversation.clone(),
                 || mesh.sources(&conversation),
                 |peer, after| mesh.fetch_since(peer, &conversation, after, 1000),
@@ -453,9 +474,11 @@ impl Mesh {
     /// Makes this node's copy of `conversation` reach `wanted`, fetching what is missing from
     /// the owner or any peer that has it (pushed to local sessions in order, then stored).
     /// Returns whether it reaches that far.
-    pub async fn fill(&self, core: &Core, conversation: &ConversationId, wanted: u64) -> bool {
+    pub async fn fill(&self, conversation: &ConversationId, wanted: u64) -> bool {
         let sources = self.sources(conversation);
-        self.replica.fill(core, conversation, wanted, &sources, |peer, after| self.fetch_since(peer, conversation, after, 1000)).await
+        self.replica
+            .fill(&self.local, conversation, wanted, &sources, |peer, after| self.fetch_since(peer, conversation, after, 1000))
+            .await
     }
 
     /// Asks `peer` for `conversation`'s messages after `after`.
@@ -490,17 +513,17 @@ impl Mesh {
     }
 
     /// Queues this node's full presence for `peer`, in order with the deltas.
-    async fn send_snapshot(&self, core: &Core, peer: &str) {
+    async fn send_snapshot(&self, local: &Local, peer: &str) {
         let _order = self.presence.lock().await;
-        self.queue_snapshot(core, peer);
+        self.queue_snapshot(local, peer);
     }
 
     /// Queues a full presence snapshot for `peer` (the caller holds the presence lock). If the
     /// queue cannot take all of it, the peer is marked to get one later.
-    fn queue_snapshot(&self, core: &Core, peer: &str) {
+    fn queue_snapshot(&self, local: &Local, peer: &str) {
         let Some(p) = self.peers.get(peer) else { return };
         p.presence_stale.store(false, Ordering::Release);
-        for frame in snapshot_frames(core.hub.online_users()) {
+        for frame in snapshot_frames(local.hub.online_users()) {
             if !self.send_to(peer, &frame) {
                 p.presence_stale.store(true, Ordering::Release);
                 return;
@@ -537,14 +560,14 @@ impl Mesh {
     }
 
     /// Sends a full snapshot to each peer whose deltas were dropped, once its queue has room.
-    fn repair_presence(&self, core: &Core) {
+    fn repair_presence(&self, local: &Local) {
         for (id, peer) in &self.peers {
             if !peer.presence_stale.load(Ordering::Acquire) {
                 continue;
             }
             let room = peer.control_tx().map_or(0, |tx| tx.capacity());
             if room >= CONTROL_QUEUE / 2 {
-                self.queue_snapshot(core, id);
+                self.queue_snapshot(local, id);
             }
         }
     }
@@ -584,6 +607,15 @@ impl Mesh {
     fn caught_up(&self, now: Instant) -> bool {
         let mut catchup = self.catchup.lock().unwrap_or_else(|e| e.into_inner());
         catchup.ready(now, |p| self.connection(p).is_some())
+    }
+
+    /// Sends a held exit notice that fell to this node: to the group's members here and at every
+    /// other node.
+    fn announce_exit(&self, local: &Local, user: &str, gone: crate::hub::WentOffline) {
+        for (group, push) in local.hub.exit_pushes(user, gone.nick, &gone.groups, local.notice_limit) {
+            local.hub.send_group(&group, &push, None);
+            self.relay(RelayTarget::Group(group), push.command, &push.body);
+        }
     }
 
     /// Prometheus text for the mesh.
@@ -664,16 +696,17 @@ fn snapshot_frames(online: Vec<String>) -> Vec<V1> {
 }
 
 /// Starts the mesh's tasks: accepting peers, dialling each peer, and the timers.
-pub fn start(core: &Arc<Core>, mesh: &Arc<Mesh>, shutdown: &CancellationToken, tasks: &TaskTracker) {
-    core.hub.track_presence();
-    tasks.spawn(accept_loop(Arc::clone(core), Arc::clone(mesh), shutdown.clone(), tasks.clone()));
+pub fn start(mesh: &Arc<Mesh>, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let local = &mesh.local;
+    local.hub.track_presence();
+    tasks.spawn(accept_loop(Arc::clone(local), Arc::clone(mesh), shutdown.clone(), tasks.clone()));
     for peer in mesh.peers.values() {
-        tasks.spawn(dial_loop(Arc::clone(core), Arc::clone(mesh), Arc::clone(peer), shutdown.clone(), tasks.clone()));
+        tasks.spawn(dial_loop(Arc::clone(local), Arc::clone(mesh), Arc::clone(peer), shutdown.clone(), tasks.clone()));
     }
-    tasks.spawn(timer_loop(Arc::clone(core), Arc::clone(mesh), shutdown.clone()));
+    tasks.spawn(timer_loop(Arc::clone(local), Arc::clone(mesh), shutdown.clone()));
 }
 
-async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToken) {
+async fn timer_loop(local: Arc<Local>, mesh: Arc<Mesh>, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(PRESENCE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for tick in 0u64.. {
@@ -683,20 +716,20 @@ async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToke
         }
         let now = Instant::now();
         if tick % 10 == 0 {
-            mesh.renew_covers(crate::store::now_ms(), core.store.head());
+            mesh.renew_covers(crate::store::now_ms(), local.store.head());
         }
         let transitions = mesh.lock_membership().tick(now);
         for t in transitions {
             tracing::warn!(peer = %t.peer, from = t.from.name(), to = t.to.name(), "mesh peer state changed");
             if t.to == PeerState::Down {
-                for (user, gone) in core.hub.drop_remote(&mesh.me.id, &t.peer) {
-                    core.notify_exit(&user, gone.nick, &gone.groups);
+                for (user, gone) in local.hub.drop_remote(&mesh.me.id, &t.peer) {
+                    mesh.announce_exit(&local, &user, gone);
                 }
             }
         }
         {
             let _order = mesh.presence.lock().await;
-            let changes = core.hub.take_presence_changes();
+            let changes = local.hub.take_presence_changes();
             if !changes.is_empty() {
                 let (online, offline): (Vec<_>, Vec<_>) = changes.into_iter().partition(|(_, on, _)| *on);
                 let online: Vec<String> = online.into_iter().map(|(u, _, _)| u).collect();
@@ -711,18 +744,18 @@ async fn timer_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToke
                 }
                 mesh.broadcast_presence(&frames);
             }
-            mesh.repair_presence(&core);
+            mesh.repair_presence(&local);
         }
-        if !core.ready.load(Ordering::Acquire) && mesh.caught_up(now) {
+        if !local.ready.load(Ordering::Acquire) && mesh.caught_up(now) {
             tracing::info!("mesh catch-up done; ready");
-            core.ready.store(true, Ordering::Release);
+            local.ready.store(true, Ordering::Release);
         }
     }
 }
 
 // -- the dialling side ------------------------------------------------------------------------
 
-async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: CancellationToken, tasks: TaskTracker) {
+async fn dial_loop(local: Arc<Local>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: CancellationToken, tasks: TaskTracker) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
@@ -744,7 +777,7 @@ async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: 
                         conn.close(0u32.into(), b"shutdown");
                         return;
                     }
-                    r = run_outbound(&core, &mesh, &peer, conn.clone(), &shutdown, &tasks) => {
+                    r = run_outbound(&local, &mesh, &peer, conn.clone(), &shutdown, &tasks) => {
                         if let Err(e) = r {
                             tracing::info!(peer = %peer.spec.id, error = %e, "mesh connection ended");
                         }
@@ -772,7 +805,7 @@ async fn dial_loop(core: Arc<Core>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown: 
 
 /// Runs one dialled connection until it fails: the control stream and the subscription.
 async fn run_outbound(
-    core: &Arc<Core>,
+    local: &Arc<Local>,
     mesh: &Arc<Mesh>,
     peer: &Arc<Peer>,
     conn: quinn::Connection,
@@ -787,13 +820,13 @@ async fn run_outbound(
         // The snapshot and the switch to the new queue happen together: every delta taken after
         // the snapshot goes to this queue, behind it.
         let _order = mesh.presence.lock().await;
-        for frame in snapshot_frames(core.hub.online_users()) {
+        for frame in snapshot_frames(local.hub.online_users()) {
             mesh.write(&mut control, &frame).await?;
         }
         *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         peer.presence_stale.store(false, Ordering::Release);
     }
-    let subscription = subscribe(core, mesh, peer, &conn, shutdown, tasks);
+    let subscription = subscribe(local, mesh, peer, &conn, shutdown, tasks);
     let (forward_tx, forward_rx) = mpsc::channel(FORWARD_QUEUE);
     *peer.forwards.lock().unwrap_or_else(|e| e.into_inner()) = Some(forward_tx);
     let forwarding = forward_loop(mesh, &conn, forward_rx);
@@ -851,14 +884,14 @@ async fn forward_loop(mesh: &Mesh, conn: &quinn::Connection, mut queue: mpsc::Re
 
 /// Follows the peer's change stream from the newest revision of it applied here.
 async fn subscribe(
-    core: &Arc<Core>,
+    local: &Arc<Local>,
     mesh: &Arc<Mesh>,
     peer: &Arc<Peer>,
     conn: &quinn::Connection,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
 ) -> anyhow::Result<()> {
-    let mut applied = core.store.peer_applied(&peer.spec.id).await?;
+    let mut applied = local.store.peer_applied(&peer.spec.id).await?;
     peer.applied.store(applied, Ordering::Relaxed);
     let (mut send, mut recv) = conn.open_bi().await?;
     mesh.write(&mut send, &V1::Subscribe { node: mesh.me.id.clone(), after: applied }).await?;
@@ -872,7 +905,7 @@ async fn subscribe(
             // The peer holds less than was already applied from it: its database was replaced
             // (same node id, new volume). It resends everything; start counting again.
             tracing::warn!(peer = %peer.spec.id, applied, head = batch.head, "a peer's database is new; following it from the start");
-            core.store.forget_peer(&peer.spec.id).await?;
+            local.store.forget_peer(&peer.spec.id).await?;
             applied = 0;
         }
         match replication::accept(applied, batch.after, batch.upto) {
@@ -881,7 +914,7 @@ async fn subscribe(
                     // A user online here who joined a group at another node gets its messages
                     // here too from now on.
                     if let schema::mesh::Change::Member { group_id, user_id } = change {
-                        core.hub.join(user_id, group_id);
+                        local.hub.join(user_id, group_id);
                     }
                 }
                 let (upto, head, at_ms, n) = (batch.upto, batch.head, batch.at_ms, batch.changes.len());
@@ -899,14 +932,14 @@ async fn subscribe(
                         })
                         .collect()
                 };
-                let gaps = mesh.replica.receive(core, &peer.spec.id, batch).await?;
+                let gaps = mesh.replica.receive(local, &peer.spec.id, batch).await?;
                 if !passing.is_empty() {
                     for p in &covered {
                         mesh.pass_on(p, passing.clone());
                     }
                 }
                 for conversation in gaps {
-                    mesh.fill_in_background(core, conversation, tasks, shutdown);
+                    mesh.fill_in_background(local, conversation, tasks, shutdown);
                 }
                 applied = upto;
                 peer.applied.store(applied, Ordering::Relaxed);
@@ -929,7 +962,7 @@ async fn subscribe(
 
 // -- the accepting side -----------------------------------------------------------------------
 
-async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationToken, tasks: TaskTracker) {
+async fn accept_loop(local: Arc<Local>, mesh: Arc<Mesh>, shutdown: CancellationToken, tasks: TaskTracker) {
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -938,7 +971,7 @@ async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationTok
                 None => return,
             },
         };
-        let (core, mesh, shutdown, inner) = (Arc::clone(&core), Arc::clone(&mesh), shutdown.clone(), tasks.clone());
+        let (local, mesh, shutdown, inner) = (Arc::clone(&local), Arc::clone(&mesh), shutdown.clone(), tasks.clone());
         tasks.spawn(async move {
             let conn = match incoming.await {
                 Ok(conn) => conn,
@@ -949,7 +982,7 @@ async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationTok
             };
             tokio::select! {
                 _ = shutdown.cancelled() => conn.close(0u32.into(), b"shutdown"),
-                _ = serve_inbound(core, mesh, conn.clone(), shutdown.clone(), inner) => {}
+                _ = serve_inbound(local, mesh, conn.clone(), shutdown.clone(), inner) => {}
             }
         });
     }
@@ -957,11 +990,11 @@ async fn accept_loop(core: Arc<Core>, mesh: Arc<Mesh>, shutdown: CancellationTok
 
 /// Serves a peer's connection: its hello first, and only once that is accepted its control
 /// stream and its requests.
-async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection, shutdown: CancellationToken, tasks: TaskTracker) {
+async fn serve_inbound(local: Arc<Local>, mesh: Arc<Mesh>, conn: quinn::Connection, shutdown: CancellationToken, tasks: TaskTracker) {
     let Ok(mut control) = conn.accept_uni().await else { return };
     let Some(peer) = accept_hello(&mesh, &conn, &mut control).await else { return };
     let streams = TaskTracker::new();
-    streams.spawn(read_control(Arc::clone(&core), Arc::clone(&mesh), peer, control, shutdown, tasks));
+    streams.spawn(read_control(Arc::clone(&local), Arc::clone(&mesh), peer, control, shutdown, tasks));
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
@@ -970,7 +1003,7 @@ async fn serve_inbound(core: Arc<Core>, mesh: Arc<Mesh>, conn: quinn::Connection
                 Err(_) => break,
             },
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => drop(streams.spawn(serve_request(Arc::clone(&core), Arc::clone(&mesh), send, recv))),
+                Ok((send, recv)) => drop(streams.spawn(serve_request(Arc::clone(&local), Arc::clone(&mesh), send, recv))),
                 Err(_) => break,
             },
         }
@@ -1019,7 +1052,7 @@ async fn accept_hello(mesh: &Mesh, conn: &quinn::Connection, recv: &mut quinn::R
 
 /// A peer's control stream after its hello: heartbeats, presence and relayed pushes.
 async fn read_control(
-    core: Arc<Core>,
+    local: Arc<Local>,
     mesh: Arc<Mesh>,
     peer: String,
     mut recv: quinn::RecvStream,
@@ -1042,19 +1075,19 @@ async fn read_control(
         }
         match frame {
             V1::Beat { .. } => {}
-            V1::Resync => mesh.send_snapshot(&core, &peer).await,
-            V1::Cover { origin, since_ms } => mesh.cover(&core, &peer, origin, since_ms).await,
-            V1::Covered { messages } => mesh.take_covered(&core, messages, &tasks, &shutdown).await,
+            V1::Resync => mesh.send_snapshot(&local, &peer).await,
+            V1::Cover { origin, since_ms } => mesh.cover(&local, &peer, origin, since_ms).await,
+            V1::Covered { messages } => mesh.take_covered(&local, messages, &tasks, &shutdown).await,
             V1::Presence { snapshot, online, offline, announced } => {
-                for (user, gone) in core.hub.remote_presence(&mesh.me.id, &peer, snapshot, &online, &offline, &announced) {
-                    core.notify_exit(&user, gone.nick, &gone.groups);
+                for (user, gone) in local.hub.remote_presence(&mesh.me.id, &peer, snapshot, &online, &offline, &announced) {
+                    mesh.announce_exit(&local, &user, gone);
                 }
             }
             V1::Relay { to, command, body } => {
                 let push = Arc::new(Push { command, body: body.into_bytes().into(), delivery: None });
                 match &to {
-                    RelayTarget::User(u) => drop(core.hub.send_user(u, &push, None)),
-                    RelayTarget::Group(g) => drop(core.hub.send_group(g, &push, None)),
+                    RelayTarget::User(u) => drop(local.hub.send_user(u, &push, None)),
+                    RelayTarget::Group(g) => drop(local.hub.send_group(g, &push, None)),
                 }
             }
             other => tracing::warn!(peer = %peer, frame = ?other, "unexpected frame on a control stream"),
@@ -1063,21 +1096,21 @@ async fn read_control(
 }
 
 /// A request stream: a subscription, a forwarded send, or a gap fill.
-async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_request(local: Arc<Local>, mesh: Arc<Mesh>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let request = match mesh.read(&mut recv).await {
         Ok(Some(request)) => request,
         _ => return,
     };
     let answer = match request {
         V1::Subscribe { node, after } => {
-            if let Err(e) = serve_changes(&core, &mesh, &node, after, &mut send).await {
+            if let Err(e) = serve_changes(&local, &mesh, &node, after, &mut send).await {
                 tracing::debug!(peer = %node, error = %e, "change stream ended");
             }
             return;
         }
-        V1::ForwardStream => return serve_forwards(&core, &mesh, send, recv).await,
-        V1::Forward { message, id } => answer_forward(&core, &mesh, message, id, None).await,
-        V1::Since { conversation, after, limit } => match core.store.since(&conversation, after, limit.min(1000)).await {
+        V1::ForwardStream => return serve_forwards(&local, &mesh, send, recv).await,
+        V1::Forward { message, id } => answer_forward(&local, &mesh, message, id, None).await,
+        V1::Since { conversation, after, limit } => match local.store.since(&conversation, after, limit.min(1000)).await {
             Ok(messages) => V1::Messages { messages },
             Err(_) => V1::Error { status: Status::Retryable.code() },
         },
@@ -1092,7 +1125,7 @@ async fn serve_request(core: Arc<Core>, mesh: Arc<Mesh>, mut send: quinn::SendSt
 /// they arrived); the future resolves to the answer after the commit.
 /// `permit`, when given, is the place in the write queue reserved for it.
 fn answer_forward(
-    core: &Core,
+    local: &Local,
     mesh: &Arc<Mesh>,
     message: NewMessage,
     id: u64,
@@ -1108,7 +1141,7 @@ fn answer_forward(
             V1::Forwarded { result, id }
         });
     }
-    let refused = if !core.may_sequence() {
+    let refused = if !(local.ready.load(Ordering::Acquire) && mesh.agrees()) {
         // Not caught up yet (this node may not hold the newest seq it gave out before), or a
         // peer has another node list.
         Some(Status::Retryable)
@@ -1116,10 +1149,10 @@ fn answer_forward(
         None
     };
     let appended = refused.is_none().then(|| {
-        core.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+        local.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
         let appended: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match permit {
             Some(permit) => Box::pin(permit.append(message)),
-            None => Box::pin(core.store.submit_append(message, None)),
+            None => Box::pin(local.store.submit_append(message, None)),
         };
         appended
     });
@@ -1140,7 +1173,7 @@ fn answer_forward(
 
 /// A peer's forwarding stream: each send is queued for the writer as it arrives, and answered in
 /// the same order once committed. At most `FORWARDS_IN_FLIGHT` are waiting at a time.
-async fn serve_forwards(core: &Arc<Core>, mesh: &Arc<Mesh>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_forwards(local: &Arc<Local>, mesh: &Arc<Mesh>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     // Reading is not cancel-safe, so it runs on its own and hands whole frames over.
     let (frames_tx, mut frames) = mpsc::channel::<V1>(1024);
     let reading = async {
@@ -1162,10 +1195,10 @@ async fn serve_forwards(core: &Arc<Core>, mesh: &Arc<Mesh>, mut send: quinn::Sen
                         // A place in the write queue first, so that a full queue cannot let the
                         // next send overtake this one.
                         let permit = match mesh.owner(&message.conversation).id == mesh.me.id {
-                            true => core.store.reserve().await.ok(),
+                            true => local.store.reserve().await.ok(),
                             false => None,
                         };
-                        in_flight.push_back(answer_forward(core, mesh, message, id, permit));
+                        in_flight.push_back(answer_forward(local, mesh, message, id, permit));
                     }
                     Some(other) => {
                         tracing::warn!(frame = ?other, "unexpected frame on a forwarding stream");
@@ -1188,30 +1221,30 @@ async fn serve_forwards(core: &Arc<Core>, mesh: &Arc<Mesh>, mut send: quinn::Sen
 /// Streams this node's changes after `after` to `subscriber`: backfill from the database, then
 /// the live tail, forever.
 async fn serve_changes(
-    core: &Arc<Core>,
+    local: &Arc<Local>,
     mesh: &Arc<Mesh>,
     subscriber: &str,
     after: u64,
     send: &mut quinn::SendStream,
 ) -> anyhow::Result<()> {
     // Subscribe to the tail before reading the head, so no commit falls between the two.
-    let mut tail = core.store.subscribe_changes();
+    let mut tail = local.store.subscribe_changes();
     let mut sent = after;
-    if after > core.store.head() {
+    if after > local.store.head() {
         // The subscriber has seen more of this node than this database holds: it is a new
         // database under the same node id (a lost volume). Everything is sent again.
-        tracing::warn!(peer = %subscriber, after, head = core.store.head(), "a peer is ahead of this database; resending all of it");
+        tracing::warn!(peer = %subscriber, after, head = local.store.head(), "a peer is ahead of this database; resending all of it");
         sent = 0;
     }
     let mut announced = false;
     loop {
         // Backfill: everything this node has, its own changes and what it applied from others.
-        while let Some((lo, mut hi)) = replication::next_backfill(sent, core.store.head()) {
+        while let Some((lo, mut hi)) = replication::next_backfill(sent, local.store.head()) {
             // A range whose frame would be over the limit (large messages) is halved until it fits.
             let frame = loop {
                 // Everything, the subscriber's own messages included: it may have lost them.
-                let changes = core.store.changes_between(lo, hi).await?;
-                let batch = ChangeBatch { after: lo, upto: hi, head: core.store.head(), at_ms: crate::store::now_ms(), changes };
+                let changes = local.store.changes_between(lo, hi).await?;
+                let batch = ChangeBatch { after: lo, upto: hi, head: local.store.head(), at_ms: crate::store::now_ms(), changes };
                 let frame = mesh::encode(&V1::Changes(batch));
                 if frame.len() <= FRAME_BUDGET || hi - lo <= 1 {
                     break frame;
@@ -1244,7 +1277,7 @@ async fn serve_changes(
                 },
                 _ = quiet.tick() => {
                     if wire < sent {
-                        let out = ChangeBatch { after: wire, upto: sent, head: core.store.head(), at_ms: crate::store::now_ms(), changes: vec![] };
+                        let out = ChangeBatch { after: wire, upto: sent, head: local.store.head(), at_ms: crate::store::now_ms(), changes: vec![] };
                         mesh.write(send, &V1::Changes(out)).await?;
                         wire = sent;
                     }
@@ -1267,7 +1300,7 @@ async fn serve_changes(
                     let out = ChangeBatch {
                         after: wire.min(batch.after),
                         upto: batch.upto,
-                        head: core.store.head(),
+                        head: local.store.head(),
                         at_ms: batch.at_ms,
                         changes,
                     };

@@ -22,7 +22,7 @@ use schema::message::StoredMessage;
 use schema::ConversationId;
 use tokio::sync::oneshot;
 
-use crate::dispatch::Core;
+use super::Local;
 use crate::store::StoreError;
 
 /// What to do with a message from the mesh.
@@ -216,10 +216,10 @@ impl Replica {
     /// Takes a batch of a peer's change stream: pushes its messages that come next, in order,
     /// queues the batch for the writer, and waits for the commit. Returns the conversations left
     /// with a gap, for the caller to fill.
-    pub async fn receive(&self, core: &Core, peer: &str, batch: ChangeBatch) -> Result<Vec<ConversationId>, StoreError> {
+    pub async fn receive(&self, local: &Local, peer: &str, batch: ChangeBatch) -> Result<Vec<ConversationId>, StoreError> {
         let conversations: Vec<ConversationId> = messages_of(&batch).map(|m| m.conversation.clone()).collect();
-        self.start_all(core, conversations.iter()).await?;
-        let permit = core.store.reserve().await?;
+        self.start_all(local, conversations.iter()).await?;
+        let permit = local.store.reserve().await?;
         let mut gaps: Vec<ConversationId> = Vec::new();
         let mut reached: Vec<(ConversationId, u64)> = Vec::new();
         let committed = {
@@ -227,7 +227,7 @@ impl Replica {
             for m in messages_of(&batch) {
                 match ledger.admit(&m.conversation, m.seq) {
                     Admit::Take => {
-                        core.deliver_local(m, self.sent_from(m));
+                        local.hub.deliver(m, self.sent_from(m));
                         reached.push((m.conversation.clone(), m.seq));
                     }
                     Admit::Duplicate => {}
@@ -253,22 +253,22 @@ impl Replica {
 
     /// Takes messages of one conversation that a peer passed on: pushes and stores those that
     /// come next. Returns whether a gap is left before some of them.
-    pub async fn take(&self, core: &Core, conversation: &ConversationId, messages: Vec<StoredMessage>) -> Result<bool, StoreError> {
-        self.take_fetched(core, conversation, messages).await?;
+    pub async fn take(&self, local: &Local, conversation: &ConversationId, messages: Vec<StoredMessage>) -> Result<bool, StoreError> {
+        self.take_fetched(local, conversation, messages).await?;
         Ok(self.ledger().gap(conversation).is_some())
     }
 
     /// Takes messages fetched for a gap (oldest first): pushes and stores those that come next.
     /// Returns how far the conversation now reaches.
-    async fn take_fetched(&self, core: &Core, conversation: &ConversationId, fetched: Vec<StoredMessage>) -> Result<u64, StoreError> {
-        self.start_all(core, [conversation]).await?;
-        let permit = core.store.reserve().await?;
+    async fn take_fetched(&self, local: &Local, conversation: &ConversationId, fetched: Vec<StoredMessage>) -> Result<u64, StoreError> {
+        self.start_all(local, [conversation]).await?;
+        let permit = local.store.reserve().await?;
         let (committed, have) = {
             let mut ledger = self.ledger();
             let mut taken = Vec::new();
             for m in fetched {
                 if m.conversation == *conversation && ledger.admit(conversation, m.seq) == Admit::Take {
-                    core.deliver_local(&m, self.sent_from(&m));
+                    local.hub.deliver(&m, self.sent_from(&m));
                     taken.push(m);
                 }
             }
@@ -285,7 +285,7 @@ impl Replica {
     }
 
     /// Starts following the conversations not followed yet, from the database.
-    async fn start_all<'a>(&self, core: &Core, conversations: impl IntoIterator<Item = &'a ConversationId>) -> Result<(), StoreError> {
+    async fn start_all<'a>(&self, local: &Local, conversations: impl IntoIterator<Item = &'a ConversationId>) -> Result<(), StoreError> {
         let mut new: Vec<&ConversationId> = Vec::new();
         {
             let ledger = self.ledger();
@@ -296,7 +296,7 @@ impl Replica {
             }
         }
         for c in new {
-            let stored = core.store.newest_seq(c).await?;
+            let stored = local.store.newest_seq(c).await?;
             self.ledger().start(c, stored);
         }
         Ok(())
@@ -311,12 +311,12 @@ impl Replica {
     /// Fills `conversation` up to `wanted` (or its known gap when `wanted` is 0) from the owner
     /// or any peer that has it: `fetch` asks one peer for the messages after a seq, and is
     /// tried on `sources` in order. Returns whether the copy reaches that far now.
-    pub async fn fill<F, Fut>(&self, core: &Core, conversation: &ConversationId, wanted: u64, sources: &[String], fetch: F) -> bool
+    pub async fn fill<F, Fut>(&self, local: &Local, conversation: &ConversationId, wanted: u64, sources: &[String], fetch: F) -> bool
     where
         F: Fn(String, u64) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Vec<StoredMessage>>>,
     {
-        if self.start_all(core, [conversation]).await.is_err() {
+        if self.start_all(local, [conversation]).await.is_err() {
             return false;
         }
         for source in sources {
@@ -338,7 +338,7 @@ impl Replica {
                         break;
                     }
                 };
-                match self.take_fetched(core, conversation, fetched).await {
+                match self.take_fetched(local, conversation, fetched).await {
                     Ok(now) if now > have => {}
                     Ok(_) => break,
                     Err(e) => {
@@ -356,7 +356,7 @@ impl Replica {
     /// Fills the gap of `conversation` in the background: a bounded number of rounds over
     /// `sources()` with backoff. A message still missing after that arrives with its owner's
     /// stream, or is asked for again when a later message shows the gap again.
-    pub async fn fill_gap<S, F, Fut>(&self, core: &Core, conversation: ConversationId, sources: S, fetch: F)
+    pub async fn fill_gap<S, F, Fut>(&self, local: &Local, conversation: ConversationId, sources: S, fetch: F)
     where
         S: Fn() -> Vec<String>,
         F: Fn(String, u64) -> Fut,
@@ -366,7 +366,7 @@ impl Replica {
         tracing::debug!(conversation = %conversation.as_str(), have, seen, "a replica gap; fetching it");
         let mut backoff = Duration::from_millis(100);
         for _ in 0..FILL_ROUNDS {
-            if self.fill(core, &conversation, 0, &sources(), &fetch).await {
+            if self.fill(local, &conversation, 0, &sources(), &fetch).await {
                 if self.ledger().end_fill_if_whole(&conversation) {
                     return;
                 }

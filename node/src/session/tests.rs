@@ -31,13 +31,13 @@ async fn single_node(dir: &std::path::Path) -> Arc<Core> {
     let (store, feed) = Store::open(dir, "solo", Arc::clone(&metrics)).await.unwrap();
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),
-        hub: Hub::new(Arc::clone(&metrics)),
+        hub: Arc::new(Hub::new(Arc::clone(&metrics))),
         tokens: Tokens::load_or_create(dir, config.token_ttl).unwrap(),
         certs: crate::tls::CertStore::load(dir, None, None).unwrap(),
         config,
         store,
         metrics,
-        ready: AtomicBool::new(true),
+        ready: Arc::new(AtomicBool::new(true)),
         hashing: tokio::sync::Semaphore::new(1),
         cluster: Arc::new(SingleNode),
         mesh: None,
