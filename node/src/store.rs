@@ -827,6 +827,17 @@ impl Writer {
         to_i64(self.rev)
     }
 
+    /// Gives back the revision just taken when the write it was for changed no row (`n` rows
+    /// changed). A revision that no row holds would be lost at a restart (the head is read back
+    /// as the newest revision of any row) while a peer may have applied past it: after the
+    /// restart this node would hand it out again and the peer would never get that row.
+    fn written(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            self.rev -= 1;
+        }
+        n
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut cursor_deadline: Option<tokio::time::Instant> = None;
@@ -1040,11 +1051,13 @@ impl Writer {
     /// Sets a message's recall time unless it has an earlier one.
     async fn mark_recalled(&mut self, conversation: &ConversationId, seq: u64, at_ms: i64) -> Result<()> {
         let rev = self.next_rev();
-        self.exec(
-            "UPDATE messages SET recalled_at = ?3, rev = ?4 WHERE conversation = ?1 AND seq = ?2 AND (recalled_at IS NULL OR recalled_at > ?3)",
-            params![conversation.as_str(), to_i64(seq), at_ms, rev],
-        )
-        .await?;
+        let n = self
+            .exec(
+                "UPDATE messages SET recalled_at = ?3, rev = ?4 WHERE conversation = ?1 AND seq = ?2 AND (recalled_at IS NULL OR recalled_at > ?3)",
+                params![conversation.as_str(), to_i64(seq), at_ms, rev],
+            )
+            .await?;
+        self.written(n);
         Ok(())
     }
 
@@ -1057,6 +1070,7 @@ impl Writer {
                 params![id, conversation.as_str(), to_i64(seq), by, at_ms, rev],
             )
             .await?;
+        let n = self.written(n);
         if n > 0 {
             let change = Change::Recall { message_id: id.to_string(), conversation: conversation.clone(), seq, by: by.to_string(), at_ms };
             self.pending_changes.push((local, change));
@@ -1072,6 +1086,7 @@ impl Writer {
                 params![user.user_id.as_str(), user.password_hash.as_str(), user.nick.clone(), user.avatar.clone(), user.role.as_str(), now_ms(), rev],
             )
             .await?;
+        let n = self.written(n);
         if n > 0 {
             self.pending_changes.push((local, Change::User(user.clone())));
         }
@@ -1086,6 +1101,7 @@ impl Writer {
                 params![group, name.clone(), now_ms(), rev],
             )
             .await?;
+        let n = self.written(n);
         if n > 0 {
             self.pending_changes.push((local, Change::Group { group_id: group.to_string(), name }));
         }
@@ -1100,6 +1116,7 @@ impl Writer {
                 params![group, user, now_ms(), rev],
             )
             .await?;
+        let n = self.written(n);
         if n > 0 {
             self.pending_changes.push((local, Change::Member { group_id: group.to_string(), user_id: user.to_string() }));
         }
@@ -1134,6 +1151,7 @@ impl Writer {
                 params![user, conversation.as_str(), to_i64(delivered), to_i64(read), rev, to_i64(floor)],
             )
             .await?;
+        let n = self.written(n);
         if n > 0 {
             let change = Change::Cursor { user_id: user.to_string(), conversation: conversation.clone(), delivered, read };
             self.pending_changes.push((local, change));
@@ -1152,7 +1170,7 @@ impl Writer {
         }
         let rev = self.next_rev();
         let n = self.exec(INSERT_MESSAGE_IF_NEW, row_values(m, rev)).await?;
-        if n == 0 {
+        if self.written(n) == 0 {
             return Ok(false);
         }
         self.add_private_participants(m).await?;
@@ -1299,4 +1317,34 @@ fn fail(op: WriteOp) {
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
+mod tests {
+    use super::*;
+
+    fn user(id: &str) -> UserRecord {
+        UserRecord { user_id: id.into(), password_hash: "x".into(), nick: None, avatar: None, role: "user".into() }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_changes_nothing_takes_no_revision_so_the_head_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+        assert!(store.create_user(user("a")).await.unwrap());
+        let head = store.head();
+        // The same user again, and a cursor move that is no move: nothing written, no revision.
+        assert!(!store.create_user(user("a")).await.unwrap());
+        let conv = ConversationId::group("g");
+        store.advance_cursor_committed("a", &conv, 3, 0).await.unwrap();
+        let moved = store.head();
+        store.advance_cursor_committed("a", &conv, 2, 0).await.unwrap();
+        assert_eq!(store.head(), moved, "a cursor that does not move takes no revision");
+        assert_eq!(moved, head + 1);
+        store.close().await;
+        // What a peer applied up to is what the node reads back as its head after a restart.
+        let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+        assert_eq!(store.head(), moved);
+    }
 }

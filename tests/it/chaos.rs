@@ -258,12 +258,20 @@ async fn stored_once_in_one_order(c: &Cluster, seed: u64, acked: &[Acked]) -> an
         let newest = sent.iter().map(|a| a.seq).max().unwrap_or(0);
         let mut reference: Option<Vec<(u64, String)>> = None;
         for i in 0..c.nodes.len() {
-            let list = eventually(Duration::from_secs(30), || async {
+            let waited = eventually(Duration::from_secs(30), || async {
                 let list = c.messages(i, conv).await.ok()?;
                 (list.len() as u64 >= newest).then_some(list)
             })
-            .await
-            .with_context(|| format!("seed {seed}: node {i} never got all of {conv}"))?;
+            .await;
+            let list = match waited {
+                Ok(list) => list,
+                Err(_) => {
+                    // Say what is missing there, for whoever reruns the seed.
+                    let have: HashSet<u64> = c.messages(i, conv).await?.iter().filter_map(|m| m["seq"].as_u64()).collect();
+                    let missing: Vec<u64> = (1..=newest).filter(|s| !have.contains(s)).collect();
+                    anyhow::bail!("seed {seed}: node {i} never got all of {conv}: {} of {newest} there, missing {missing:?}", have.len());
+                }
+            };
             let pairs: Vec<(u64, String)> =
                 list.iter().map(|m| (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap().to_string())).collect();
             let seqs: Vec<u64> = pairs.iter().map(|p| p.0).collect();
