@@ -316,9 +316,8 @@ impl Mesh {
         peer: &str,
         message: NewMessage,
     ) -> impl std::future::Future<Output = Result<StoredMessage, Status>> + Send + 'static {
-        let owner = peer;
         let started = Instant::now();
-        let queue = if self.peer_state(owner) == PeerState::Down { None } else { self.peers.get(owner).and_then(|p| p.forward_tx()) };
+        let queue = if self.peer_state(peer) == PeerState::Down { None } else { self.peers.get(peer).and_then(|p| p.forward_tx()) };
         let queued = queue.and_then(|tx| {
             let (reply, answer) = oneshot::channel();
             // Full (8192 sends waiting for one peer) or disconnected: retryable, like a timeout.
