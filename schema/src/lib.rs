@@ -7,6 +7,7 @@
 
 pub mod command;
 pub mod conversation;
+pub mod fly_replay;
 pub mod frame;
 pub mod jim;
 pub mod mesh;
