@@ -821,21 +821,18 @@ impl Writer {
         Ok(result? as u64)
     }
 
-    /// The next revision, for a row about to be written.
-    fn next_rev(&mut self) -> i64 {
+    /// Runs a statement that writes one row with the next revision, which `params` puts in its
+    /// place. A statement that changes no row (an ignored insert, a cursor that did not move)
+    /// gives the revision back: the head is read back after a restart as the newest revision of
+    /// any row, so a revision no row holds would be handed out again after a crash while a peer
+    /// may have applied past it, and that peer would never get the row. Returns the rows changed.
+    async fn write_row<P: libsql::params::IntoParams>(&mut self, sql: &'static str, params: impl FnOnce(i64) -> P) -> Result<u64> {
         self.rev += 1;
-        to_i64(self.rev)
-    }
-
-    /// Gives back the revision just taken when the write it was for changed no row (`n` rows
-    /// changed). A revision that no row holds would be lost at a restart (the head is read back
-    /// as the newest revision of any row) while a peer may have applied past it: after the
-    /// restart this node would hand it out again and the peer would never get that row.
-    fn written(&mut self, n: u64) -> u64 {
+        let n = self.exec(sql, params(to_i64(self.rev))).await?;
         if n == 0 {
             self.rev -= 1;
         }
-        n
+        Ok(n)
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
@@ -1050,27 +1047,22 @@ impl Writer {
 
     /// Sets a message's recall time unless it has an earlier one.
     async fn mark_recalled(&mut self, conversation: &ConversationId, seq: u64, at_ms: i64) -> Result<()> {
-        let rev = self.next_rev();
-        let n = self
-            .exec(
+        self.write_row(
                 "UPDATE messages SET recalled_at = ?3, rev = ?4 WHERE conversation = ?1 AND seq = ?2 AND (recalled_at IS NULL OR recalled_at > ?3)",
-                params![conversation.as_str(), to_i64(seq), at_ms, rev],
+                |rev| params![conversation.as_str(), to_i64(seq), at_ms, rev],
             )
             .await?;
-        self.written(n);
         Ok(())
     }
 
     /// Records who recalled a message and when, once; the row goes to the mesh.
     async fn insert_recall(&mut self, id: &str, conversation: &ConversationId, seq: u64, by: &str, at_ms: i64, local: bool) -> Result<()> {
-        let rev = self.next_rev();
         let n = self
-            .exec(
+            .write_row(
                 "INSERT OR IGNORE INTO recalls (message_id, conversation, seq, recalled_by, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, conversation.as_str(), to_i64(seq), by, at_ms, rev],
+                |rev| params![id, conversation.as_str(), to_i64(seq), by, at_ms, rev],
             )
             .await?;
-        let n = self.written(n);
         if n > 0 {
             let change = Change::Recall { message_id: id.to_string(), conversation: conversation.clone(), seq, by: by.to_string(), at_ms };
             self.pending_changes.push((local, change));
@@ -1079,14 +1071,12 @@ impl Writer {
     }
 
     async fn insert_user(&mut self, user: &UserRecord, local: bool) -> Result<bool> {
-        let rev = self.next_rev();
         let n = self
-            .exec(
+            .write_row(
                 "INSERT OR IGNORE INTO users (user_id, password_hash, nick, avatar, role, created_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![user.user_id.as_str(), user.password_hash.as_str(), user.nick.clone(), user.avatar.clone(), user.role.as_str(), now_ms(), rev],
+                |rev| params![user.user_id.as_str(), user.password_hash.as_str(), user.nick.clone(), user.avatar.clone(), user.role.as_str(), now_ms(), rev],
             )
             .await?;
-        let n = self.written(n);
         if n > 0 {
             self.pending_changes.push((local, Change::User(user.clone())));
         }
@@ -1094,14 +1084,11 @@ impl Writer {
     }
 
     async fn insert_group(&mut self, group: &str, name: Option<String>, local: bool) -> Result<()> {
-        let rev = self.next_rev();
         let n = self
-            .exec(
-                "INSERT OR IGNORE INTO groups (group_id, name, created_at, rev) VALUES (?1, ?2, ?3, ?4)",
-                params![group, name.clone(), now_ms(), rev],
-            )
+            .write_row("INSERT OR IGNORE INTO groups (group_id, name, created_at, rev) VALUES (?1, ?2, ?3, ?4)", |rev| {
+                params![group, name.clone(), now_ms(), rev]
+            })
             .await?;
-        let n = self.written(n);
         if n > 0 {
             self.pending_changes.push((local, Change::Group { group_id: group.to_string(), name }));
         }
@@ -1109,14 +1096,11 @@ impl Writer {
     }
 
     async fn insert_member(&mut self, group: &str, user: &str, local: bool) -> Result<bool> {
-        let rev = self.next_rev();
         let n = self
-            .exec(
-                "INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at, rev) VALUES (?1, ?2, ?3, ?4)",
-                params![group, user, now_ms(), rev],
-            )
+            .write_row("INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at, rev) VALUES (?1, ?2, ?3, ?4)", |rev| {
+                params![group, user, now_ms(), rev]
+            })
             .await?;
-        let n = self.written(n);
         if n > 0 {
             self.pending_changes.push((local, Change::Member { group_id: group.to_string(), user_id: user.to_string() }));
         }
@@ -1139,19 +1123,17 @@ impl Writer {
         floor: u64,
         local: bool,
     ) -> Result<()> {
-        let rev = self.next_rev();
         let n = self
-            .exec(
+            .write_row(
                 "INSERT INTO cursors (user_id, conversation, delivered, read, rev) VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (user_id, conversation) DO UPDATE SET delivered = MAX(delivered, excluded.delivered), \
                  read = MAX(read, excluded.read), rev = excluded.rev \
                  WHERE (excluded.delivered > cursors.delivered OR excluded.read > cursors.read) \
                  AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation = ?2 AND m.seq > cursors.delivered AND m.seq < ?6 \
                  AND m.sender != ?1)",
-                params![user, conversation.as_str(), to_i64(delivered), to_i64(read), rev, to_i64(floor)],
+                |rev| params![user, conversation.as_str(), to_i64(delivered), to_i64(read), rev, to_i64(floor)],
             )
             .await?;
-        let n = self.written(n);
         if n > 0 {
             let change = Change::Cursor { user_id: user.to_string(), conversation: conversation.clone(), delivered, read };
             self.pending_changes.push((local, change));
@@ -1168,9 +1150,7 @@ impl Writer {
         if m.seq > newest + 1 {
             return Ok(false);
         }
-        let rev = self.next_rev();
-        let n = self.exec(INSERT_MESSAGE_IF_NEW, row_values(m, rev)).await?;
-        if self.written(n) == 0 {
+        if self.write_row(INSERT_MESSAGE_IF_NEW, |rev| row_values(m, rev)).await? == 0 {
             return Ok(false);
         }
         self.add_private_participants(m).await?;
@@ -1205,8 +1185,7 @@ impl Writer {
         }
         let seq = self.newest_seq(&msg.conversation).await? + 1;
         let stored = StoredMessage::sequenced(msg, seq, new_message_id(), now_ms(), &self.origin);
-        let rev = self.next_rev();
-        self.exec(INSERT_MESSAGE, row_values(&stored, rev)).await?;
+        self.write_row(INSERT_MESSAGE, |rev| row_values(&stored, rev)).await?;
         self.seqs.insert(stored.conversation.clone(), seq);
         // Both sides of a private chat take part in the conversation from its first message; later
         // messages need no cursor rows.
