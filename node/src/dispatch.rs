@@ -405,7 +405,7 @@ impl Core {
     /// online members than the configured limit, where the notices alone would cost O(members²)
     /// pushes as everyone logs in.
     fn announces(&self, group: &str) -> bool {
-        self.hub.online_in_group(group) <= self.config.presence_notice_limit
+        self.hub.announces(group, self.config.presence_notice_limit)
     }
 
     /// The user's last session here closed: the exit notice goes out now if they are online

@@ -431,6 +431,13 @@ impl Hub {
         self.lock().users.get(user).is_some_and(|e| e.groups.contains(group))
     }
 
+    /// Whether joins and exits in `group` are announced to its members: not in groups with more
+    /// than `limit` members online here, where the notices alone would cost O(members²) pushes as
+    /// everyone logs in.
+    pub fn announces(&self, group: &str, limit: usize) -> bool {
+        self.online_in_group(group) <= limit
+    }
+
     /// How many members of `group` are online here.
     pub fn online_in_group(&self, group: &str) -> usize {
         self.lock().groups.get(group).map_or(0, HashSet::len)
@@ -502,7 +509,7 @@ impl Hub {
         let view = UserView { avatar: None, nick, status: "offline", user_id: user.to_string() };
         groups
             .iter()
-            .filter(|g| self.online_in_group(g) <= limit)
+            .filter(|g| self.announces(g, limit))
             .map(|g| {
                 let push =
                     Arc::new(Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(g, &view).into(), delivery: None });

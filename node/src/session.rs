@@ -363,17 +363,13 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
         let core = Arc::clone(&self.core);
         let Some(user) = self.state.user.take() else { return };
         let floors = &self.state.live_floor;
-        let pending: Vec<(ConversationId, u64, u64)> = self
-            .pending_cursors
-            .drain()
-            .map(|(conv, seq)| (floors.get(&conv).copied().unwrap_or(seq), conv, seq))
-            .map(|(f, c, s)| (c, f, s))
-            .collect();
+        let pending: Vec<(u64, ConversationId, u64)> =
+            self.pending_cursors.drain().map(|(conv, seq)| (floors.get(&conv).copied().unwrap_or(seq), conv, seq)).collect();
         if !pending.is_empty() {
             let store = core.store.clone();
             let id = user.id.clone();
             tokio::spawn(async move {
-                for (conv, floor, seq) in pending {
+                for (floor, conv, seq) in pending {
                     let _ = store.advance_cursor_live(&id, &conv, floor, seq).await;
                 }
             });

@@ -392,7 +392,7 @@ impl Mesh {
 
     /// Queues messages for `peer`'s control stream, each conversation's in seq order.
     fn pass_on(&self, peer: &str, mut messages: Vec<StoredMessage>) {
-        messages.sort_by(|a, b| (a.conversation.as_str(), a.seq).cmp(&(b.conversation.as_str(), b.seq)));
+        messages.sort_by(|a, b| (&a.conversation, a.seq).cmp(&(&b.conversation, b.seq)));
         if !self.send_to(peer, &V1::Covered { messages }) {
             self.stats.relays_dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -407,12 +407,9 @@ impl Mesh {
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) {
-        let mut by_conversation: Vec<(ConversationId, Vec<StoredMessage>)> = Vec::new();
+        let mut by_conversation: BTreeMap<ConversationId, Vec<StoredMessage>> = BTreeMap::new();
         for m in messages {
-            match by_conversation.iter_mut().find(|(c, _)| *c == m.conversation) {
-                Some((_, list)) => list.push(m),
-                None => by_conversation.push((m.conversation.clone(), vec![m])),
-            }
+            by_conversation.entry(m.conversation.clone()).or_default().push(m);
         }
         for (conversation, list) in by_conversation {
             match self.replica.take(local, &conversation, list).await {

@@ -217,7 +217,9 @@ impl Replica {
     /// queues the batch for the writer, and waits for the commit. Returns the conversations left
     /// with a gap, for the caller to fill.
     pub async fn receive(&self, local: &Local, peer: &str, batch: ChangeBatch) -> Result<Vec<ConversationId>, StoreError> {
-        let conversations: Vec<ConversationId> = messages_of(&batch).map(|m| m.conversation.clone()).collect();
+        let mut conversations: Vec<ConversationId> = messages_of(&batch).map(|m| m.conversation.clone()).collect();
+        conversations.sort();
+        conversations.dedup();
         self.start_all(local, conversations.iter()).await?;
         let permit = local.store.reserve().await?;
         let mut gaps: Vec<ConversationId> = Vec::new();
