@@ -309,21 +309,17 @@ async fn owner_killed_under_load_loses_nothing_and_keeps_one_order() -> anyhow::
     let mut c = three().await;
     let owner = c.owner_of("g:100");
     let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut senders = Vec::new();
+    // Everyone logs in before anyone sends (see the partition test below).
+    let mut clients = Vec::new();
     for i in (0..3).filter(|i| *i != owner) {
         for s in 0..2 {
             let user = format!("load{i}x{s}");
-            let client = c.node(i).tcp_login(&user).await?;
-            senders.push(tokio::spawn(send_load(
-                client,
-                user,
-                "100",
-                60,
-                acked.clone(),
-                Duration::from_millis(10),
-                Duration::from_secs(90),
-            )));
+            clients.push((c.node(i).tcp_login(&user).await?, user));
         }
+    }
+    let mut senders = Vec::new();
+    for (client, user) in clients {
+        senders.push(tokio::spawn(send_load(client, user, "100", 60, acked.clone(), Duration::from_millis(10), Duration::from_secs(90))));
     }
     eventually(Duration::from_secs(30), || async { (acked.load(std::sync::atomic::Ordering::Relaxed) >= 40).then_some(()) }).await?;
     c.kill(owner).await?;
@@ -350,12 +346,16 @@ async fn partition_under_load_heals_without_loss_and_cut_off_sends_are_retryable
     let owner = c.owner_of("g:100");
     let cut = (owner + 1) % 3;
     let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut senders = Vec::new();
+    // Everyone logs in before anyone sends: a password login takes a second or more in a debug
+    // build, and a sender that finished before the cut would be offline when it comes.
+    let mut clients = Vec::new();
     for i in 0..3 {
-        let user = format!("part{i}");
-        let client = c.node(i).tcp_login(&user).await?;
-        senders
-            .push((i, tokio::spawn(send_load(client, user, "100", 60, acked.clone(), Duration::from_millis(25), Duration::from_secs(90)))));
+        clients.push(c.node(i).tcp_login(&format!("part{i}")).await?);
+    }
+    let mut senders = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        let load = send_load(client, format!("part{i}"), "100", 60, acked.clone(), Duration::from_millis(25), Duration::from_secs(90));
+        senders.push((i, tokio::spawn(load)));
     }
     eventually(Duration::from_secs(30), || async { (acked.load(std::sync::atomic::Ordering::Relaxed) >= 20).then_some(()) }).await?;
     let region = c.nodes[cut].region.clone();
