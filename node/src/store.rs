@@ -1177,8 +1177,8 @@ impl Writer {
 
     async fn append(&mut self, msg: &NewMessage) -> Result<(StoredMessage, bool)> {
         if let Some(client_id) = &msg.client_id {
-            let sql = format!("SELECT {MSG_COLS} FROM messages m WHERE m.sender = ?1 AND m.client_id = ?2");
-            let rows = self.conn.query(&sql, params![msg.sender.as_str(), client_id.as_str()]).await?;
+            let sql = format!("SELECT {MSG_COLS} FROM messages m WHERE m.sender = ?1 AND m.conversation = ?2 AND m.client_id = ?3");
+            let rows = self.conn.query(&sql, params![msg.sender.as_str(), msg.conversation.as_str(), client_id.as_str()]).await?;
             if let Some(existing) = collect_messages(rows).await?.pop() {
                 return Ok((existing, true));
             }

@@ -341,6 +341,37 @@ async fn owner_killed_under_load_loses_nothing_and_keeps_one_order() -> anyhow::
 }
 
 #[tokio::test]
+async fn a_client_id_is_per_conversation_across_nodes() -> anyhow::Result<()> {
+    let c = three().await;
+    let mut alice = c.node(0).tcp_login("kalice").await?;
+    let mut bob = c.node(1).tcp_login("kbob").await?;
+    let mut carol = c.node(2).tcp_login("kcarol").await?;
+    let to_bob = alice.chat(json!({"chatType": 2, "to": "kbob", "content": "hi bob", "id": "k1"})).await?;
+    let to_carol = alice.chat(json!({"chatType": 2, "to": "kcarol", "content": "hi carol", "id": "k1"})).await?;
+    // 10001: stored, and the recipient not yet seen online here (presence travels every 100 ms).
+    assert!(to_carol["code"] == 10000 || to_carol["code"] == 10001, "{to_carol}");
+    assert_eq!(to_carol["data"]["conversation"], "p:kalice:kcarol");
+    assert_ne!(to_carol["data"]["id"], to_bob["data"]["id"]);
+    assert_eq!(bob.recv_cmd(11).await?["data"]["content"], "hi bob");
+    assert_eq!(carol.recv_cmd(11).await?["data"]["content"], "hi carol");
+    // A retry of the carol message sent from another node is still the first copy.
+    let mut elsewhere = c.node(1).tcp_login("kalice").await?;
+    let again = elsewhere.chat(json!({"chatType": 2, "to": "kcarol", "content": "hi carol", "id": "k1"})).await?;
+    assert_eq!(again["data"], to_carol["data"]);
+    // Every node stores both, once each.
+    for i in 0..3 {
+        for (conv, content) in [("p:kalice:kbob", "hi bob"), ("p:kalice:kcarol", "hi carol")] {
+            eventually(Duration::from_secs(10), || async {
+                let have = c.messages(i, conv).await.ok()?;
+                (have.len() == 1 && have[0]["content"] == content).then_some(())
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn partition_under_load_heals_without_loss_and_cut_off_sends_are_retryable() -> anyhow::Result<()> {
     let c = three().await;
     let owner = c.owner_of("g:100");

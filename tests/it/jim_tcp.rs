@@ -134,6 +134,30 @@ async fn idempotent_client_id_stores_and_delivers_once() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_client_id_is_per_conversation() -> anyhow::Result<()> {
+    // Clients that number their messages per conversation send "k1" to everyone they talk to.
+    let n = node().await;
+    let mut alice = n.tcp_login("alice").await?;
+    let mut bob = n.tcp_login("bob").await?;
+    let mut carol = n.tcp_login("carol").await?;
+    let to_bob = alice.chat(json!({"chatType": 2, "to": "bob", "content": "hi bob", "id": "k1"})).await?;
+    let to_carol = alice.chat(json!({"chatType": 2, "to": "carol", "content": "hi carol", "id": "k1"})).await?;
+    assert_eq!(to_bob["data"]["conversation"], "p:alice:bob");
+    assert_eq!(to_carol["code"], 10000, "{to_carol}");
+    assert_eq!(to_carol["data"]["conversation"], "p:alice:carol", "another conversation is another message");
+    assert_eq!(to_carol["data"]["seq"], 1);
+    assert_ne!(to_carol["data"]["id"], to_bob["data"]["id"]);
+    assert_eq!(carol.recv_cmd(11).await?["data"]["content"], "hi carol");
+    assert_eq!(bob.recv_cmd(11).await?["data"]["content"], "hi bob");
+    // In a group too, and a repeat within one conversation is still the first copy.
+    let in_group = alice.chat(json!({"chatType": 1, "groupId": "100", "content": "hi all", "id": "k1"})).await?;
+    assert_eq!(in_group["data"]["conversation"], "g:100");
+    let again = alice.chat(json!({"chatType": 2, "to": "carol", "content": "hi carol", "id": "k1"})).await?;
+    assert_eq!(again["data"], to_carol["data"]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn token_from_login_authenticates_a_new_connection() -> anyhow::Result<()> {
     let n = node().await;
     let mut a = n.tcp().await?;
