@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
+
+use anyhow::Context;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,59 +50,168 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
 }
 
-/// Issues and checks tokens of the form `v1.<user id, base64url>.<expiry, unix seconds>.<HMAC>`.
+/// Issues and checks tokens of the form
+/// `v2.<user id, base64url>.<expiry, unix seconds>.<token epoch>.<HMAC-SHA256, base64url>`.
+/// One key set for the whole cluster, so a token from any node works at every node. The first
+/// key signs; every key verifies (rotation: add a new first key, remove the old one once the
+/// tokens it signed have expired).
 pub struct Tokens {
-    key: Vec<u8>,
+    keys: Vec<Vec<u8>>,
     ttl: Duration,
 }
 
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaims {
+    /// The user.
+    pub user: String,
+    /// The user's token epoch when it was issued: refused once the user's epoch is higher.
+    pub epoch: u64,
+}
+
+/// Shortest token key accepted, in bytes.
+pub const MIN_KEY_BYTES: usize = 32;
+
 impl Tokens {
-    /// Loads the key from `dir/token.key`, creating it (32 random bytes) on first start.
-    pub fn load_or_create(dir: &Path, ttl: Duration) -> anyhow::Result<Tokens> {
-        let path = dir.join("token.key");
-        let key = match std::fs::read(&path) {
-            Ok(key) if key.len() >= 32 => key,
-            _ => {
-                let key: [u8; 32] = rand::random();
-                std::fs::write(&path, key)?;
-                key.to_vec()
-            }
-        };
-        Ok(Tokens { key, ttl })
+    /// Tokens signed with `keys` (the first signs), each at least [`MIN_KEY_BYTES`] long.
+    pub fn new(keys: Vec<Vec<u8>>, ttl: Duration) -> anyhow::Result<Tokens> {
+        anyhow::ensure!(!keys.is_empty(), "no token key");
+        if let Some(short) = keys.iter().find(|k| k.len() < MIN_KEY_BYTES) {
+            anyhow::bail!("a token key of {} bytes is too short (at least {MIN_KEY_BYTES})", short.len());
+        }
+        Ok(Tokens { keys, ttl })
     }
 
-    /// A token for `user`, valid for the configured lifetime from `now`.
-    pub fn issue(&self, user: &str, now: SystemTime) -> String {
+    /// Reads a key file (see [`parse_keys`]). A missing, unreadable, empty or short file is an
+    /// error: it is never replaced, because every node of the cluster must hold the same keys.
+    pub fn load(path: &Path, ttl: Duration) -> anyhow::Result<Tokens> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading the token key file {}", path.display()))?;
+        let keys = parse_key_file(&bytes).with_context(|| format!("token key file {}", path.display()))?;
+        Tokens::new(keys, ttl).with_context(|| format!("token key file {}", path.display()))
+    }
+
+    /// Reads the key file at `path`, making it first (one new key, mode 0600) if there is none.
+    pub fn load_or_create(path: &Path, ttl: Duration) -> anyhow::Result<Tokens> {
+        if !path.exists() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            crate::tls::create_private(path, new_key_line().as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Tokens::load(path, ttl)
+    }
+
+    /// A token for `user` in token epoch `epoch`, valid for the configured lifetime from `now`.
+    pub fn issue(&self, user: &str, epoch: u64, now: SystemTime) -> String {
         let expires = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() + self.ttl.as_secs();
-        let payload = format!("v1.{}.{expires}", URL_SAFE_NO_PAD.encode(user));
-        let sig = URL_SAFE_NO_PAD.encode(self.sign(&payload));
+        let payload = format!("v2.{}.{expires}.{epoch}", URL_SAFE_NO_PAD.encode(user));
+        let sig = URL_SAFE_NO_PAD.encode(mac(&self.keys[0], &payload).finalize().into_bytes());
         format!("{payload}.{sig}")
     }
 
-    /// The user a token names, if its signature holds and it has not expired at `now`.
-    pub fn verify(&self, token: &str, now: SystemTime) -> Option<String> {
+    /// What a token says, if one of the keys signed it and it has not expired at `now`.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Option<TokenClaims> {
         let (payload, sig) = token.rsplit_once('.')?;
         let sig = URL_SAFE_NO_PAD.decode(sig).ok()?;
-        let mut mac = HmacSha256::new_from_slice(&self.key).ok()?;
-        mac.update(payload.as_bytes());
-        mac.verify_slice(&sig).ok()?;
+        if !self.keys.iter().any(|key| mac(key, payload).verify_slice(&sig).is_ok()) {
+            return None;
+        }
         let mut parts = payload.split('.');
-        let (Some("v1"), Some(user), Some(expires), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some("v2"), Some(user), Some(expires), Some(epoch), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return None;
         };
         let expires: u64 = expires.parse().ok()?;
         if now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() >= expires {
             return None;
         }
-        String::from_utf8(URL_SAFE_NO_PAD.decode(user).ok()?).ok()
+        let user = String::from_utf8(URL_SAFE_NO_PAD.decode(user).ok()?).ok()?;
+        Some(TokenClaims { user, epoch: epoch.parse().ok()? })
     }
+}
 
-    fn sign(&self, payload: &str) -> Vec<u8> {
-        // HMAC accepts keys of any length.
-        let mut mac = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
-        mac.update(payload.as_bytes());
-        mac.finalize().into_bytes().to_vec()
+/// The token keys the configuration names (see [`crate::config::TokenKeys`]).
+pub fn tokens_for(config: &crate::config::Config) -> anyhow::Result<Tokens> {
+    use crate::config::{Profile, TokenKeys};
+    let clustered = !config.peers.is_empty() || config.peers_dns.is_some();
+    match &config.token_keys {
+        TokenKeys::Given(text) => Tokens::new(parse_keys(text).context("--token-key / KEFU_TOKEN_KEY")?, config.token_ttl),
+        TokenKeys::File(path) => Tokens::load(path, config.token_ttl),
+        TokenKeys::Default if config.profile == Profile::Prod && clustered => anyhow::bail!(
+            "the prod profile with peers needs one token key for the whole cluster: --token-key-file (make it with \
+             `kefu-node token-key new FILE` and give every node the same file) or KEFU_TOKEN_KEY"
+        ),
+        TokenKeys::Default => {
+            // Beside the cluster CA, which every dev node of one cluster shares.
+            let dir = match &config.cluster_ca {
+                Some(ca) => ca.parent().map(Path::to_path_buf).unwrap_or_default(),
+                None if clustered => config.data_dir.join("mesh"),
+                None => config.data_dir.clone(),
+            };
+            Tokens::load_or_create(&dir.join("token.key"), config.token_ttl)
+        }
     }
+}
+
+fn mac(key: &[u8], payload: &str) -> HmacSha256 {
+    // HMAC accepts keys of any length.
+    let mut mac = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    mac.update(payload.as_bytes());
+    mac
+}
+
+/// A new random key as a key file line (64 hex digits and a newline).
+pub fn new_key_line() -> String {
+    let key: [u8; 32] = rand::random();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}\n")
+}
+
+/// The keys in key-file text: one per line (or separated by commas, as an environment variable
+/// holds them), each hex or base64; empty lines and `#` comments are skipped. Every key must be
+/// at least [`MIN_KEY_BYTES`] long.
+pub fn parse_keys(text: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut keys = Vec::new();
+    for (i, item) in text.lines().flat_map(|l| l.split(',')).map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).enumerate() {
+        let key = if item.len() % 2 == 0 && item.bytes().all(|b| b.is_ascii_hexdigit()) {
+            (0..item.len()).step_by(2).map(|j| u8::from_str_radix(&item[j..j + 2], 16)).collect::<Result<Vec<u8>, _>>().ok()
+        } else {
+            let trimmed = item.trim_end_matches('=');
+            URL_SAFE_NO_PAD.decode(trimmed).ok().or_else(|| base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed).ok())
+        };
+        let key = key.with_context(|| format!("key {} is neither hex nor base64", i + 1))?;
+        anyhow::ensure!(key.len() >= MIN_KEY_BYTES, "key {} has {} bytes; at least {MIN_KEY_BYTES} are needed", i + 1, key.len());
+        keys.push(key);
+    }
+    anyhow::ensure!(!keys.is_empty(), "no key in it");
+    Ok(keys)
+}
+
+/// A key file's keys; a file from before key files were text (32 raw random bytes, as nodes
+/// wrote `token.key` in their data dir) is read as that one key.
+fn parse_key_file(bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse_keys(text),
+        Err(_) if bytes.len() >= MIN_KEY_BYTES => Ok(vec![bytes.to_vec()]),
+        Err(_) => anyhow::bail!("{} bytes, neither key text nor a raw key of at least {MIN_KEY_BYTES} bytes", bytes.len()),
+    }
+}
+
+/// Adds a new signing key in front of the file's keys (the old ones keep verifying).
+pub fn rotate_key_file(path: &Path) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_keys(&old).with_context(|| format!("token key file {}", path.display()))?;
+    crate::tls::write_private(path, format!("{}{old}", new_key_line()).as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Keeps only the file's first (signing) key: tokens signed by the others stop working.
+pub fn retire_old_keys(path: &Path) -> anyhow::Result<usize> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let keys = parse_keys(&text).with_context(|| format!("token key file {}", path.display()))?;
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or_default();
+    crate::tls::write_private(path, format!("{first}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(keys.len() - 1)
 }
 
 /// Counts failed logins per client IP in one-minute windows.
@@ -153,19 +264,66 @@ mod tests {
 
     #[test]
     fn tokens_verify_expire_and_resist_forgery() {
-        let dir = std::env::temp_dir().join(format!("kefu-auth-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let tokens = Tokens::load_or_create(&dir, Duration::from_secs(60)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        let tokens = Tokens::load_or_create(&path, Duration::from_secs(60)).unwrap();
         let now = SystemTime::now();
-        let token = tokens.issue("ann", now);
-        assert_eq!(tokens.verify(&token, now).as_deref(), Some("ann"));
+        let token = tokens.issue("ann", 3, now);
+        assert_eq!(tokens.verify(&token, now), Some(TokenClaims { user: "ann".into(), epoch: 3 }));
         assert_eq!(tokens.verify(&token, now + Duration::from_secs(61)), None, "expired");
         let forged = token.replacen(&URL_SAFE_NO_PAD.encode("ann"), &URL_SAFE_NO_PAD.encode("bob"), 1);
         assert_eq!(tokens.verify(&forged, now), None, "payload changed");
+        let older_epoch = token.replacen(".3.", ".2.", 1);
+        assert_eq!(tokens.verify(&older_epoch, now), None, "epoch changed");
         assert_eq!(tokens.verify("garbage", now), None);
-        let again = Tokens::load_or_create(&dir, Duration::from_secs(60)).unwrap();
-        assert_eq!(again.verify(&token, now).as_deref(), Some("ann"), "key survives a restart");
-        let _ = std::fs::remove_dir_all(dir);
+        let again = Tokens::load_or_create(&path, Duration::from_secs(60)).unwrap();
+        assert!(again.verify(&token, now).is_some(), "the key file is read, not replaced");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn rotation_signs_with_the_new_key_and_verifies_with_both_until_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        let ttl = Duration::from_secs(60);
+        let now = SystemTime::now();
+        let old = Tokens::load_or_create(&path, ttl).unwrap().issue("ann", 0, now);
+        rotate_key_file(&path).unwrap();
+        let rotated = Tokens::load(&path, ttl).unwrap();
+        let new = rotated.issue("ann", 0, now);
+        assert!(rotated.verify(&old, now).is_some(), "the previous key still verifies");
+        assert!(rotated.verify(&new, now).is_some());
+        assert_eq!(retire_old_keys(&path).unwrap(), 1);
+        let retired = Tokens::load(&path, ttl).unwrap();
+        assert!(retired.verify(&old, now).is_none(), "the removed key no longer verifies");
+        assert!(retired.verify(&new, now).is_some());
+    }
+
+    #[test]
+    fn short_unreadable_or_garbled_key_files_are_errors_and_stay_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_secs(60);
+        let path = dir.path().join("short.key");
+        std::fs::write(&path, "abcd\n").unwrap();
+        let err = Tokens::load_or_create(&path, ttl).err().unwrap();
+        assert!(format!("{err:#}").contains("at least 32"), "{err:#}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "abcd\n", "never replaced");
+        assert!(Tokens::load(&dir.path().join("missing.key"), ttl).is_err());
+        std::fs::write(&path, "# only a comment\n").unwrap();
+        assert!(Tokens::load(&path, ttl).is_err());
+        std::fs::write(&path, "not-a-key!\n").unwrap();
+        assert!(Tokens::load(&path, ttl).is_err());
+        // Hex and base64 both read; an environment variable separates keys with commas.
+        let hex = "11".repeat(32);
+        let b64 = URL_SAFE_NO_PAD.encode([7u8; 32]);
+        assert_eq!(parse_keys(&format!("{hex},{b64}")).unwrap(), vec![vec![0x11; 32], vec![7; 32]]);
+        // A data dir's token.key from before key files were text: 32 raw bytes.
+        std::fs::write(&path, [0xffu8; 32]).unwrap();
+        assert!(Tokens::load(&path, ttl).is_ok());
     }
 
     #[test]

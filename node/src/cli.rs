@@ -18,7 +18,12 @@ async fn run() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEFU_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let config = Config::resolve(Flags::parse())?;
+    let mut flags = Flags::parse();
+    let tool = flags.tool.take();
+    let config = Config::resolve(flags)?;
+    if let Some(tool) = tool {
+        return crate::tools::run(tool, config).await;
+    }
     let profile = config.profile;
     let data_dir = config.data_dir.clone();
     let api_key = config.api_key.is_some();

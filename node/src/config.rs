@@ -25,6 +25,9 @@ pub enum Profile {
 #[derive(Debug, Default, Parser)]
 #[command(name = "kefu-node", version, about = "kefu chat node: J-IM compatible TCP, WebSocket and HTTP on one port")]
 pub struct Flags {
+    /// An operator's command instead of running the node.
+    #[command(subcommand)]
+    pub tool: Option<crate::tools::Tool>,
     /// TOML file with any of the settings below (keys in snake_case, e.g. data_dir).
     #[arg(long, env = "KEFU_CONFIG")]
     pub config: Option<PathBuf>,
@@ -61,6 +64,21 @@ pub struct Flags {
     /// Key for the HTTP APIs (`X-Api-Key` header or `Authorization: Bearer`). Required in prod.
     #[arg(long, env = "KEFU_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// File holding the API key (its first line), instead of --api-key.
+    #[arg(long, env = "KEFU_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// The cluster's token key file: one key per line (hex or base64, 32 bytes or more); the
+    /// first signs, all verify. Every node gets the same file. `kefu-node token-key new|rotate|
+    /// retire FILE` makes and rotates it. Default: made once beside the dev cluster CA (or in the
+    /// data dir); required in prod with peers.
+    #[arg(long, env = "KEFU_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
+    /// The token keys themselves, comma separated, instead of --token-key-file (a secret).
+    #[arg(long, env = "KEFU_TOKEN_KEY", hide_env_values = true)]
+    pub token_key: Option<String>,
+    /// Lets the dev profile (auto-registration, no API key) listen on a non-loopback address.
+    #[arg(long, env = "KEFU_ALLOW_DEV_PUBLIC")]
+    pub allow_dev_public: bool,
     /// Chat, typing and receipt requests allowed per second on one connection.
     #[arg(long, env = "KEFU_MSG_RATE")]
     pub msg_rate: Option<u32>,
@@ -139,6 +157,10 @@ struct FileSettings {
     tls_key: Option<PathBuf>,
     heartbeat_timeout: Option<u64>,
     api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
+    token_key_file: Option<PathBuf>,
+    token_key: Option<String>,
+    allow_dev_public: Option<bool>,
     msg_rate: Option<u32>,
     msg_burst: Option<u32>,
     login_failures_per_minute: Option<u32>,
@@ -158,6 +180,28 @@ struct FileSettings {
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
     presence_notice_limit: Option<usize>,
+}
+
+/// Where the token keys come from.
+#[derive(Debug, Clone)]
+pub enum TokenKeys {
+    /// The keys themselves (`--token-key`, `KEFU_TOKEN_KEY`).
+    Given(String),
+    /// A key file that must exist.
+    File(PathBuf),
+    /// Dev, or a single node: `token.key` beside the cluster CA given, else in the data dir,
+    /// made once.
+    Default,
+}
+
+/// The API key in a file: its first line, trimmed.
+fn read_api_key(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
+    let key = text.lines().next().unwrap_or_default().trim().to_string();
+    if key.len() < 16 {
+        bail!("the API key in {} is {} characters; use 16 or more (kefu-node keys new DIR makes one)", path.display(), key.len());
+    }
+    Ok(key)
 }
 
 /// The resolved configuration.
@@ -183,6 +227,8 @@ pub struct Config {
     pub heartbeat_timeout: Option<Duration>,
     /// API key for the HTTP APIs.
     pub api_key: Option<String>,
+    /// Where the token keys come from.
+    pub token_keys: TokenKeys,
     /// Per-connection request rate.
     pub msg_rate: u32,
     /// Per-connection burst.
@@ -254,7 +300,18 @@ impl Config {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
             },
-            api_key: flags.api_key.or(file.api_key).filter(|k| !k.is_empty()),
+            api_key: match (flags.api_key.or(file.api_key).filter(|k| !k.is_empty()), flags.api_key_file.or(file.api_key_file)) {
+                (Some(_), Some(_)) => bail!("--api-key and --api-key-file: give one"),
+                (Some(key), None) => Some(key),
+                (None, Some(path)) => Some(read_api_key(&path)?),
+                (None, None) => None,
+            },
+            token_keys: match (flags.token_key.or(file.token_key).filter(|k| !k.is_empty()), flags.token_key_file.or(file.token_key_file)) {
+                (Some(_), Some(_)) => bail!("--token-key and --token-key-file: give one"),
+                (Some(keys), None) => TokenKeys::Given(keys),
+                (None, Some(path)) => TokenKeys::File(path),
+                (None, None) => TokenKeys::Default,
+            },
             msg_rate: flags.msg_rate.or(file.msg_rate).unwrap_or(200).max(1),
             msg_burst: flags.msg_burst.or(file.msg_burst).unwrap_or(400).max(1),
             login_failures_per_minute: flags.login_failures_per_minute.or(file.login_failures_per_minute).unwrap_or(10),
@@ -283,7 +340,17 @@ impl Config {
             },
         };
         if config.profile == Profile::Prod && config.api_key.is_none() {
-            bail!("the prod profile needs --api-key (or KEFU_API_KEY) for the HTTP APIs");
+            bail!("the prod profile needs --api-key or --api-key-file (or KEFU_API_KEY) for the HTTP APIs");
+        }
+        if config.profile == Profile::Dev && !(flags.allow_dev_public || file.allow_dev_public.unwrap_or(false)) {
+            for (name, addr) in [("--jim-addr", config.jim_addr), ("--tls-addr", config.tls_addr), ("--quic-addr", config.quic_addr)] {
+                if !addr.ip().is_loopback() {
+                    bail!(
+                        "{name} {addr} is not a loopback address, and the dev profile registers unknown users on first login and \
+                         leaves the HTTP APIs open; use --profile prod (see README), or --allow-dev-public if you mean it"
+                    );
+                }
+            }
         }
         let mut config = config;
         config.node_id = match flags.node_id.or(file.node_id).or_else(|| std::env::var("FLY_MACHINE_ID").ok()).filter(|n| !n.is_empty()) {

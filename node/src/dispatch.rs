@@ -306,6 +306,7 @@ impl Core {
             Err(e) => return self.retryable(command, e),
         };
         let group_ids: Vec<String> = groups.into_iter().map(|(g, _)| g).collect();
+        let epoch = record.token_epoch;
         let user = UserCtx {
             id: record.user_id,
             nick: record.nick,
@@ -314,6 +315,19 @@ impl Core {
             groups: group_ids.iter().cloned().collect(),
         };
         self.hub.register(&user.id, s.conn.clone(), &group_ids, user.nick.clone(), user.avatar.clone());
+        // A ban or password change that committed while this login was checked found no session
+        // here to end: look again now that the session is registered.
+        match self.store.user(&user.id).await {
+            Ok(Some(now)) if !now.banned && now.token_epoch == epoch => {}
+            Ok(_) => {
+                self.hub.unregister(&user.id, s.conn.id);
+                return Outcome::status(command, fail_status).closing();
+            }
+            Err(e) => {
+                self.hub.unregister(&user.id, s.conn.id);
+                return self.retryable(command, e);
+            }
+        }
         // J-IM sends the join notice of every group to the group (the user included) before the
         // login reply.
         let view = user.view(true);
@@ -321,7 +335,7 @@ impl Core {
             let push = Arc::new(Push { command: Command::JoinGroupNotify.code(), body: jim::join_notify(g, &view).into(), delivery: None });
             self.push_everywhere(RelayTarget::Group(g.clone()), &push, None);
         }
-        let token = self.tokens.issue(&user.id, SystemTime::now());
+        let token = self.tokens.issue(&user.id, epoch, SystemTime::now());
         let data = json!({ "token": token, "userId": user.id });
         tracing::info!(user = %user.id, transport = s.conn.transport.name(), "logged in");
         s.user = Some(user);
@@ -332,20 +346,21 @@ impl Core {
     /// unknown user with the given password.
     async fn authenticate(&self, req: &LoginReq) -> Result<Option<UserRecord>, store::StoreError> {
         if let Some(token) = &req.token {
-            let Some(user_id) = self.tokens.verify(token, SystemTime::now()) else { return Ok(None) };
-            if req.user_id.as_ref().is_some_and(|u| *u != user_id) {
+            let Some(claims) = self.tokens.verify(token, SystemTime::now()) else { return Ok(None) };
+            if req.user_id.as_ref().is_some_and(|u| *u != claims.user) {
                 return Ok(None);
             }
-            return match self.store.user(&user_id).await? {
-                Some(record) => Ok(Some(record)),
-                None => Ok(None),
-            };
+            // A token from before the user's last password change, ban or logout is refused.
+            return Ok(self.store.user(&claims.user).await?.filter(|r| !r.banned && claims.epoch >= r.token_epoch));
         }
         let (Some(user_id), Some(password)) = (&req.user_id, &req.password) else { return Ok(None) };
         if password.is_empty() {
             return Ok(None);
         }
         if let Some(record) = self.store.user(user_id).await? {
+            if record.banned {
+                return Ok(None);
+            }
             let _permit = self.hashing.acquire().await;
             return Ok(verify(password, &record.password_hash).await.then_some(record));
         }
@@ -358,14 +373,9 @@ impl Core {
             None => return Ok(None),
         };
         drop(permit);
-        let record = UserRecord {
-            user_id: user_id.clone(),
-            password_hash,
-            nick: Some(req.nick.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| user_id.clone())),
-            avatar: None,
-            role: "user".to_string(),
-        };
-        if self.store.create_user(record.clone()).await? {
+        let nick = Some(req.nick.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| user_id.clone()));
+        let record = UserRecord::new(user_id, password_hash, nick, None, "user");
+        if self.store.create_user(record.clone(), false).await? {
             for g in &self.config.default_groups {
                 self.store.join_group(g, Some(g.clone()), user_id).await?;
             }

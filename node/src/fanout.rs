@@ -45,6 +45,7 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
                     core.deliver_local(&message, None);
                 }
             }
+            Committed::SignedOut(user) => drop(core.hub.kick_user(&user, schema::Status::SignedOut)),
             // The requester's dispatcher tells the members, skipping the requesting connection,
             // which gets the reply instead.
             Committed::Recall { recalled, reply } => drop(reply.send(Ok(recalled))),

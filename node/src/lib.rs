@@ -6,6 +6,7 @@
 //! `dispatch` carries out commands, `hub` knows who is connected, `store` owns the database,
 //! `fanout` delivers what the store committed, `mesh` links the node to its peers.
 
+pub mod accounts;
 pub mod admin;
 pub mod auth;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod session;
 pub mod store;
 pub mod tls;
+pub mod tools;
 pub mod transport;
 
 use std::net::SocketAddr;
@@ -33,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 
-use crate::auth::{LoginThrottle, Tokens};
+use crate::auth::LoginThrottle;
 use crate::dispatch::Core;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -54,14 +56,16 @@ pub struct NodeHandle {
     core: Arc<Core>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Held while the node runs: one process per data dir.
+    _data_lock: std::fs::File,
 }
 
 /// Opens the store, binds the ports and starts serving.
 pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let data_lock = lock_data_dir(&config.data_dir)?;
     let metrics = Arc::new(Metrics::default());
     let (store, feed) = Store::open(&config.data_dir, &config.node_id, Arc::clone(&metrics)).await.context("opening the database")?;
-    let tokens = Tokens::load_or_create(&config.data_dir, config.token_ttl).context("loading the token key")?;
     let jim = TcpListener::bind(config.jim_addr).await.with_context(|| format!("binding the J-IM port {}", config.jim_addr))?;
     let admin = TcpListener::bind(config.admin_addr).await.with_context(|| format!("binding the admin port {}", config.admin_addr))?;
     let tls_listener = TcpListener::bind(config.tls_addr).await.with_context(|| format!("binding the TLS port {}", config.tls_addr))?;
@@ -83,6 +87,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         }
         tracing::info!(peers = config.peers.len(), dns = %name, "peers found in DNS");
     }
+    let tokens = auth::tokens_for(&config).context("loading the token key")?;
     let hub = Arc::new(Hub::new(Arc::clone(&metrics)));
     let ready = Arc::new(AtomicBool::new(false));
     let local = Arc::new(mesh::Local {
@@ -124,6 +129,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         core: Arc::clone(&core),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        _data_lock: data_lock,
     };
     tasks.spawn(transport::tls::serve_tls(Arc::clone(&core), tls_listener, Arc::clone(&certs), shutdown.clone(), tasks.clone()));
     tasks.spawn(transport::quic::serve_quic(Arc::clone(&core), quic, shutdown.clone(), tasks.clone()));
@@ -143,6 +149,24 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         None => core.ready.store(true, Ordering::Release),
     }
     Ok(handle)
+}
+
+/// Takes the data dir's lock (`node.lock`), held until the file is dropped: one node, or one
+/// operator's command, at a time.
+pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    let path = dir.join("node.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!("another kefu-node is using the data dir {}", dir.display()),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
 }
 
 impl NodeHandle {

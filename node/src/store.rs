@@ -88,6 +88,9 @@ pub enum Committed {
     /// A message sequenced by another node was stored here for the first time: pushed to local
     /// connections, in commit order with everything else.
     Replica(Arc<StoredMessage>),
+    /// A user's tokens were revoked (password changed, banned, deleted, logged out), here or at
+    /// another node: their sessions here end.
+    SignedOut(String),
     /// A message was recalled.
     Recall {
         /// What was recalled.
@@ -144,7 +147,7 @@ enum WriteOp {
         window_ms: i64,
         reply: oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>>,
     },
-    CreateUser(UserRecord, oneshot::Sender<Result<bool>>),
+    EditUser(String, UserEdit, oneshot::Sender<Result<Option<UserRecord>>>),
     Join {
         group: String,
         name: Option<String>,
@@ -222,6 +225,7 @@ impl Store {
             rev,
             committed_rev: rev,
             pending_changes: Vec::new(),
+            signed_out: Vec::new(),
             changes: changes.clone(),
             head: Arc::clone(&head),
             conn: writer_conn,
@@ -331,10 +335,31 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)
     }
 
-    /// Creates a user unless one with that id exists. Returns whether it was created.
-    pub async fn create_user(&self, user: UserRecord) -> Result<bool> {
+    /// Creates a user unless one with that id exists; with `revive`, a deleted user's id can be
+    /// taken again (the admin API), without it not (registration on first login must not bring
+    /// back a user an admin deleted). Returns whether it was created.
+    pub async fn create_user(&self, user: UserRecord, revive: bool) -> Result<bool> {
+        let id = user.user_id.clone();
+        let created = self
+            .edit_user(&id, move |current| match current {
+                Some(c) if !c.deleted || !revive => None,
+                // The new row's epoch continues the old one's: tokens of the deleted user stay refused.
+                current => Some(UserRecord { token_epoch: current.map_or(0, |c| c.token_epoch + 1), ..user.clone() }),
+            })
+            .await?;
+        Ok(created.is_some())
+    }
+
+    /// Changes a user's row in one step of the writer: `edit` gets the current row (a deleted
+    /// one included) and returns the new one, or `None` to leave it. The store gives the new
+    /// row its version. Returns the row written, if any.
+    pub async fn edit_user(
+        &self,
+        user_id: &str,
+        edit: impl Fn(Option<&UserRecord>) -> Option<UserRecord> + Send + Sync + 'static,
+    ) -> Result<Option<UserRecord>> {
         let (tx, rx) = oneshot::channel();
-        self.send(WriteOp::CreateUser(user, tx)).await?;
+        self.send(WriteOp::EditUser(user_id.to_string(), Box::new(edit), tx)).await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -406,13 +431,10 @@ impl Store {
         let conn = self.reader().await;
         let (lo, hi) = (to_i64(after), to_i64(upto));
         let mut out: Vec<(i64, Change)> = Vec::new();
-        let mut rows = conn
-            .query("SELECT rev, user_id, password_hash, nick, avatar, role FROM users WHERE rev > ?1 AND rev <= ?2", params![lo, hi])
-            .await?;
+        let sql = format!("SELECT rev, {USER_COLS} FROM users WHERE rev > ?1 AND rev <= ?2");
+        let mut rows = conn.query(&sql, params![lo, hi]).await?;
         while let Some(row) = rows.next().await? {
-            let user =
-                UserRecord { user_id: row.get(1)?, password_hash: row.get(2)?, nick: row.get(3)?, avatar: row.get(4)?, role: row.get(5)? };
-            out.push((row.get(0)?, Change::User(user)));
+            out.push((row.get(0)?, Change::User(user_from_row(&row, 1)?)));
         }
         drop(rows);
         let mut rows = conn.query("SELECT rev, group_id, name FROM groups WHERE rev > ?1 AND rev <= ?2", params![lo, hi]).await?;
@@ -510,10 +532,22 @@ impl Store {
     /// A user by id.
     pub async fn user(&self, user_id: &str) -> Result<Option<UserRecord>> {
         let conn = self.reader().await;
-        let mut rows =
-            conn.query("SELECT user_id, password_hash, nick, avatar, role FROM users WHERE user_id = ?1", params![user_id]).await?;
+        let sql = format!("SELECT {USER_COLS} FROM users WHERE user_id = ?1 AND deleted = 0");
+        let mut rows = conn.query(&sql, params![user_id]).await?;
         let Some(row) = rows.next().await? else { return Ok(None) };
-        Ok(Some(UserRecord { user_id: row.get(0)?, password_hash: row.get(1)?, nick: row.get(2)?, avatar: row.get(3)?, role: row.get(4)? }))
+        Ok(Some(user_from_row(&row, 0)?))
+    }
+
+    /// Users in id order after `after` (deleted ones left out), at most `limit`.
+    pub async fn users(&self, after: &str, limit: u32) -> Result<Vec<UserRecord>> {
+        let conn = self.reader().await;
+        let sql = format!("SELECT {USER_COLS} FROM users WHERE user_id > ?1 AND deleted = 0 ORDER BY user_id LIMIT ?2");
+        let mut rows = conn.query(&sql, params![after, limit]).await?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await? {
+            out.push(user_from_row(&row, 0)?);
+        }
+        Ok(out)
     }
 
     /// The groups a user belongs to, with their names.
@@ -662,6 +696,27 @@ const NEWEST_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conve
 /// Inserts a message sequenced here; a clash on (conversation, seq) or id is an error.
 const INSERT_MESSAGE: &str = "INSERT INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, \
      content, extras, nick, avatar, created_at, origin, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+/// The columns [`user_from_row`] reads, in order.
+const USER_COLS: &str = "user_id, password_hash, nick, avatar, role, banned, deleted, token_epoch, updated_at, updated_by";
+
+fn user_from_row(row: &libsql::Row, at: i32) -> Result<UserRecord> {
+    Ok(UserRecord {
+        user_id: row.get(at)?,
+        password_hash: row.get(at + 1)?,
+        nick: row.get(at + 2)?,
+        avatar: row.get(at + 3)?,
+        role: row.get(at + 4)?,
+        banned: row.get::<i64>(at + 5)? != 0,
+        deleted: row.get::<i64>(at + 6)? != 0,
+        token_epoch: row.get(at + 7)?,
+        updated_at: row.get(at + 8)?,
+        updated_by: row.get(at + 9)?,
+    })
+}
+
+/// How a user row changes ([`Store::edit_user`]).
+type UserEdit = Box<dyn Fn(Option<&UserRecord>) -> Option<UserRecord> + Send + Sync>;
+
 /// Inserts a message sequenced elsewhere, leaving one already present alone.
 const INSERT_MESSAGE_IF_NEW: &str = "INSERT OR IGNORE INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, \
      msg_type, content, extras, nick, avatar, created_at, origin, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
@@ -791,6 +846,8 @@ struct Writer {
     committed_rev: u64,
     /// What the open transaction changed, for the mesh.
     pending_changes: Vec<(bool, Change)>,
+    /// Users whose tokens the open transaction revoked ([`Committed::SignedOut`] after commit).
+    signed_out: Vec<String>,
     /// The live tail of committed changes.
     changes: broadcast::Sender<Arc<LocalBatch>>,
     /// `committed_rev`, for readers.
@@ -803,6 +860,7 @@ enum Done {
     Append(Arc<StoredMessage>, bool, Option<u64>, oneshot::Sender<Result<Delivery>>),
     Recall(Result<Arc<Recalled>, RecallRefusal>, oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>>),
     Flag(bool, oneshot::Sender<Result<bool>>),
+    User(Option<UserRecord>, oneshot::Sender<Result<Option<UserRecord>>>),
     /// Messages new to this node, applied from a peer.
     Replicas(Vec<Arc<StoredMessage>>, oneshot::Sender<Result<bool>>),
     Nothing,
@@ -881,7 +939,13 @@ impl Writer {
                 Ok(done) => {
                     self.metrics.commit(started.elapsed(), ops);
                     self.publish_changes();
+                    let signed_out = std::mem::take(&mut self.signed_out);
                     self.publish(done).await;
+                    for user in signed_out {
+                        if self.feed.send(Committed::SignedOut(user)).await.is_err() {
+                            break;
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, ops, "write batch failed; every op in it is answered retryable");
@@ -889,6 +953,7 @@ impl Writer {
                     self.seqs.clear();
                     self.rev = self.committed_rev;
                     self.pending_changes.clear();
+                    self.signed_out.clear();
                     for op in batch.drain(..) {
                         fail(op);
                     }
@@ -951,7 +1016,7 @@ impl Writer {
                     *conn = from;
                 }
                 (WriteOp::Recall { reply, .. }, Done::Recall(_, slot)) => *slot = reply,
-                (WriteOp::CreateUser(_, reply), Done::Flag(_, slot)) => *slot = reply,
+                (WriteOp::EditUser(_, _, reply), Done::User(_, slot)) => *slot = reply,
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Cursor { reply: Some(reply), .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Import(_, reply), Done::Flag(_, slot)) => *slot = reply,
@@ -981,7 +1046,19 @@ impl Writer {
                 let outcome = self.recall(id, by, *privileged, *now_ms, *window_ms).await?;
                 Done::Recall(outcome, oneshot::channel().0)
             }
-            WriteOp::CreateUser(user, _) => Done::Flag(self.insert_user(user, true).await?, oneshot::channel().0),
+            WriteOp::EditUser(id, edit, _) => {
+                let current = self.read_user(id).await?;
+                let written = match edit(current.as_ref()) {
+                    Some(mut next) => {
+                        next.user_id = id.clone();
+                        next.updated_at = now_ms().max(current.as_ref().map_or(0, |c| c.updated_at + 1));
+                        next.updated_by = self.origin.clone();
+                        self.put_user(current.as_ref(), next, true).await?
+                    }
+                    None => None,
+                };
+                Done::User(written, oneshot::channel().0)
+            }
             WriteOp::Import(messages, _) => {
                 for m in messages {
                     self.insert_replica(m).await?;
@@ -1031,7 +1108,10 @@ impl Writer {
                     self.mark_recalled(&m.conversation, m.seq, at).await?;
                 }
             }
-            Change::User(u) => drop(self.insert_user(u, false).await?),
+            Change::User(u) => {
+                let current = self.read_user(&u.user_id).await?;
+                self.put_user(current.as_ref(), u.clone(), false).await?;
+            }
             Change::Group { group_id, name } => self.insert_group(group_id, name.clone(), false).await?,
             Change::Member { group_id, user_id } => drop(self.insert_member(group_id, user_id, false).await?),
             Change::Cursor { user_id, conversation, delivered, read } => {
@@ -1070,17 +1150,57 @@ impl Writer {
         Ok(())
     }
 
-    async fn insert_user(&mut self, user: &UserRecord, local: bool) -> Result<bool> {
-        let n = self
-            .write_row(
-                "INSERT OR IGNORE INTO users (user_id, password_hash, nick, avatar, role, created_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                |rev| params![user.user_id.as_str(), user.password_hash.as_str(), user.nick.clone(), user.avatar.clone(), user.role.as_str(), now_ms(), rev],
-            )
-            .await?;
-        if n > 0 {
-            self.pending_changes.push((local, Change::User(user.clone())));
+    /// The user row as it is, a tombstone included.
+    async fn read_user(&mut self, id: &str) -> Result<Option<UserRecord>> {
+        let sql = format!("SELECT {USER_COLS} FROM users WHERE user_id = ?1");
+        let mut rows = self.conn.query(&sql, params![id]).await?;
+        let Some(row) = rows.next().await? else { return Ok(None) };
+        Ok(Some(user_from_row(&row, 0)?))
+    }
+
+    /// Merges `next` into the user row `current` (last writer wins; the token epoch by max) and
+    /// writes the result if it changed anything. A raised epoch signs the user out here. Returns
+    /// the row written.
+    async fn put_user(&mut self, current: Option<&UserRecord>, next: UserRecord, local: bool) -> Result<Option<UserRecord>> {
+        let merged = match current {
+            None => next,
+            Some(c) if next.newer_than(c) => UserRecord { token_epoch: next.token_epoch.max(c.token_epoch), ..next },
+            Some(c) if next.token_epoch > c.token_epoch => UserRecord { token_epoch: next.token_epoch, ..c.clone() },
+            Some(_) => return Ok(None),
+        };
+        let u = &merged;
+        self.write_row(
+            "INSERT INTO users (user_id, password_hash, nick, avatar, role, created_at, banned, deleted, token_epoch, updated_at, \
+             updated_by, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (user_id) DO UPDATE SET \
+             password_hash = excluded.password_hash, nick = excluded.nick, avatar = excluded.avatar, role = excluded.role, \
+             banned = excluded.banned, deleted = excluded.deleted, token_epoch = excluded.token_epoch, \
+             updated_at = excluded.updated_at, updated_by = excluded.updated_by, rev = excluded.rev",
+            |rev| {
+                params![
+                    u.user_id.as_str(),
+                    u.password_hash.as_str(),
+                    u.nick.clone(),
+                    u.avatar.clone(),
+                    u.role.as_str(),
+                    now_ms(),
+                    i64::from(u.banned),
+                    i64::from(u.deleted),
+                    to_i64(u.token_epoch),
+                    u.updated_at,
+                    u.updated_by.as_str(),
+                    rev
+                ]
+            },
+        )
+        .await?;
+        let was = current.map(|c| (c.token_epoch, c.banned, c.deleted));
+        if was.is_some_and(|(epoch, banned, deleted)| {
+            merged.token_epoch > epoch || (merged.banned && !banned) || (merged.deleted && !deleted)
+        }) {
+            self.signed_out.push(merged.user_id.clone());
         }
-        Ok(n > 0)
+        self.pending_changes.push((local, Change::User(merged.clone())));
+        Ok(Some(merged))
     }
 
     async fn insert_group(&mut self, group: &str, name: Option<String>, local: bool) -> Result<()> {
@@ -1248,6 +1368,10 @@ impl Writer {
                     let _ = reply.send(Ok(flag));
                     continue;
                 }
+                Done::User(user, reply) => {
+                    let _ = reply.send(Ok(user));
+                    continue;
+                }
                 Done::Replicas(messages, reply) => {
                     for m in messages {
                         if self.feed.send(Committed::Replica(m)).await.is_err() {
@@ -1284,11 +1408,10 @@ fn fail(op: WriteOp) {
     let retry = || StoreError::Closed;
     match op {
         WriteOp::Append(_, _, reply) => drop(reply.send(Err(retry()))),
-        WriteOp::CreateUser(_, reply)
-        | WriteOp::Join { reply, .. }
-        | WriteOp::Import(_, reply)
-        | WriteOp::Apply(_, _, reply)
-        | WriteOp::ForgetPeer(_, reply) => drop(reply.send(Err(retry()))),
+        WriteOp::EditUser(_, _, reply) => drop(reply.send(Err(retry()))),
+        WriteOp::Join { reply, .. } | WriteOp::Import(_, reply) | WriteOp::Apply(_, _, reply) | WriteOp::ForgetPeer(_, reply) => {
+            drop(reply.send(Err(retry())))
+        }
         WriteOp::Cursor { reply: Some(reply), .. } => drop(reply.send(Err(retry()))),
         WriteOp::Recall { .. } | WriteOp::Cursor { reply: None, .. } => {}
     }
@@ -1304,17 +1427,17 @@ mod tests {
     use super::*;
 
     fn user(id: &str) -> UserRecord {
-        UserRecord { user_id: id.into(), password_hash: "x".into(), nick: None, avatar: None, role: "user".into() }
+        UserRecord::new(id, "x".into(), None, None, "user")
     }
 
     #[tokio::test]
     async fn a_write_that_changes_nothing_takes_no_revision_so_the_head_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
-        assert!(store.create_user(user("a")).await.unwrap());
+        assert!(store.create_user(user("a"), false).await.unwrap());
         let head = store.head();
         // The same user again, and a cursor move that is no move: nothing written, no revision.
-        assert!(!store.create_user(user("a")).await.unwrap());
+        assert!(!store.create_user(user("a"), false).await.unwrap());
         let conv = ConversationId::group("g");
         store.advance_cursor_committed("a", &conv, 3, 0).await.unwrap();
         let moved = store.head();
@@ -1325,5 +1448,38 @@ mod tests {
         // What a peer applied up to is what the node reads back as its head after a restart.
         let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
         assert_eq!(store.head(), moved);
+    }
+
+    /// A user change from a peer, as the change stream carries it.
+    fn batch_of(after: u64, user: UserRecord) -> ChangeBatch {
+        ChangeBatch { after, upto: after + 1, head: after + 1, at_ms: now_ms(), changes: vec![Change::User(user)] }
+    }
+
+    #[tokio::test]
+    async fn user_rows_merge_by_last_writer_and_the_token_epoch_by_max_and_a_raised_epoch_signs_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+        let base = UserRecord { updated_at: 100, updated_by: "n2".into(), ..user("u") };
+        store.apply("n2", batch_of(0, base.clone())).await.unwrap();
+        // Newer: replaces the row, and the raised epoch signs the user out here.
+        let newer = UserRecord { nick: Some("new".into()), token_epoch: 2, updated_at: 200, ..base.clone() };
+        store.apply("n2", batch_of(1, newer)).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), feed.recv()).await.unwrap() {
+            Some(Committed::SignedOut(u)) => assert_eq!(u, "u"),
+            other => panic!("expected a sign-out, got {:?}", other.map(|_| "another event")),
+        }
+        // Older: its fields lose, but a higher epoch in it still counts.
+        let older = UserRecord { nick: Some("old".into()), token_epoch: 5, updated_at: 150, ..base.clone() };
+        store.apply("n3", batch_of(0, older)).await.unwrap();
+        let now = store.user("u").await.unwrap().unwrap();
+        assert_eq!((now.nick.as_deref(), now.token_epoch, now.updated_at), (Some("new"), 5, 200));
+        // Equal versions: the node id breaks the tie, the same way at every node.
+        let tie = UserRecord { nick: Some("tie".into()), token_epoch: 5, updated_at: 200, updated_by: "n9".into(), ..base.clone() };
+        store.apply("n3", batch_of(1, tie)).await.unwrap();
+        assert_eq!(store.user("u").await.unwrap().unwrap().nick.as_deref(), Some("tie"));
+        // A local edit always gets a version above the current one, even with the clock behind.
+        let edited = store.edit_user("u", |c| Some(UserRecord { role: "agent".into(), ..c.unwrap().clone() })).await.unwrap().unwrap();
+        assert!(edited.updated_at > 200 && edited.updated_by == "n1");
+        store.close().await;
     }
 }

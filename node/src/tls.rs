@@ -182,12 +182,53 @@ fn self_signed(dir: &Path, validity: Duration, now: SystemTime) -> anyhow::Resul
     build(vec![cert.der().clone()], key, Some(expires))
 }
 
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, bytes)?;
+/// Writes a secret file: created with mode 0600 (never readable by others, not even for a moment),
+/// fsynced, and its directory fsynced, so that it survives a crash as written. Replaces the file.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = temp_beside(path);
+    write_new_private(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
+/// Like [`write_private`], but never replaces an existing file (another process may be making
+/// the same one): returns false when `path` already existed.
+pub fn create_private(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    let tmp = temp_beside(path);
+    write_new_private(&tmp, bytes)?;
+    // A hard link fails when the target exists, so the file appears whole or not at all.
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => sync_dir(path).map(|()| true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn temp_beside(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{}.tmp", std::process::id(), rand::random::<u32>()))
+}
+
+fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
 }

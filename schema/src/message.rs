@@ -144,4 +144,45 @@ pub struct UserRecord {
     pub avatar: Option<String>,
     /// "user", "agent" or "admin".
     pub role: String,
+    /// Banned users cannot log in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub banned: bool,
+    /// A deleted user's row stays as a tombstone (so the deletion replicates); the id can be
+    /// created again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// Tokens carry the epoch they were issued in; bumping it (password change, ban, delete,
+    /// logout) refuses every earlier token. Merged by max.
+    #[serde(default)]
+    pub token_epoch: u64,
+    /// The row's version for last-writer-wins between nodes: when it was last changed (epoch ms,
+    /// always above the previous version) and by which node (ties).
+    #[serde(default)]
+    pub updated_at: i64,
+    /// See `updated_at`.
+    #[serde(default)]
+    pub updated_by: String,
+}
+
+impl UserRecord {
+    /// A new user with no version yet (the store gives it one when it writes it).
+    pub fn new(user_id: &str, password_hash: String, nick: Option<String>, avatar: Option<String>, role: &str) -> UserRecord {
+        UserRecord {
+            user_id: user_id.to_string(),
+            password_hash,
+            nick,
+            avatar,
+            role: role.to_string(),
+            banned: false,
+            deleted: false,
+            token_epoch: 0,
+            updated_at: 0,
+            updated_by: String::new(),
+        }
+    }
+
+    /// Whether this version replaces `other` (last writer wins; the node id breaks ties).
+    pub fn newer_than(&self, other: &UserRecord) -> bool {
+        (self.updated_at, self.updated_by.as_str()) > (other.updated_at, other.updated_by.as_str())
+    }
 }

@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../migrations/0001_init.sql") },
     Migration { version: 2, name: "mesh", sql: include_str!("../migrations/0002_mesh.sql") },
     Migration { version: 3, name: "client_id_per_conversation", sql: include_str!("../migrations/0003_client_id_per_conversation.sql") },
+    Migration { version: 4, name: "accounts", sql: include_str!("../migrations/0004_accounts.sql") },
 ];
 
 #[cfg(test)]

@@ -72,11 +72,16 @@ pub enum Status {
     HeartbeatTimeout,
     /// 11012 kefu: the request is missing a field or has a field of the wrong type.
     BadRequest,
+    /// 11013 kefu: signed out everywhere (password changed, banned, deleted or logged out by an
+    /// admin); the connection closes and the user's tokens no longer work.
+    SignedOut,
+    /// 11014 kefu: what the request would create exists already.
+    Exists,
 }
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 34] = [
+    pub const ALL: [Status; 36] = [
         Status::Ok,
         Status::Offline,
         Status::SendFailed,
@@ -111,6 +116,8 @@ impl Status {
         Status::NotLoggedIn,
         Status::HeartbeatTimeout,
         Status::BadRequest,
+        Status::SignedOut,
+        Status::Exists,
     ];
 
     /// The numeric code.
@@ -150,6 +157,8 @@ impl Status {
             Status::NotLoggedIn => 11010,
             Status::HeartbeatTimeout => 11011,
             Status::BadRequest => 11012,
+            Status::SignedOut => 11013,
+            Status::Exists => 11014,
         }
     }
 
@@ -190,6 +199,8 @@ impl Status {
             Status::NotLoggedIn => "not logged in 未登录",
             Status::HeartbeatTimeout => "heartbeat timeout 心跳超时",
             Status::BadRequest => "bad request 请求格式不正确",
+            Status::SignedOut => "signed out 已在所有设备退出登录",
+            Status::Exists => "already exists 已存在",
         }
     }
 

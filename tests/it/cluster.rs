@@ -11,7 +11,7 @@ use tests::{eventually, Client};
 
 use crate::bin;
 
-const REGIONS: [(&str, &str); 3] = [("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")];
+pub const REGIONS: [(&str, &str); 3] = [("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")];
 
 async fn three() -> Cluster {
     Cluster::start(bin(), &REGIONS, &[]).await.expect("cluster starts")

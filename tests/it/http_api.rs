@@ -47,12 +47,19 @@ async fn v1_api_matches_its_openapi_document() -> anyhow::Result<()> {
     for path in [
         "/v1/messages",
         "/v1/conversations/{conversation}/messages",
+        "/v1/users",
         "/v1/users/{user}",
+        "/v1/users/{user}/ban",
+        "/v1/users/{user}/unban",
+        "/v1/users/{user}/logout",
         "/v1/groups/{group}",
         "/v1/presence",
         "/v1/presence/{user}",
     ] {
         assert!(doc["paths"][path].is_object(), "{path} documented");
+    }
+    for (path, method) in [("/v1/users", "post"), ("/v1/users", "get"), ("/v1/users/{user}", "patch"), ("/v1/users/{user}", "delete")] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} documented");
     }
     let mut ann = n.ws_login("ann").await?;
     let _ben = n.tcp_login("ben").await?;

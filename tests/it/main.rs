@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 
+mod accounts;
 mod admin;
 mod bad_input;
 mod browser;

@@ -32,7 +32,7 @@ async fn single_node(dir: &std::path::Path) -> Arc<Core> {
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),
         hub: Arc::new(Hub::new(Arc::clone(&metrics))),
-        tokens: Tokens::load_or_create(dir, config.token_ttl).unwrap(),
+        tokens: Tokens::load_or_create(&dir.join("token.key"), config.token_ttl).unwrap(),
         certs: crate::tls::CertStore::load(dir, None, None).unwrap(),
         config,
         store,

@@ -13,6 +13,8 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
+
+use crate::accounts::{Access, AccountError, Accounts, NewUser, UserPatch};
 use axum::{Json, Router};
 use schema::jim::{self, Request as JimRequest};
 use schema::{Command, ConversationId, Status};
@@ -41,7 +43,11 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/api/user/close", any(api_close))
         .route("/v1/messages", post(v1_send))
         .route("/v1/conversations/{conversation}/messages", get(v1_history))
-        .route("/v1/users/{user}", get(v1_user))
+        .route("/v1/users", post(v1_create_user).get(v1_list_users))
+        .route("/v1/users/{user}", get(v1_user).patch(v1_patch_user).delete(v1_delete_user))
+        .route("/v1/users/{user}/ban", post(v1_ban))
+        .route("/v1/users/{user}/unban", post(v1_unban))
+        .route("/v1/users/{user}/logout", post(v1_logout))
         .route("/v1/groups/{group}", get(v1_group))
         .route("/v1/presence", get(v1_presence_all))
         .route("/v1/presence/{user}", get(v1_presence))
@@ -258,9 +264,89 @@ async fn v1_user(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Res
     let Some(record) = record else { return (StatusCode::NOT_FOUND, code_only(Status::NotFound)).into_response() };
     let groups: Vec<&str> = groups.iter().map(|(g, _)| g.as_str()).collect();
     json_body(&json!({
-        "userId": record.user_id, "nick": record.nick, "avatar": record.avatar, "role": record.role,
+        "userId": record.user_id, "nick": record.nick, "avatar": record.avatar, "role": record.role, "banned": record.banned,
         "online": core.hub.is_online_anywhere(&record.user_id), "groups": groups,
     }))
+}
+
+fn accounts(core: &Core) -> Accounts<'_> {
+    Accounts { store: &core.store, cost: core.config.password_hash_cost, hashing: Some(&core.hashing) }
+}
+
+/// An account change's answer: the user, or the error as HTTP status, kefu code and message.
+fn account_reply(result: Result<crate::store::UserRecord, AccountError>, ok: StatusCode) -> Response {
+    let (http, status) = match &result {
+        Ok(user) => return (ok, json_body(&crate::accounts::view(user))).into_response(),
+        Err(AccountError::Exists(_)) => (StatusCode::CONFLICT, Status::Exists),
+        Err(AccountError::NotFound(_)) => (StatusCode::NOT_FOUND, Status::NotFound),
+        Err(AccountError::Invalid(_)) => (StatusCode::BAD_REQUEST, Status::BadRequest),
+        Err(AccountError::Store(_)) => (StatusCode::SERVICE_UNAVAILABLE, Status::Retryable),
+    };
+    let error = result.err().map(|e| e.to_string());
+    (http, json_body(&json!({ "code": status.code(), "msg": status.msg(), "error": error }))).into_response()
+}
+
+/// A JSON body that did not parse: 400 with what was wrong.
+fn bad_json(e: axum::extract::rejection::JsonRejection) -> Response {
+    let status = Status::BadRequest;
+    (StatusCode::BAD_REQUEST, json_body(&json!({ "code": status.code(), "msg": status.msg(), "error": e.body_text() }))).into_response()
+}
+
+/// `POST /v1/users` with `{"id","password","nick"?,"avatar"?,"role"?}`: 201, or 409 if the id exists.
+async fn v1_create_user(State(core): State<Arc<Core>>, body: Result<Json<NewUser>, axum::extract::rejection::JsonRejection>) -> Response {
+    match body {
+        Ok(Json(new)) => account_reply(accounts(&core).create(new).await, StatusCode::CREATED),
+        Err(e) => bad_json(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct PageParams {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/users?after=ID&limit=N`: users in id order; `next` is the `after` of the next page.
+async fn v1_list_users(State(core): State<Arc<Core>>, Query(p): Query<PageParams>) -> Response {
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    match core.store.users(p.after.as_deref().unwrap_or(""), limit).await {
+        Ok(users) => {
+            let next = (users.len() == limit as usize).then(|| users.last().map(|u| u.user_id.clone())).flatten();
+            json_body(&json!({ "users": users.iter().map(crate::accounts::view).collect::<Vec<_>>(), "next": next }))
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
+    }
+}
+
+/// `PATCH /v1/users/{id}` with any of `{"nick","avatar","role","password"}`.
+async fn v1_patch_user(
+    State(core): State<Arc<Core>>,
+    Path(user): Path<String>,
+    body: Result<Json<UserPatch>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(patch)) => account_reply(accounts(&core).patch(&user, patch).await, StatusCode::OK),
+        Err(e) => bad_json(e),
+    }
+}
+
+async fn v1_delete_user(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Response {
+    match accounts(&core).set_access(&user, Access::Delete).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => account_reply(Err(e), StatusCode::OK),
+    }
+}
+
+async fn v1_ban(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Response {
+    account_reply(accounts(&core).set_access(&user, Access::Ban).await, StatusCode::OK)
+}
+
+async fn v1_unban(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Response {
+    account_reply(accounts(&core).set_access(&user, Access::Unban).await, StatusCode::OK)
+}
+
+async fn v1_logout(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Response {
+    account_reply(accounts(&core).set_access(&user, Access::Logout).await, StatusCode::OK)
 }
 
 async fn v1_group(State(core): State<Arc<Core>>, Path(group): Path<String>) -> Response {
