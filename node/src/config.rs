@@ -77,8 +77,8 @@ pub struct Flags {
     #[arg(long, env = "KEFU_TOKEN_KEY", hide_env_values = true)]
     pub token_key: Option<String>,
     /// Lets the dev profile (auto-registration, no API key) listen on a non-loopback address.
-    #[arg(long, env = "KEFU_ALLOW_DEV_PUBLIC")]
-    pub allow_dev_public: bool,
+    #[arg(long, env = "KEFU_ALLOW_DEV_PUBLIC", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_dev_public: Option<bool>,
     /// Chat, typing and receipt requests allowed per second on one connection.
     #[arg(long, env = "KEFU_MSG_RATE")]
     pub msg_rate: Option<u32>,
@@ -342,7 +342,7 @@ impl Config {
         if config.profile == Profile::Prod && config.api_key.is_none() {
             bail!("the prod profile needs --api-key or --api-key-file (or KEFU_API_KEY) for the HTTP APIs");
         }
-        if config.profile == Profile::Dev && !(flags.allow_dev_public || file.allow_dev_public.unwrap_or(false)) {
+        if config.profile == Profile::Dev && !flags.allow_dev_public.or(file.allow_dev_public).unwrap_or(false) {
             for (name, addr) in [("--jim-addr", config.jim_addr), ("--tls-addr", config.tls_addr), ("--quic-addr", config.quic_addr)] {
                 if !addr.ip().is_loopback() {
                     bail!(

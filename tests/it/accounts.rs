@@ -258,3 +258,26 @@ async fn a_user_and_a_token_from_one_node_work_at_every_node_and_revocation_reac
     assert!(login(c.node(0), "roamer", "new").await?.is_ok());
     Ok(())
 }
+
+#[tokio::test]
+async fn the_dev_profile_stays_on_loopback_unless_told_otherwise() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let d = data.path().display().to_string();
+    // It would register anyone who logs in and leave the API open: refused on a public address.
+    let (ok, _, err) = tool(&["--data-dir", &d, "--jim-addr", "0.0.0.0:0"], "").await?;
+    assert!(!ok && err.contains("--allow-dev-public") && err.contains("--profile prod"), "{err}");
+    let mut node = tokio::process::Command::new(bin())
+        .args(["--data-dir", &d, "--jim-addr", "0.0.0.0:0", "--allow-dev-public"])
+        .args(["--admin-addr", "127.0.0.1:0", "--tls-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
+        .env("KEFU_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(node.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await??.unwrap_or_default();
+    assert!(first.starts_with("kefu-node listening jim=0.0.0.0:"), "told otherwise, it starts: {first}");
+    node.kill().await?;
+    Ok(())
+}
