@@ -3,7 +3,7 @@
 //! connection; effects on other connections go through the hub, effects on data through the store.
 //! It never touches a socket.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,8 +62,6 @@ pub struct UserCtx {
     pub avatar: Option<String>,
     /// Role: user, agent or admin.
     pub role: String,
-    /// Groups the user belongs to.
-    pub groups: HashSet<String>,
 }
 
 impl UserCtx {
@@ -163,8 +161,9 @@ pub struct Sender<'a> {
     pub nick: Option<String>,
     /// Avatar carried on the message.
     pub avatar: Option<String>,
-    /// Groups known to include the sender (a session's); `None` means ask the store.
-    pub groups: Option<&'a HashSet<String>>,
+    /// The sender has a session here, so the hub knows their groups (as of now: a member
+    /// removed a moment ago is no longer in them); otherwise the store is asked.
+    pub in_hub: bool,
     /// The sender's connection here, if the send came from a session: the sender's other
     /// connections, on every node, get a copy of a private message; this one gets the reply.
     pub conn: Option<u64>,
@@ -207,7 +206,15 @@ impl Core {
                 Ok(pending) => Outcome::reply(Command::ChatResp, pending.await),
                 Err(reply) => Outcome::reply(Command::ChatResp, reply),
             },
-            Request::JoinGroup { group_id, name } => self.join(s, user, &group_id, name).await,
+            Request::JoinGroup { group_id, name } => self.join(user, &group_id, name).await,
+            Request::LeaveGroup { group_id } => {
+                let status = match self.leave_group(&group_id, &user.id, user.nick.clone()).await {
+                    Ok(true) => Status::Ok,
+                    Ok(false) => Status::NotFound,
+                    Err(e) => return self.retryable(Command::LeaveGroupResp, e),
+                };
+                Outcome::status(Command::LeaveGroupResp, status)
+            }
             Request::Close { user_id } => match user_id {
                 Some(other) if other != user.id && user.role != "admin" => Outcome::status(Command::CloseReq, Status::Forbidden),
                 Some(other) if other != user.id => {
@@ -307,13 +314,7 @@ impl Core {
         };
         let group_ids: Vec<String> = groups.into_iter().map(|(g, _)| g).collect();
         let epoch = record.token_epoch;
-        let user = UserCtx {
-            id: record.user_id,
-            nick: record.nick,
-            avatar: record.avatar,
-            role: record.role,
-            groups: group_ids.iter().cloned().collect(),
-        };
+        let user = UserCtx { id: record.user_id, nick: record.nick, avatar: record.avatar, role: record.role };
         self.hub.register(&user.id, s.conn.clone(), &group_ids, user.nick.clone(), user.avatar.clone());
         // A ban or password change that committed while this login was checked found no session
         // here to end: look again now that the session is registered.
@@ -392,14 +393,21 @@ impl Core {
 
     // -- groups --------------------------------------------------------------------------------
 
-    async fn join(&self, s: &mut SessionState, user: &UserCtx, group: &str, name: Option<String>) -> Outcome {
+    async fn join(&self, user: &UserCtx, group: &str, name: Option<String>) -> Outcome {
+        // A closed group takes members through the admin API only; to anyone else it is not there.
+        match self.store.group_info(group).await {
+            Ok(Some(info)) if info.closed => match self.store.is_member(group, &user.id).await {
+                Ok(true) => {}
+                Ok(false) => return Outcome::status(Command::JoinGroupResp, Status::JoinGroupFailed),
+                Err(e) => return self.retryable(Command::JoinGroupResp, e),
+            },
+            Ok(_) => {}
+            Err(e) => return self.retryable(Command::JoinGroupResp, e),
+        }
         if let Err(e) = self.store.join_group(group, name, &user.id).await {
             return self.retryable(Command::JoinGroupResp, e);
         }
         self.hub.join(&user.id, group);
-        if let Some(u) = s.user.as_mut() {
-            u.groups.insert(group.to_string());
-        }
         // As J-IM 3.x: no direct reply on success; the notice (which the joiner gets too) is it.
         // In a group too large to announce joins in, only the joiner gets it.
         let body = jim::join_notify(group, &user.view(true));
@@ -409,6 +417,22 @@ impl Core {
         let push = Arc::new(Push { command: Command::JoinGroupNotify.code(), body: body.into(), delivery: None });
         self.push_everywhere(RelayTarget::Group(group.to_string()), &push, None);
         Outcome::none()
+    }
+
+    /// Takes `user` out of `group` (cmd 106, the admin API) and tells the other members with
+    /// J-IM's exit notice. Returns false if they were not a member. Their sessions at every node
+    /// stop receiving the group as the removal arrives there.
+    pub async fn leave_group(&self, group: &str, user: &str, nick: Option<String>) -> Result<bool, store::StoreError> {
+        if !self.store.set_member(group, user, false).await? {
+            return Ok(false);
+        }
+        if !self.announces(group) {
+            return Ok(true);
+        }
+        let view = UserView { avatar: None, nick, status: status_name(self.hub.is_online_anywhere(user)), user_id: user.to_string() };
+        let push = Arc::new(Push { command: Command::ExitGroupNotify.code(), body: jim::exit_notify(group, &view).into(), delivery: None });
+        self.push_everywhere(RelayTarget::Group(group.to_string()), &push, None);
+        Ok(true)
     }
 
     /// Whether joins and exits in `group` are announced to its members: not in groups with more
@@ -438,8 +462,8 @@ impl Core {
     /// Sends a chat message and returns the cmd 12 reply body. Shared by every transport and by
     /// the HTTP APIs.
     pub async fn send_chat(&self, sender: &Sender<'_>, chat: ChatReq) -> Vec<u8> {
-        let member = match (&chat.target, sender.groups) {
-            (Target::Group(g), None) => match self.store.is_member(g, sender.id).await {
+        let member = match (&chat.target, sender.in_hub) {
+            (Target::Group(g), false) => match self.store.is_member(g, sender.id).await {
                 Ok(member) => Some(member),
                 Err(_) => return jim::status_reply(Command::ChatResp, Status::Retryable),
             },
@@ -453,16 +477,15 @@ impl Core {
 
     /// Checks a chat and hands it to the store; the returned future, which owns everything it
     /// needs, resolves to the cmd 12 reply body once the message is committed and pushed. A
-    /// session keeps several in flight. `member` answers the group check when `sender.groups`
-    /// cannot.
+    /// session keeps several in flight. `member` answers the group check for a sender the hub
+    /// does not know.
     pub fn prepare_chat(&self, sender: &Sender<'_>, chat: ChatReq, member: Option<bool>) -> Result<PendingChat, Vec<u8>> {
         let fail = |status| jim::status_reply(Command::ChatResp, status);
         let (conversation, recipient, group_id, chat_type) = match &chat.target {
             Target::User(to) => (ConversationId::private(sender.id, to), Some(to.clone()), None, 2),
             Target::Group(g) => {
-                // The session's groups, or one joined since at another node (the hub learns it
-                // from the mesh).
-                let member = sender.groups.map(|groups| groups.contains(g) || self.hub.in_group(sender.id, g)).or(member).unwrap_or(false);
+                // The hub follows joins and removals here and at the other nodes.
+                let member = if sender.in_hub { self.hub.in_group(sender.id, g) } else { member.unwrap_or(false) };
                 if !member {
                     return Err(fail(Status::Forbidden));
                 }
@@ -520,13 +543,7 @@ impl Core {
         if !s.bucket.take(Instant::now()) {
             return Err(jim::status_reply(Command::ChatResp, Status::RateLimited));
         }
-        let sender = Sender {
-            id: &user.id,
-            nick: user.nick.clone(),
-            avatar: user.avatar.clone(),
-            groups: Some(&user.groups),
-            conn: Some(s.conn.id),
-        };
+        let sender = Sender { id: &user.id, nick: user.nick.clone(), avatar: user.avatar.clone(), in_hub: true, conn: Some(s.conn.id) };
         self.prepare_chat(&sender, chat, None)
     }
 
@@ -565,7 +582,7 @@ impl Core {
     async fn check_target(&self, user: &UserCtx, target: &Target) -> Result<ConversationId, Status> {
         match target {
             Target::User(peer) => Ok(ConversationId::private(&user.id, peer)),
-            Target::Group(g) if user.groups.contains(g) || self.hub.in_group(&user.id, g) => Ok(ConversationId::group(g)),
+            Target::Group(g) if self.hub.in_group(&user.id, g) => Ok(ConversationId::group(g)),
             Target::Group(_) => Err(Status::Forbidden),
         }
     }
@@ -683,9 +700,7 @@ impl Core {
             return fail();
         }
         let conversation = match (&q.group, &q.peer) {
-            (Some(g), _) if !me.groups.contains(g) && !self.hub.in_group(&me.id, g) => {
-                return Outcome::status(Command::GetMessageResp, Status::Forbidden)
-            }
+            (Some(g), _) if !self.hub.in_group(&me.id, g) => return Outcome::status(Command::GetMessageResp, Status::Forbidden),
             (Some(g), _) => Some(ConversationId::group(g)),
             (None, Some(peer)) => Some(ConversationId::private(&me.id, peer)),
             (None, None) => None,
@@ -800,6 +815,7 @@ fn reply_command(req: &Request) -> Command {
         Request::Receipt { read: true, .. } => Command::ReadReceipt,
         Request::Receipt { read: false, .. } => Command::DeliveryReceipt,
         Request::Sync { .. } => Command::SyncResp,
+        Request::LeaveGroup { .. } => Command::LeaveGroupResp,
     }
 }
 

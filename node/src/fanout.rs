@@ -45,6 +45,8 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
                     core.deliver_local(&message, None);
                 }
             }
+            Committed::Membership { group, user, member: true } => core.hub.join(&user, &group),
+            Committed::Membership { group, user, member: false } => core.hub.leave(&user, &group),
             Committed::SignedOut(user) => drop(core.hub.kick_user(&user, schema::Status::SignedOut)),
             // The requester's dispatcher tells the members, skipping the requesting connection,
             // which gets the reply instead.

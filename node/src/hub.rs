@@ -405,6 +405,21 @@ impl Hub {
         }
     }
 
+    /// Takes `group` from an online user's groups (they left or were removed): pushes to the
+    /// group no longer reach them here.
+    pub fn leave(&self, user: &str, group: &str) {
+        let mut inner = self.lock();
+        if let Some(members) = inner.groups.get_mut(group) {
+            members.remove(user);
+            if members.is_empty() {
+                inner.groups.remove(group);
+            }
+        }
+        if let Some(entry) = inner.users.get_mut(user) {
+            entry.groups.remove(group);
+        }
+    }
+
     /// Unbinds a connection. Returns the user's groups if it was their last connection here.
     pub fn unregister(&self, user: &str, conn_id: u64) -> Option<WentOffline> {
         let mut inner = self.lock();

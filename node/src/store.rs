@@ -91,6 +91,16 @@ pub enum Committed {
     /// A user's tokens were revoked (password changed, banned, deleted, logged out), here or at
     /// another node: their sessions here end.
     SignedOut(String),
+    /// A user joined or left a group (here or at another node): the hub follows, so a removed
+    /// member stops receiving at once.
+    Membership {
+        /// The group.
+        group: String,
+        /// The user.
+        user: String,
+        /// Whether they are a member now.
+        member: bool,
+    },
     /// A message was recalled.
     Recall {
         /// What was recalled.
@@ -148,6 +158,19 @@ enum WriteOp {
         reply: oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>>,
     },
     EditUser(String, UserEdit, oneshot::Sender<Result<Option<UserRecord>>>),
+    CreateGroup {
+        group: String,
+        name: Option<String>,
+        closed: bool,
+        members: Vec<String>,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    SetMember {
+        group: String,
+        user: String,
+        member: bool,
+        reply: oneshot::Sender<Result<bool>>,
+    },
     Join {
         group: String,
         name: Option<String>,
@@ -226,6 +249,7 @@ impl Store {
             committed_rev: rev,
             pending_changes: Vec::new(),
             signed_out: Vec::new(),
+            memberships: Vec::new(),
             changes: changes.clone(),
             head: Arc::clone(&head),
             conn: writer_conn,
@@ -371,6 +395,22 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Creates a group from the admin API with its access rule and first members. Returns false
+    /// (and changes nothing) if the group exists.
+    pub async fn create_group(&self, group: &str, name: Option<String>, closed: bool, members: Vec<String>) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::CreateGroup { group: group.to_string(), name, closed, members, reply: tx }).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Adds `user` to, or removes them from, an existing group. Returns whether anything changed
+    /// (false: already so, or no such group).
+    pub async fn set_member(&self, group: &str, user: &str, member: bool) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::SetMember { group: group.to_string(), user: user.to_string(), member, reply: tx }).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Reserves a place in the write queue, so that what is then written through the permit is
     /// queued at once, in the order the permits are used (the mesh's replica decides what to push
     /// and queues the same rows under one lock, so pushes and stores agree).
@@ -437,14 +477,35 @@ impl Store {
             out.push((row.get(0)?, Change::User(user_from_row(&row, 1)?)));
         }
         drop(rows);
-        let mut rows = conn.query("SELECT rev, group_id, name FROM groups WHERE rev > ?1 AND rev <= ?2", params![lo, hi]).await?;
+        let mut rows = conn
+            .query("SELECT rev, group_id, name, access, updated_at, updated_by FROM groups WHERE rev > ?1 AND rev <= ?2", params![lo, hi])
+            .await?;
         while let Some(row) = rows.next().await? {
-            out.push((row.get(0)?, Change::Group { group_id: row.get(1)?, name: row.get(2)? }));
+            let change = Change::Group {
+                group_id: row.get(1)?,
+                name: row.get(2)?,
+                access: row.get(3)?,
+                updated_at: row.get(4)?,
+                updated_by: row.get(5)?,
+            };
+            out.push((row.get(0)?, change));
         }
         drop(rows);
-        let mut rows = conn.query("SELECT rev, group_id, user_id FROM group_members WHERE rev > ?1 AND rev <= ?2", params![lo, hi]).await?;
+        let mut rows = conn
+            .query(
+                "SELECT rev, group_id, user_id, removed, changed_at, changed_by FROM group_members WHERE rev > ?1 AND rev <= ?2",
+                params![lo, hi],
+            )
+            .await?;
         while let Some(row) = rows.next().await? {
-            out.push((row.get(0)?, Change::Member { group_id: row.get(1)?, user_id: row.get(2)? }));
+            let change = Change::Member {
+                group_id: row.get(1)?,
+                user_id: row.get(2)?,
+                removed: row.get::<i64>(3)? != 0,
+                changed_at: row.get(4)?,
+                changed_by: row.get(5)?,
+            };
+            out.push((row.get(0)?, change));
         }
         drop(rows);
         let sql = format!("SELECT {MSG_COLS}, m.rev FROM messages m WHERE m.rev > ?1 AND m.rev <= ?2");
@@ -554,7 +615,11 @@ impl Store {
     pub async fn user_groups(&self, user_id: &str) -> Result<Vec<(String, Option<String>)>> {
         let conn = self.reader().await;
         let mut rows = conn
-            .query("SELECT g.group_id, g.name FROM group_members m JOIN groups g ON g.group_id = m.group_id WHERE m.user_id = ?1 ORDER BY g.group_id", params![user_id])
+            .query(
+                "SELECT g.group_id, g.name FROM group_members m JOIN groups g ON g.group_id = m.group_id \
+                 WHERE m.user_id = ?1 AND m.removed = 0 ORDER BY g.group_id",
+                params![user_id],
+            )
             .await?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().await? {
@@ -565,10 +630,18 @@ impl Store {
 
     /// A group's name, if the group exists.
     pub async fn group(&self, group_id: &str) -> Result<Option<Option<String>>> {
+        Ok(self.group_info(group_id).await?.map(|g| g.name))
+    }
+
+    /// A group's name and access rule, if the group exists.
+    pub async fn group_info(&self, group_id: &str) -> Result<Option<GroupInfo>> {
         let conn = self.reader().await;
-        let mut rows = conn.query("SELECT name FROM groups WHERE group_id = ?1", params![group_id]).await?;
+        let mut rows = conn.query("SELECT name, access FROM groups WHERE group_id = ?1", params![group_id]).await?;
         match rows.next().await? {
-            Some(row) => Ok(Some(row.get(0)?)),
+            Some(row) => {
+                let access: String = row.get(1)?;
+                Ok(Some(GroupInfo { name: row.get(0)?, closed: access == "closed" }))
+            }
             None => Ok(None),
         }
     }
@@ -578,7 +651,8 @@ impl Store {
         let conn = self.reader().await;
         let mut rows = conn
             .query(
-                "SELECT m.user_id, u.nick, u.avatar FROM group_members m LEFT JOIN users u ON u.user_id = m.user_id WHERE m.group_id = ?1 ORDER BY m.user_id",
+                "SELECT m.user_id, u.nick, u.avatar FROM group_members m LEFT JOIN users u ON u.user_id = m.user_id \
+                 WHERE m.group_id = ?1 AND m.removed = 0 ORDER BY m.user_id",
                 params![group_id],
             )
             .await?;
@@ -592,7 +666,9 @@ impl Store {
     /// Whether `user` is a member of `group`.
     pub async fn is_member(&self, group_id: &str, user_id: &str) -> Result<bool> {
         let conn = self.reader().await;
-        let mut rows = conn.query("SELECT 1 FROM group_members WHERE group_id = ?1 AND user_id = ?2", params![group_id, user_id]).await?;
+        let mut rows = conn
+            .query("SELECT 1 FROM group_members WHERE group_id = ?1 AND user_id = ?2 AND removed = 0", params![group_id, user_id])
+            .await?;
         Ok(rows.next().await?.is_some())
     }
 
@@ -621,7 +697,10 @@ impl Store {
         let conn = self.reader().await;
         let sql = format!(
             "SELECT {MSG_COLS} FROM cursors c JOIN messages m ON m.conversation = c.conversation AND m.seq > c.delivered \
-             WHERE c.user_id = ?1 AND m.sender != ?1 AND (?2 IS NULL OR c.conversation = ?2) ORDER BY m.conversation, m.seq LIMIT ?3"
+             WHERE c.user_id = ?1 AND m.sender != ?1 AND (?2 IS NULL OR c.conversation = ?2) \
+             AND (c.conversation NOT LIKE 'g:%' OR EXISTS (SELECT 1 FROM group_members gm \
+                  WHERE gm.group_id = substr(c.conversation, 3) AND gm.user_id = ?1 AND gm.removed = 0)) \
+             ORDER BY m.conversation, m.seq LIMIT ?3"
         );
         let only = only.map(|c| c.as_str().to_string());
         let rows = conn.query(&sql, params![user_id, only, limit]).await?;
@@ -712,6 +791,15 @@ fn user_from_row(row: &libsql::Row, at: i32) -> Result<UserRecord> {
         updated_at: row.get(at + 8)?,
         updated_by: row.get(at + 9)?,
     })
+}
+
+/// A group's definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Name.
+    pub name: Option<String>,
+    /// Members only (joined through the admin API), instead of open to any J-IM join.
+    pub closed: bool,
 }
 
 /// How a user row changes ([`Store::edit_user`]).
@@ -848,6 +936,8 @@ struct Writer {
     pending_changes: Vec<(bool, Change)>,
     /// Users whose tokens the open transaction revoked ([`Committed::SignedOut`] after commit).
     signed_out: Vec<String>,
+    /// Memberships the open transaction changed: (group, user, member now).
+    memberships: Vec<(String, String, bool)>,
     /// The live tail of committed changes.
     changes: broadcast::Sender<Arc<LocalBatch>>,
     /// `committed_rev`, for readers.
@@ -939,10 +1029,14 @@ impl Writer {
                 Ok(done) => {
                     self.metrics.commit(started.elapsed(), ops);
                     self.publish_changes();
-                    let signed_out = std::mem::take(&mut self.signed_out);
+                    let signed_out = std::mem::take(&mut self.signed_out).into_iter().map(Committed::SignedOut);
+                    let memberships = std::mem::take(&mut self.memberships)
+                        .into_iter()
+                        .map(|(group, user, member)| Committed::Membership { group, user, member });
+                    let events: Vec<Committed> = memberships.chain(signed_out).collect();
                     self.publish(done).await;
-                    for user in signed_out {
-                        if self.feed.send(Committed::SignedOut(user)).await.is_err() {
+                    for event in events {
+                        if self.feed.send(event).await.is_err() {
                             break;
                         }
                     }
@@ -954,6 +1048,7 @@ impl Writer {
                     self.rev = self.committed_rev;
                     self.pending_changes.clear();
                     self.signed_out.clear();
+                    self.memberships.clear();
                     for op in batch.drain(..) {
                         fail(op);
                     }
@@ -1018,6 +1113,8 @@ impl Writer {
                 (WriteOp::Recall { reply, .. }, Done::Recall(_, slot)) => *slot = reply,
                 (WriteOp::EditUser(_, _, reply), Done::User(_, slot)) => *slot = reply,
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
+                (WriteOp::CreateGroup { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
+                (WriteOp::SetMember { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Cursor { reply: Some(reply), .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Import(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Apply(_, _, reply), Done::Replicas(_, slot)) => *slot = reply,
@@ -1065,15 +1162,28 @@ impl Writer {
                 }
                 Done::Flag(true, oneshot::channel().0)
             }
+            WriteOp::CreateGroup { group, name, closed, members, .. } => {
+                if self.group_exists(group).await? {
+                    return Ok(Done::Flag(false, oneshot::channel().0));
+                }
+                let access = if *closed { "closed" } else { "open" };
+                let version = (now_ms(), self.origin.clone());
+                self.put_group(group, name.clone(), access, version, true).await?;
+                for user in members {
+                    self.join_here(group, user).await?;
+                }
+                Done::Flag(true, oneshot::channel().0)
+            }
+            WriteOp::SetMember { group, user, member, .. } => {
+                if !self.group_exists(group).await? {
+                    return Ok(Done::Flag(false, oneshot::channel().0));
+                }
+                let changed = if *member { self.join_here(group, user).await? } else { self.remove_member(group, user).await? };
+                Done::Flag(changed, oneshot::channel().0)
+            }
             WriteOp::Join { group, name, user, .. } => {
                 self.insert_group(group, name.clone(), true).await?;
-                let added = self.insert_member(group, user, true).await?;
-                if added {
-                    let conv = ConversationId::group(group);
-                    let newest = self.newest_seq(&conv).await?;
-                    self.upsert_cursor(user, &conv, newest, newest, true).await?;
-                }
-                Done::Flag(added, oneshot::channel().0)
+                Done::Flag(self.join_here(group, user).await?, oneshot::channel().0)
             }
             WriteOp::ForgetPeer(peer, _) => {
                 let n = self.exec("DELETE FROM mesh_peers WHERE peer = ?1", params![peer.as_str()]).await?;
@@ -1112,8 +1222,12 @@ impl Writer {
                 let current = self.read_user(&u.user_id).await?;
                 self.put_user(current.as_ref(), u.clone(), false).await?;
             }
-            Change::Group { group_id, name } => self.insert_group(group_id, name.clone(), false).await?,
-            Change::Member { group_id, user_id } => drop(self.insert_member(group_id, user_id, false).await?),
+            Change::Group { group_id, name, access, updated_at, updated_by } => {
+                self.put_group(group_id, name.clone(), access, (*updated_at, updated_by.clone()), false).await?;
+            }
+            Change::Member { group_id, user_id, removed, changed_at, changed_by } => {
+                self.put_member(group_id, user_id, !removed, (*changed_at, changed_by.clone()), false).await?;
+            }
             Change::Cursor { user_id, conversation, delivered, read } => {
                 self.upsert_cursor(user_id, conversation, *delivered, *read, false).await?;
             }
@@ -1203,28 +1317,122 @@ impl Writer {
         Ok(Some(merged))
     }
 
+    /// Makes an open group with version 0 unless it exists (a J-IM join, a default group).
     async fn insert_group(&mut self, group: &str, name: Option<String>, local: bool) -> Result<()> {
-        let n = self
-            .write_row("INSERT OR IGNORE INTO groups (group_id, name, created_at, rev) VALUES (?1, ?2, ?3, ?4)", |rev| {
-                params![group, name.clone(), now_ms(), rev]
-            })
-            .await?;
-        if n > 0 {
-            self.pending_changes.push((local, Change::Group { group_id: group.to_string(), name }));
+        if !self.group_exists(group).await? {
+            self.put_group(group, name, "open", (0, String::new()), local).await?;
         }
         Ok(())
     }
 
-    async fn insert_member(&mut self, group: &str, user: &str, local: bool) -> Result<bool> {
+    async fn group_exists(&mut self, group: &str) -> Result<bool> {
+        let mut rows = self.conn.query("SELECT 1 FROM groups WHERE group_id = ?1", params![group]).await?;
+        Ok(rows.next().await?.is_some())
+    }
+
+    /// Writes a group's definition if its version is newer than the stored one (or there is none).
+    async fn put_group(&mut self, group: &str, name: Option<String>, access: &str, version: (i64, String), local: bool) -> Result<()> {
+        let mut rows = self.conn.query("SELECT updated_at, updated_by FROM groups WHERE group_id = ?1", params![group]).await?;
+        let current: Option<(i64, String)> = match rows.next().await? {
+            Some(row) => Some((row.get(0)?, row.get(1)?)),
+            None => None,
+        };
+        drop(rows);
+        if current.as_ref().is_some_and(|c| version <= *c) {
+            return Ok(());
+        }
+        let access = if access == "closed" { "closed" } else { "open" };
         let n = self
-            .write_row("INSERT OR IGNORE INTO group_members (group_id, user_id, joined_at, rev) VALUES (?1, ?2, ?3, ?4)", |rev| {
-                params![group, user, now_ms(), rev]
-            })
+            .write_row(
+                "INSERT INTO groups (group_id, name, created_at, access, updated_at, updated_by, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                 ON CONFLICT (group_id) DO UPDATE SET name = excluded.name, access = excluded.access, \
+                 updated_at = excluded.updated_at, updated_by = excluded.updated_by, rev = excluded.rev",
+                |rev| params![group, name.clone(), now_ms(), access, version.0, version.1.as_str(), rev],
+            )
             .await?;
         if n > 0 {
-            self.pending_changes.push((local, Change::Member { group_id: group.to_string(), user_id: user.to_string() }));
+            let change = Change::Group {
+                group_id: group.to_string(),
+                name,
+                access: access.to_string(),
+                updated_at: version.0,
+                updated_by: version.1,
+            };
+            self.pending_changes.push((local, change));
         }
-        Ok(n > 0)
+        Ok(())
+    }
+
+    /// A membership's state (member or not) and version, if it was ever written.
+    async fn read_member(&mut self, group: &str, user: &str) -> Result<Option<(bool, (i64, String))>> {
+        let mut rows = self
+            .conn
+            .query("SELECT removed, changed_at, changed_by FROM group_members WHERE group_id = ?1 AND user_id = ?2", params![group, user])
+            .await?;
+        let Some(row) = rows.next().await? else { return Ok(None) };
+        Ok(Some((row.get::<i64>(0)? == 0, (row.get(1)?, row.get(2)?))))
+    }
+
+    /// Adds a member here (a join or the admin API). Returns whether they were not one before.
+    /// A new member's offline cursor starts at the group's newest message.
+    async fn join_here(&mut self, group: &str, user: &str) -> Result<bool> {
+        let added = self.change_member_here(group, user, true).await?;
+        if added {
+            let conv = ConversationId::group(group);
+            let newest = self.newest_seq(&conv).await?;
+            self.upsert_cursor(user, &conv, newest, newest, true).await?;
+        }
+        Ok(added)
+    }
+
+    /// Removes a member here. Returns whether they were one.
+    async fn remove_member(&mut self, group: &str, user: &str) -> Result<bool> {
+        self.change_member_here(group, user, false).await
+    }
+
+    /// A membership change made at this node, with a version above the stored one.
+    async fn change_member_here(&mut self, group: &str, user: &str, member: bool) -> Result<bool> {
+        let current = self.read_member(group, user).await?;
+        let is_member = current.as_ref().is_some_and(|(m, _)| *m);
+        if is_member == member {
+            return Ok(false);
+        }
+        let after = current.map_or(0, |(_, (at, _))| at + 1);
+        self.put_member(group, user, member, (now_ms().max(after), self.origin.clone()), true).await
+    }
+
+    /// Writes a membership if its version is newer than the stored one (a version-0 join, from
+    /// before versions, only when there is none), and tells the fan-out when it changed state.
+    /// Returns whether it changed state.
+    async fn put_member(&mut self, group: &str, user: &str, member: bool, version: (i64, String), local: bool) -> Result<bool> {
+        let current = self.read_member(group, user).await?;
+        if current.as_ref().is_some_and(|(_, v)| version <= *v) {
+            return Ok(false);
+        }
+        let n = self
+            .write_row(
+                "INSERT INTO group_members (group_id, user_id, joined_at, removed, changed_at, changed_by, rev) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (group_id, user_id) DO UPDATE SET removed = excluded.removed, \
+                 changed_at = excluded.changed_at, changed_by = excluded.changed_by, rev = excluded.rev",
+                |rev| params![group, user, now_ms(), i64::from(!member), version.0, version.1.as_str(), rev],
+            )
+            .await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let change = Change::Member {
+            group_id: group.to_string(),
+            user_id: user.to_string(),
+            removed: !member,
+            changed_at: version.0,
+            changed_by: version.1,
+        };
+        self.pending_changes.push((local, change));
+        let was = current.is_some_and(|(m, _)| m);
+        if was != member {
+            self.memberships.push((group.to_string(), user.to_string(), member));
+        }
+        Ok(was != member)
     }
 
     async fn upsert_cursor(&mut self, user: &str, conversation: &ConversationId, delivered: u64, read: u64, local: bool) -> Result<()> {
@@ -1409,9 +1617,12 @@ fn fail(op: WriteOp) {
     match op {
         WriteOp::Append(_, _, reply) => drop(reply.send(Err(retry()))),
         WriteOp::EditUser(_, _, reply) => drop(reply.send(Err(retry()))),
-        WriteOp::Join { reply, .. } | WriteOp::Import(_, reply) | WriteOp::Apply(_, _, reply) | WriteOp::ForgetPeer(_, reply) => {
-            drop(reply.send(Err(retry())))
-        }
+        WriteOp::Join { reply, .. }
+        | WriteOp::CreateGroup { reply, .. }
+        | WriteOp::SetMember { reply, .. }
+        | WriteOp::Import(_, reply)
+        | WriteOp::Apply(_, _, reply)
+        | WriteOp::ForgetPeer(_, reply) => drop(reply.send(Err(retry()))),
         WriteOp::Cursor { reply: Some(reply), .. } => drop(reply.send(Err(retry()))),
         WriteOp::Recall { .. } | WriteOp::Cursor { reply: None, .. } => {}
     }

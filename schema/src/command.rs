@@ -59,11 +59,15 @@ pub enum Command {
     SyncReq = 104,
     /// kefu: reply to [`Command::SyncReq`].
     SyncResp = 105,
+    /// kefu: leave a group `{"groupId"}`; the other members get J-IM's exit notice (cmd 10).
+    LeaveGroupReq = 106,
+    /// kefu: reply to [`Command::LeaveGroupReq`].
+    LeaveGroupResp = 107,
 }
 
 impl Command {
     /// Every known command, in code order.
-    pub const ALL: [Command; 27] = [
+    pub const ALL: [Command; 29] = [
         Command::Unknown,
         Command::HandshakeReq,
         Command::HandshakeResp,
@@ -91,6 +95,8 @@ impl Command {
         Command::ReadReceipt,
         Command::SyncReq,
         Command::SyncResp,
+        Command::LeaveGroupReq,
+        Command::LeaveGroupResp,
     ];
 
     /// The command with this code, if it is one we know.

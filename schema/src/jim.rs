@@ -81,6 +81,11 @@ pub enum Request {
         /// true for a read receipt (103), false for a delivery receipt (102).
         read: bool,
     },
+    /// cmd 106.
+    LeaveGroup {
+        /// The group to leave.
+        group_id: String,
+    },
     /// cmd 104.
     Sync {
         /// Which conversation.
@@ -259,6 +264,7 @@ pub fn parse_request(cmd: Option<Command>, body: &[u8]) -> Result<Request, Reque
             after: f.int(&["seq"]).map_err(bad)?.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
             limit: f.uint(&["count"]).map_err(bad)?.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
         },
+        Command::LeaveGroupReq => Request::LeaveGroup { group_id: f.id(&["groupId", "group"]).map_err(bad)?.ok_or(fail)? },
         _ => return Err(unknown),
     };
     Ok(req)
@@ -280,6 +286,7 @@ fn failure_for(cmd: Command) -> Option<RequestError> {
         Command::TypingStart | Command::TypingStop => (cmd, Status::BadRequest),
         Command::DeliveryReceipt | Command::ReadReceipt => (cmd, Status::BadRequest),
         Command::SyncReq => (Command::SyncResp, Status::BadRequest),
+        Command::LeaveGroupReq => (Command::LeaveGroupResp, Status::BadRequest),
         _ => return None,
     };
     Some(RequestError::new(command, status))

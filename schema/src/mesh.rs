@@ -162,6 +162,18 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
+}
+
+fn open() -> String {
+    "open".to_string()
+}
+
+fn is_open(access: &str) -> bool {
+    access == "open"
+}
+
 /// A slice of a node's change stream. Every row a node writes gets the next revision of that
 /// node; a subscriber that applied a batch has everything up to `upto`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,19 +199,38 @@ pub enum Change {
     Message(StoredMessage),
     /// A user.
     User(UserRecord),
-    /// A group.
+    /// A group. Last writer wins by (`updated_at`, `updated_by`); a group made by a J-IM join
+    /// has version 0, so a definition from the admin API replaces it.
     Group {
         /// Group id.
         group_id: String,
         /// Name.
         name: Option<String>,
+        /// `open` (anyone may join, J-IM's behaviour) or `closed` (members only).
+        #[serde(default = "open", skip_serializing_if = "is_open")]
+        access: String,
+        /// Version: epoch ms of the change.
+        #[serde(default, skip_serializing_if = "is_zero_i64")]
+        updated_at: i64,
+        /// Version: the node that made the change (ties).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        updated_by: String,
     },
-    /// A group membership.
+    /// A group membership, or its removal. Last writer wins by (`changed_at`, `changed_by`).
     Member {
         /// Group id.
         group_id: String,
         /// Member.
         user_id: String,
+        /// The user left or was removed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        removed: bool,
+        /// Version: epoch ms of the change (0: a join from before versions, insert-once).
+        #[serde(default, skip_serializing_if = "is_zero_i64")]
+        changed_at: i64,
+        /// Version: the node that made the change (ties).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        changed_by: String,
     },
     /// A user's cursors in a conversation.
     Cursor {
@@ -288,7 +319,9 @@ mod tests {
             at_ms: 1,
             changes: vec![
                 Change::Cursor { user_id: "u".into(), conversation: ConversationId::group("g"), delivered: 2, read: 1 },
-                Change::Member { group_id: "g".into(), user_id: "u".into() },
+                Change::Member { group_id: "g".into(), user_id: "u".into(), removed: false, changed_at: 0, changed_by: String::new() },
+                Change::Member { group_id: "g".into(), user_id: "v".into(), removed: true, changed_at: 5, changed_by: "iad-1".into() },
+                Change::Group { group_id: "g".into(), name: None, access: "closed".into(), updated_at: 5, updated_by: "iad-1".into() },
             ],
         });
         assert_eq!(decode(&encode(&batch)[4..]).unwrap(), batch);

@@ -52,7 +52,9 @@ async fn v1_api_matches_its_openapi_document() -> anyhow::Result<()> {
         "/v1/users/{user}/ban",
         "/v1/users/{user}/unban",
         "/v1/users/{user}/logout",
+        "/v1/groups",
         "/v1/groups/{group}",
+        "/v1/groups/{group}/members/{user}",
         "/v1/presence",
         "/v1/presence/{user}",
     ] {

@@ -11,6 +11,7 @@ mod chaos;
 mod cluster;
 mod durability;
 mod extensions;
+mod groups;
 mod http_api;
 mod interop;
 mod jim_tcp;

@@ -909,7 +909,7 @@ async fn subscribe(
                 for change in &batch.changes {
                     // A user online here who joined a group at another node gets its messages
                     // here too from now on.
-                    if let schema::mesh::Change::Member { group_id, user_id } = change {
+                    if let schema::mesh::Change::Member { group_id, user_id, removed: false, .. } = change {
                         local.hub.join(user_id, group_id);
                     }
                 }

@@ -173,7 +173,7 @@ mod tests {
         assert!(ships_live(true, &change, "fra-1"));
         assert!(!ships_live(true, &change, "iad-1"));
         assert!(!ships_live(false, &change, "fra-1"));
-        let cursor = Change::Member { group_id: "g".into(), user_id: "u".into() };
+        let cursor = Change::Member { group_id: "g".into(), user_id: "u".into(), removed: false, changed_at: 0, changed_by: String::new() };
         assert!(ships_live(true, &cursor, "iad-1"));
         assert!(!ships_live(false, &cursor, "iad-1"));
     }

@@ -48,7 +48,9 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/users/{user}/ban", post(v1_ban))
         .route("/v1/users/{user}/unban", post(v1_unban))
         .route("/v1/users/{user}/logout", post(v1_logout))
+        .route("/v1/groups", post(v1_create_group))
         .route("/v1/groups/{group}", get(v1_group))
+        .route("/v1/groups/{group}/members/{user}", axum::routing::put(v1_add_member).delete(v1_remove_member))
         .route("/v1/presence", get(v1_presence_all))
         .route("/v1/presence/{user}", get(v1_presence))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&core), require_key));
@@ -173,7 +175,7 @@ async fn send_from_api(core: &Core, body: &[u8]) -> (Status, Vec<u8>) {
         Ok(None) => (None, None),
         Err(_) => return (Status::Retryable, jim::status_reply(Command::ChatResp, Status::Retryable)),
     };
-    let sender = Sender { id: &from, nick, avatar, groups: None, conn: None };
+    let sender = Sender { id: &from, nick, avatar, in_hub: false, conn: None };
     let reply = core.send_chat(&sender, chat).await;
     let status = serde_json::from_slice::<Value>(&reply)
         .ok()
@@ -282,14 +284,12 @@ fn account_reply(result: Result<crate::store::UserRecord, AccountError>, ok: Sta
         Err(AccountError::Invalid(_)) => (StatusCode::BAD_REQUEST, Status::BadRequest),
         Err(AccountError::Store(_)) => (StatusCode::SERVICE_UNAVAILABLE, Status::Retryable),
     };
-    let error = result.err().map(|e| e.to_string());
-    (http, json_body(&json!({ "code": status.code(), "msg": status.msg(), "error": error }))).into_response()
+    error_reply(http, status, result.err().map(|e| e.to_string()).unwrap_or_default())
 }
 
 /// A JSON body that did not parse: 400 with what was wrong.
 fn bad_json(e: axum::extract::rejection::JsonRejection) -> Response {
-    let status = Status::BadRequest;
-    (StatusCode::BAD_REQUEST, json_body(&json!({ "code": status.code(), "msg": status.msg(), "error": e.body_text() }))).into_response()
+    error_reply(StatusCode::BAD_REQUEST, Status::BadRequest, e.body_text())
 }
 
 /// `POST /v1/users` with `{"id","password","nick"?,"avatar"?,"role"?}`: 201, or 409 if the id exists.
@@ -350,16 +350,93 @@ async fn v1_logout(State(core): State<Arc<Core>>, Path(user): Path<String>) -> R
 }
 
 async fn v1_group(State(core): State<Arc<Core>>, Path(group): Path<String>) -> Response {
-    let (info, members) = match (core.store.group(&group).await, core.store.group_members(&group).await) {
+    let (info, members) = match (core.store.group_info(&group).await, core.store.group_members(&group).await) {
         (Ok(i), Ok(m)) => (i, m),
         _ => return (StatusCode::SERVICE_UNAVAILABLE, code_only(Status::Retryable)).into_response(),
     };
-    let Some(name) = info else { return (StatusCode::NOT_FOUND, code_only(Status::NotFound)).into_response() };
+    let Some(info) = info else { return (StatusCode::NOT_FOUND, code_only(Status::NotFound)).into_response() };
     let members: Vec<Value> = members
         .into_iter()
         .map(|(id, nick, _)| json!({ "userId": id, "nick": nick, "online": core.hub.is_online_anywhere(&id) }))
         .collect();
-    json_body(&json!({ "groupId": group, "name": name, "members": members }))
+    let access = if info.closed { "closed" } else { "open" };
+    json_body(&json!({ "groupId": group, "name": info.name, "access": access, "members": members }))
+}
+
+/// An error answer: HTTP status, kefu code and message, and what was wrong.
+fn error_reply(http: StatusCode, status: Status, error: impl std::fmt::Display) -> Response {
+    (http, json_body(&json!({ "code": status.code(), "msg": status.msg(), "error": error.to_string() }))).into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGroup {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    access: Option<String>,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+/// `POST /v1/groups` with `{"id","name"?,"access"?:"open"|"closed","members"?:[…]}`.
+async fn v1_create_group(State(core): State<Arc<Core>>, body: Result<Json<NewGroup>, axum::extract::rejection::JsonRejection>) -> Response {
+    let new = match body {
+        Ok(Json(new)) => new,
+        Err(e) => return bad_json(e),
+    };
+    let closed = match new.access.as_deref().unwrap_or("open") {
+        "open" => false,
+        "closed" => true,
+        other => return error_reply(StatusCode::BAD_REQUEST, Status::BadRequest, format!("access {other:?}: open or closed")),
+    };
+    if let Some(bad) = std::iter::once(&new.id).chain(&new.members).find(|id| !jim::valid_id(id)) {
+        return error_reply(
+            StatusCode::BAD_REQUEST,
+            Status::BadRequest,
+            format!("id {bad:?}: 1 to 64 characters, without ':' or control characters"),
+        );
+    }
+    match core.store.create_group(&new.id, new.name.clone(), closed, new.members.clone()).await {
+        Ok(true) => {
+            let access = if closed { "closed" } else { "open" };
+            (StatusCode::CREATED, json_body(&json!({ "groupId": new.id, "name": new.name, "access": access, "members": new.members })))
+                .into_response()
+        }
+        Ok(false) => error_reply(StatusCode::CONFLICT, Status::Exists, format!("group {} exists", new.id)),
+        Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, Status::Retryable, e),
+    }
+}
+
+/// `PUT /v1/groups/{group}/members/{user}`: 204 (also when already a member), 404 without the group.
+async fn v1_add_member(State(core): State<Arc<Core>>, Path((group, user)): Path<(String, String)>) -> Response {
+    if !jim::valid_id(&user) {
+        return error_reply(StatusCode::BAD_REQUEST, Status::BadRequest, format!("user id {user:?}"));
+    }
+    match core.store.group_info(&group).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return error_reply(StatusCode::NOT_FOUND, Status::NotFound, format!("no group {group}")),
+        Err(e) => return error_reply(StatusCode::SERVICE_UNAVAILABLE, Status::Retryable, e),
+    }
+    match core.store.set_member(&group, &user, true).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, Status::Retryable, e),
+    }
+}
+
+/// `DELETE /v1/groups/{group}/members/{user}`: removes the member at once on every node and sends
+/// the exit notice to the others; 404 if they were not a member.
+async fn v1_remove_member(State(core): State<Arc<Core>>, Path((group, user)): Path<(String, String)>) -> Response {
+    let nick = match core.store.user(&user).await {
+        Ok(record) => record.and_then(|r| r.nick),
+        Err(e) => return error_reply(StatusCode::SERVICE_UNAVAILABLE, Status::Retryable, e),
+    };
+    match core.leave_group(&group, &user, nick).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error_reply(StatusCode::NOT_FOUND, Status::NotFound, format!("{user} is not a member of {group}")),
+        Err(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, Status::Retryable, e),
+    }
 }
 
 async fn v1_presence_all(State(core): State<Arc<Core>>) -> Response {
