@@ -72,6 +72,9 @@ pub enum AccountError {
     /// Storage failed; retry.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    /// Password hashing is busy (a login storm); retry.
+    #[error("password hashing is busy; retry")]
+    Busy,
 }
 
 /// What account changes need: the store, and how to hash new passwords.
@@ -80,8 +83,8 @@ pub struct Accounts<'a> {
     pub store: &'a Store,
     /// Cost of new hashes.
     pub cost: HashCost,
-    /// Bounds concurrent hashing (the node's login pool), when there is one.
-    pub hashing: Option<&'a tokio::sync::Semaphore>,
+    /// Where hashing runs (the node's login pool).
+    pub passwords: &'a auth::PasswordPool,
 }
 
 /// Which way a user's access changes.
@@ -170,15 +173,11 @@ impl Accounts<'_> {
         if password.is_empty() || password.len() > MAX_PASSWORD {
             return Err(AccountError::Invalid(format!("the password must be 1 to {MAX_PASSWORD} bytes")));
         }
-        let _permit = match self.hashing {
-            Some(pool) => Some(pool.acquire().await.map_err(|_| StoreError::Closed)?),
-            None => None,
-        };
-        let (password, cost) = (password.to_string(), self.cost);
-        tokio::task::spawn_blocking(move || auth::hash_password(&password, cost))
-            .await
-            .map_err(|_| StoreError::Closed)?
-            .map_err(|e| AccountError::Invalid(e.to_string()))
+        match self.passwords.hash(password, self.cost).await {
+            Ok(hash) => hash.map_err(|e| AccountError::Invalid(e.to_string())),
+            Err(auth::PoolError::Busy) => Err(AccountError::Busy),
+            Err(auth::PoolError::Stopped) => Err(AccountError::Store(StoreError::Closed)),
+        }
     }
 }
 

@@ -17,7 +17,8 @@ pub fn router(core: Arc<Core>) -> Router {
 }
 
 async fn readyz(State(core): State<Arc<Core>>) -> impl IntoResponse {
-    if core.may_sequence() {
+    // A stopping node still commits what its sessions already sent, but takes no new clients.
+    if core.may_sequence() && !core.hub.is_draining() {
         (StatusCode::OK, "ready\n")
     } else if core.mesh.as_ref().is_some_and(|m| !m.agrees()) {
         (StatusCode::SERVICE_UNAVAILABLE, "a peer has another node list\n")

@@ -85,6 +85,26 @@ pub struct Flags {
     /// Burst allowance above msg_rate.
     #[arg(long, env = "KEFU_MSG_BURST")]
     pub msg_burst: Option<u32>,
+    /// History (cmd 19), user (cmd 17) and sync (cmd 104) requests allowed per second on one
+    /// connection.
+    #[arg(long, env = "KEFU_READ_RATE")]
+    pub read_rate: Option<u32>,
+    /// Burst allowance above read_rate.
+    #[arg(long, env = "KEFU_READ_BURST")]
+    pub read_burst: Option<u32>,
+    /// Largest `count` of a history page (cmd 19, sync, `/v1/.../messages`); larger asks get this.
+    #[arg(long, env = "KEFU_HISTORY_MAX")]
+    pub history_max: Option<u32>,
+    /// Largest `offset` of a history request (deep offsets scan the whole conversation).
+    #[arg(long, env = "KEFU_HISTORY_MAX_OFFSET")]
+    pub history_max_offset: Option<u32>,
+    /// HTTP API requests allowed per second per client IP, and per API key (0: no limit).
+    #[arg(long, env = "KEFU_API_RATE")]
+    pub api_rate: Option<u32>,
+    /// Concurrent connections allowed from one IP address on the client ports (0: no limit;
+    /// default 1000 in prod, none in dev).
+    #[arg(long, env = "KEFU_MAX_CONNS_PER_IP")]
+    pub max_conns_per_ip: Option<usize>,
     /// Failed logins allowed per client IP per minute before logins from it are refused.
     #[arg(long, env = "KEFU_LOGIN_FAILURES_PER_MINUTE")]
     pub login_failures_per_minute: Option<u32>,
@@ -134,6 +154,14 @@ pub struct Flags {
     /// Groups with more online members than this get no join/exit notices (cmd 9/10).
     #[arg(long, env = "KEFU_PRESENCE_NOTICE_LIMIT")]
     pub presence_notice_limit: Option<usize>,
+    /// Seconds a stopping node (SIGTERM) gives its sessions to finish the sends they have in
+    /// flight before it exits.
+    #[arg(long, env = "KEFU_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<u64>,
+    /// Password logins waiting for the hashing pool (one thread per core) before further ones
+    /// are answered busy (11015).
+    #[arg(long, env = "KEFU_LOGIN_QUEUE")]
+    pub login_queue: Option<usize>,
     /// Memory of new argon2id password hashes, KiB (default 19456, OWASP's recommendation).
     #[arg(long, env = "KEFU_ARGON2_MEMORY_KIB")]
     pub argon2_memory_kib: Option<u32>,
@@ -163,6 +191,12 @@ struct FileSettings {
     allow_dev_public: Option<bool>,
     msg_rate: Option<u32>,
     msg_burst: Option<u32>,
+    read_rate: Option<u32>,
+    read_burst: Option<u32>,
+    history_max: Option<u32>,
+    history_max_offset: Option<u32>,
+    api_rate: Option<u32>,
+    max_conns_per_ip: Option<usize>,
     login_failures_per_minute: Option<u32>,
     recall_window: Option<u64>,
     default_groups: Option<Vec<String>>,
@@ -179,6 +213,8 @@ struct FileSettings {
     forward_timeout_ms: Option<u64>,
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
+    login_queue: Option<usize>,
+    drain_timeout: Option<u64>,
     presence_notice_limit: Option<usize>,
 }
 
@@ -233,6 +269,18 @@ pub struct Config {
     pub msg_rate: u32,
     /// Per-connection burst.
     pub msg_burst: u32,
+    /// Per-connection read request rate.
+    pub read_rate: u32,
+    /// Per-connection read burst.
+    pub read_burst: u32,
+    /// Largest history page.
+    pub history_max: u32,
+    /// Largest history offset.
+    pub history_max_offset: u32,
+    /// HTTP API requests per second per IP and per key; 0 = off.
+    pub api_rate: u32,
+    /// Concurrent connections per client IP; 0 = off.
+    pub max_conns_per_ip: usize,
     /// Failed logins per IP per minute.
     pub login_failures_per_minute: u32,
     /// Recall window.
@@ -263,6 +311,10 @@ pub struct Config {
     pub forward_timeout: Duration,
     /// Cost of new password hashes.
     pub password_hash_cost: crate::auth::HashCost,
+    /// Password logins queued for the hashing pool before more are answered busy.
+    pub login_queue: usize,
+    /// How long a stopping node drains.
+    pub drain_timeout: Duration,
     /// Largest online group that still gets join/exit notices.
     pub presence_notice_limit: usize,
 }
@@ -314,6 +366,15 @@ impl Config {
             },
             msg_rate: flags.msg_rate.or(file.msg_rate).unwrap_or(200).max(1),
             msg_burst: flags.msg_burst.or(file.msg_burst).unwrap_or(400).max(1),
+            read_rate: flags.read_rate.or(file.read_rate).unwrap_or(20).max(1),
+            read_burst: flags.read_burst.or(file.read_burst).unwrap_or(40).max(1),
+            history_max: flags.history_max.or(file.history_max).unwrap_or(100).clamp(1, schema::jim::MAX_PAGE),
+            history_max_offset: flags.history_max_offset.or(file.history_max_offset).unwrap_or(10_000),
+            api_rate: flags.api_rate.or(file.api_rate).unwrap_or(200),
+            max_conns_per_ip: flags.max_conns_per_ip.or(file.max_conns_per_ip).unwrap_or(match profile {
+                Profile::Dev => 0,
+                Profile::Prod => 1000,
+            }),
             login_failures_per_minute: flags.login_failures_per_minute.or(file.login_failures_per_minute).unwrap_or(10),
             recall_window: Duration::from_secs(flags.recall_window.or(file.recall_window).unwrap_or(120)),
             default_groups,
@@ -334,6 +395,8 @@ impl Config {
             peer_down_after: Duration::from_secs_f64(flags.peer_down_after.or(file.peer_down_after).unwrap_or(3.0).clamp(0.5, 3600.0)),
             forward_timeout: Duration::from_millis(flags.forward_timeout_ms.or(file.forward_timeout_ms).unwrap_or(3000).max(1)),
             presence_notice_limit: flags.presence_notice_limit.or(file.presence_notice_limit).unwrap_or(500),
+            login_queue: flags.login_queue.or(file.login_queue).unwrap_or(256).max(1),
+            drain_timeout: Duration::from_secs(flags.drain_timeout.or(file.drain_timeout).unwrap_or(10).max(1)),
             password_hash_cost: crate::auth::HashCost {
                 memory_kib: flags.argon2_memory_kib.or(file.argon2_memory_kib).unwrap_or(crate::auth::HashCost::default().memory_kib),
                 passes: flags.argon2_passes.or(file.argon2_passes).unwrap_or(crate::auth::HashCost::default().passes),

@@ -18,6 +18,7 @@ use crate::auth::{self, LoginThrottle, Tokens};
 use crate::cluster::Cluster;
 use crate::config::{Config, Profile};
 use crate::hub::{Conn, Hub, Push, SharedPush};
+use crate::limits::TokenBucket;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::store::{self, NewMessage, RecallRefusal, Store, StoredMessage, UserRecord};
@@ -39,9 +40,17 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// Set once the node accepts connections (with peers: once caught up, by the mesh).
     pub ready: Arc<AtomicBool>,
-    /// Password hashing runs on blocking threads, at most one per core at a time: a login storm
-    /// queues here instead of spawning hundreds of threads (and their memory).
-    pub hashing: tokio::sync::Semaphore,
+    /// Password hashing and checking: a fixed pool (one thread per core, memory reused) behind a
+    /// bounded queue; past it, logins are answered busy (11015).
+    pub passwords: auth::PasswordPool,
+    /// Recent successful password checks: a reconnect with the same password costs a MAC.
+    pub logins: auth::LoginCache,
+    /// Concurrent connections per client IP.
+    pub conns: crate::limits::ConnLimit,
+    /// HTTP API requests per client IP, of callers without the API key.
+    pub api_per_ip: crate::limits::KeyedBuckets<std::net::IpAddr>,
+    /// HTTP API requests with the API key (ten times the per-IP rate: one key serves a fleet).
+    pub api_per_key: crate::limits::KeyedBuckets<String>,
     /// The TLS certificate (reloaded on SIGHUP, renewed when self-signed).
     pub certs: Arc<crate::tls::CertStore>,
     /// The rest of the cluster, as the dispatcher sees it (the mesh, or a node on its own).
@@ -89,6 +98,8 @@ pub struct SessionState {
     /// follows it once the messages before `live_floor` were read).
     pub live_high: HashMap<ConversationId, u64>,
     bucket: TokenBucket,
+    /// History, user and sync lookups: reads cost the node more than a chat.
+    reads: TokenBucket,
 }
 
 impl SessionState {
@@ -101,6 +112,7 @@ impl SessionState {
             live_floor: HashMap::new(),
             live_high: HashMap::new(),
             bucket: TokenBucket::new(core.config.msg_rate, core.config.msg_burst),
+            reads: TokenBucket::new(core.config.read_rate, core.config.read_burst),
         }
     }
 }
@@ -201,6 +213,10 @@ impl Core {
         if limited && !s.bucket.take(Instant::now()) {
             return Outcome::status(reply_command(&req), Status::RateLimited);
         }
+        let read = matches!(req, Request::GetMessage(_) | Request::GetUser { .. } | Request::Sync { .. });
+        if read && !s.reads.take(Instant::now()) {
+            return Outcome::status(reply_command(&req), Status::RateLimited);
+        }
         match req {
             Request::Chat(chat) => match self.begin_chat(s, chat) {
                 Ok(pending) => Outcome::reply(Command::ChatResp, pending.await),
@@ -218,12 +234,13 @@ impl Core {
             Request::Close { user_id } => match user_id {
                 Some(other) if other != user.id && user.role != "admin" => Outcome::status(Command::CloseReq, Status::Forbidden),
                 Some(other) if other != user.id => {
-                    self.hub.kick_user(&other, Status::CloseOk);
+                    self.kick_everywhere(&other);
                     Outcome::status(Command::CloseReq, Status::CloseOk)
                 }
                 Some(_) => {
-                    // Every connection of this user, including this one, which closes below.
-                    self.hub.kick_user(&user.id, Status::CloseOk);
+                    // Every connection of this user, on every node, including this one, which
+                    // closes below.
+                    self.kick_everywhere(&user.id);
                     Outcome::status(Command::CloseReq, Status::CloseOk).closing()
                 }
                 None => Outcome::status(Command::CloseReq, Status::CloseOk).closing(),
@@ -262,6 +279,7 @@ impl Core {
                     Err(status) => return Outcome::status(Command::SyncResp, status),
                 };
                 self.fill_gaps(&user.id, Some(&conv), after).await;
+                let limit = limit.min(self.config.history_max);
                 match self.store.since(&conv, after, limit + 1).await {
                     Ok(mut messages) => {
                         let more = messages.len() > limit as usize;
@@ -302,7 +320,8 @@ impl Core {
                 // J-IM closes the connection after a failed login.
                 return Outcome::status(command, fail_status).closing();
             }
-            Err(e) => return self.retryable(command, e),
+            Err(LoginError::Busy) => return Outcome::status(command, Status::Busy),
+            Err(LoginError::Store(e)) => return self.retryable(command, e),
         };
         if let Some(current) = &s.user {
             let status = if current.id == record.user_id { ok_status } else { fail_status };
@@ -345,7 +364,7 @@ impl Core {
 
     /// The user the credentials name, `None` if they are wrong. The dev profile registers an
     /// unknown user with the given password.
-    async fn authenticate(&self, req: &LoginReq) -> Result<Option<UserRecord>, store::StoreError> {
+    async fn authenticate(&self, req: &LoginReq) -> Result<Option<UserRecord>, LoginError> {
         if let Some(token) = &req.token {
             let Some(claims) = self.tokens.verify(token, SystemTime::now()) else { return Ok(None) };
             if req.user_id.as_ref().is_some_and(|u| *u != claims.user) {
@@ -362,21 +381,17 @@ impl Core {
             if record.banned {
                 return Ok(None);
             }
-            let _permit = self.hashing.acquire().await;
-            return Ok(verify(password, &record.password_hash).await.then_some(record));
+            return Ok(self.check_password(user_id, password, &record.password_hash).await?.then_some(record));
         }
         if self.config.profile == Profile::Prod {
             return Ok(None);
         }
-        let permit = self.hashing.acquire().await;
-        let password_hash = match hash(password, self.config.password_hash_cost).await {
-            Some(hash) => hash,
-            None => return Ok(None),
-        };
-        drop(permit);
+        let Ok(password_hash) = self.passwords.hash(password, self.config.password_hash_cost).await? else { return Ok(None) };
         let nick = Some(req.nick.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| user_id.clone()));
         let record = UserRecord::new(user_id, password_hash, nick, None, "user");
         if self.store.create_user(record.clone(), false).await? {
+            // The next login with this password is a MAC, like any checked one.
+            self.logins.remember(user_id, password, &record.password_hash, Instant::now());
             for g in &self.config.default_groups {
                 self.store.join_group(g, Some(g.clone()), user_id).await?;
             }
@@ -384,11 +399,24 @@ impl Core {
             return Ok(Some(record));
         }
         // Someone registered the same id at the same moment: check against theirs.
-        let _permit = self.hashing.acquire().await;
         match self.store.user(user_id).await? {
-            Some(existing) if verify(password, &existing.password_hash).await => Ok(Some(existing)),
+            Some(existing) if self.check_password(user_id, password, &existing.password_hash).await? => Ok(Some(existing)),
             _ => Ok(None),
         }
+    }
+
+    /// Checks a password against a stored hash: a MAC if this check succeeded within the token
+    /// lifetime, else argon2 on the pool (and remembered when it succeeds).
+    async fn check_password(&self, user: &str, password: &str, stored_hash: &str) -> Result<bool, LoginError> {
+        let now = Instant::now();
+        if self.logins.knows(user, password, stored_hash, now) {
+            return Ok(true);
+        }
+        let ok = self.passwords.verify(password, stored_hash).await?;
+        if ok {
+            self.logins.remember(user, password, stored_hash, now);
+        }
+        Ok(ok)
     }
 
     // -- groups --------------------------------------------------------------------------------
@@ -594,6 +622,15 @@ impl Core {
         }
     }
 
+    /// Closes every session of `user` on every node (cmd 14 as admin, `/api/user/close`); best
+    /// effort at nodes this one cannot reach. Returns how many closed here.
+    pub fn kick_everywhere(&self, user: &str) -> usize {
+        let here = self.hub.kick_user(user, Status::CloseOk);
+        let close = jim::status_reply(Command::CloseReq, Status::CloseOk);
+        self.cluster.relay(RelayTarget::User(user.to_string()), Command::CloseReq.code(), &close);
+        here
+    }
+
     /// Pushes a frame to the matching connections here (except connection `skip`) and relays it
     /// to every other node, which pushes it to its own.
     pub fn push_everywhere(&self, to: RelayTarget, push: &SharedPush, skip: Option<u64>) {
@@ -705,10 +742,15 @@ impl Core {
             (None, Some(peer)) => Some(ConversationId::private(&me.id, peer)),
             (None, None) => None,
         };
+        if q.offset > self.config.history_max_offset {
+            // J-IM's code for invalid request parameters: a deep offset scans the conversation.
+            return Outcome::status(Command::GetMessageResp, Status::InvalidVerification);
+        }
         self.fill_gaps(&me.id, conversation.as_ref(), 0).await;
         let result = if q.history {
             let Some(conv) = &conversation else { return fail() };
-            self.store.history(conv, q.begin, q.end, q.offset, q.count.unwrap_or(jim::DEFAULT_PAGE)).await
+            let count = q.count.unwrap_or(jim::DEFAULT_PAGE).min(self.config.history_max);
+            self.store.history(conv, q.begin, q.end, q.offset, count).await
         } else {
             self.store.offline(&me.id, conversation.as_ref(), q.count.unwrap_or(jim::MAX_PAGE)).await
         };
@@ -819,38 +861,25 @@ fn reply_command(req: &Request) -> Command {
     }
 }
 
-async fn verify(password: &str, hash: &str) -> bool {
-    let (password, hash) = (password.to_string(), hash.to_string());
-    tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash)).await.unwrap_or(false)
+/// Why a login could not be decided.
+enum LoginError {
+    /// Storage failed: retryable.
+    Store(store::StoreError),
+    /// The password pool's queue is full: busy, retry.
+    Busy,
 }
 
-async fn hash(password: &str, cost: auth::HashCost) -> Option<String> {
-    let password = password.to_string();
-    tokio::task::spawn_blocking(move || auth::hash_password(&password, cost).ok()).await.ok().flatten()
-}
-
-/// A token bucket: `rate` per second, up to `burst` saved.
-struct TokenBucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> TokenBucket {
-        TokenBucket { tokens: f64::from(burst), rate: f64::from(rate), burst: f64::from(burst), last: Instant::now() }
+impl From<store::StoreError> for LoginError {
+    fn from(e: store::StoreError) -> LoginError {
+        LoginError::Store(e)
     }
+}
 
-    fn take(&mut self, now: Instant) -> bool {
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+impl From<auth::PoolError> for LoginError {
+    fn from(e: auth::PoolError) -> LoginError {
+        match e {
+            auth::PoolError::Busy => LoginError::Busy,
+            auth::PoolError::Stopped => LoginError::Store(store::StoreError::Closed),
         }
     }
 }

@@ -134,6 +134,8 @@ pub struct Hub {
     /// Exits: notices held back, and what other nodes said lately of users going offline.
     exits: Mutex<Exits>,
     track: std::sync::atomic::AtomicBool,
+    /// Set once the node is stopping ([`Hub::drain_all`]).
+    draining: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -200,6 +202,7 @@ impl Hub {
             dirty: Mutex::default(),
             exits: Mutex::default(),
             track: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             metrics,
         }
@@ -563,6 +566,23 @@ impl Hub {
             c.close(status);
         }
         conns.len()
+    }
+
+    /// The node is stopping: closes every connection; sessions carry out what their clients
+    /// already sent before they close ([`Hub::is_draining`]).
+    pub fn drain_all(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.kick_all(Status::CloseOk);
+    }
+
+    /// Whether the node is stopping.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Logged-in connections here.
+    pub fn connection_count(&self) -> usize {
+        self.lock().users.values().map(|e| e.conns.len()).sum()
     }
 
     /// Closes every connection (shutdown).

@@ -15,6 +15,7 @@ pub mod config;
 pub mod dispatch;
 pub mod fanout;
 pub mod hub;
+pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod session;
@@ -55,6 +56,7 @@ pub struct NodeHandle {
     pub mesh_addr: Option<SocketAddr>,
     core: Arc<Core>,
     shutdown: CancellationToken,
+    accepting: CancellationToken,
     tasks: TaskTracker,
     /// Held while the node runs: one process per data dir.
     _data_lock: std::fs::File,
@@ -88,6 +90,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         tracing::info!(peers = config.peers.len(), dns = %name, "peers found in DNS");
     }
     let tokens = auth::tokens_for(&config).context("loading the token key")?;
+    let hash_threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let hub = Arc::new(Hub::new(Arc::clone(&metrics)));
     let ready = Arc::new(AtomicBool::new(false));
     let local = Arc::new(mesh::Local {
@@ -100,13 +103,17 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     let mesh = mesh::Mesh::bind(&config, local).context("starting the mesh")?;
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),
+        passwords: auth::PasswordPool::new(hash_threads, config.login_queue),
+        logins: auth::LoginCache::new(config.token_ttl, 1_000_000),
+        conns: limits::ConnLimit::new(config.max_conns_per_ip),
+        api_per_ip: limits::KeyedBuckets::new(config.api_rate),
+        api_per_key: limits::KeyedBuckets::new(config.api_rate.saturating_mul(10)),
         hub,
         config,
         store,
         tokens,
         metrics,
         ready,
-        hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         certs: Arc::clone(&certs),
         cluster: match &mesh {
             Some(mesh) => Arc::new(Arc::clone(mesh)),
@@ -115,6 +122,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         mesh: mesh.clone(),
     });
     let shutdown = CancellationToken::new();
+    // Cancelled first on SIGTERM: no new connections while the open ones drain.
+    let accepting = shutdown.child_token();
     let tasks = TaskTracker::new();
     tasks.spawn(fanout::run(Arc::clone(&core), feed, shutdown.clone()));
     let handle = NodeHandle {
@@ -128,13 +137,22 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         },
         core: Arc::clone(&core),
         shutdown: shutdown.clone(),
+        accepting: accepting.clone(),
         tasks: tasks.clone(),
         _data_lock: data_lock,
     };
-    tasks.spawn(transport::tls::serve_tls(Arc::clone(&core), tls_listener, Arc::clone(&certs), shutdown.clone(), tasks.clone()));
-    tasks.spawn(transport::quic::serve_quic(Arc::clone(&core), quic, shutdown.clone(), tasks.clone()));
+    let certs_for_tls = Arc::clone(&certs);
+    tasks.spawn(transport::tls::serve_tls(
+        Arc::clone(&core),
+        tls_listener,
+        certs_for_tls,
+        accepting.clone(),
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+    tasks.spawn(transport::quic::serve_quic(Arc::clone(&core), quic, accepting.clone(), shutdown.clone(), tasks.clone()));
     tasks.spawn(Arc::clone(&certs).renew_loop(Duration::from_secs(3600), shutdown.clone()));
-    tasks.spawn(transport::serve_jim(Arc::clone(&core), jim, shutdown.clone(), tasks.clone()));
+    tasks.spawn(transport::serve_jim(Arc::clone(&core), jim, accepting.clone(), shutdown.clone(), tasks.clone()));
     let admin_router = admin::router(Arc::clone(&core));
     let admin_shutdown = shutdown.clone();
     tasks.spawn(async move {
@@ -175,14 +193,36 @@ impl NodeHandle {
         &self.core
     }
 
-    /// Closes every connection, stops accepting, and waits (up to 5 s) for the tasks to end.
+    /// Stops gracefully, within the drain timeout: stops accepting (and says not ready), lets
+    /// every session finish the sends it has in flight and send their replies, then the close
+    /// frame (J-IM's cmd 14), says goodbye to the peers (who count this node down at once), and
+    /// waits for the tasks; the store's writer commits what it was given before it stops.
     pub async fn shutdown(self) {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.core.config.drain_timeout;
+        // Not ready from here on (/readyz), but still sequencing: what the sessions already sent
+        // is committed and acknowledged.
+        self.accepting.cancel();
+        self.core.hub.drain_all();
+        // Sessions end once their in-flight sends are answered; leave the last second of the
+        // budget for the rest.
+        let sessions_by = deadline.checked_sub(Duration::from_secs(1)).unwrap_or(deadline).max(started);
+        while self.core.hub.connection_count() > 0 && tokio::time::Instant::now() < sessions_by {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.core.hub.connection_count();
+        if left > 0 {
+            tracing::warn!(left, "sessions still open at the drain timeout; closing them");
+        }
         self.core.ready.store(false, Ordering::Release);
-        self.core.hub.kick_all(schema::Status::CloseOk);
+        if let Some(mesh) = &self.core.mesh {
+            mesh.goodbye(Duration::from_millis(500)).await;
+        }
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await.is_err() {
-            tracing::warn!("some connections did not finish within 5 s of shutdown");
+        let rest = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));
+        if tokio::time::timeout(rest, self.tasks.wait()).await.is_err() {
+            tracing::warn!("some tasks did not finish within the drain timeout");
         }
     }
 }

@@ -151,6 +151,20 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             if matches!(event, Event::Push(_) | Event::Inbound(_)) {
                 idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
             }
+            if matches!(event, Event::Kicked) && self.core.hub.is_draining() {
+                // The node is stopping: what the client has already sent is still carried out
+                // (and answered) before the close frame, so nothing it sent is left unread.
+                while let Some(Some(item)) = inbound.next().now_or_never() {
+                    if self.inflight.len() >= MAX_INFLIGHT {
+                        if let Some(end) = Box::pin(self.drain_inflight()).await {
+                            return end;
+                        }
+                    }
+                    if let Some(end) = Box::pin(self.on_event(Event::Inbound(Some(item)))).await {
+                        return end;
+                    }
+                }
+            }
             if let Some(end) = Box::pin(self.on_event(event)).await {
                 return end;
             }
@@ -161,6 +175,11 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
         match event {
             Event::Kicked => {
                 let status = self.state.conn.reason.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(Status::CloseOk);
+                // Sends already taken are answered first (a node stopping, a user kicked): each
+                // is committed and acknowledged, or answered retryable.
+                if let Some(end) = Box::pin(self.drain_inflight()).await {
+                    return Some(end);
+                }
                 // The frame is best effort: a slow consumer may not take it.
                 self.close_with(Command::CloseReq, status).await;
                 Some(End::Kicked(status))

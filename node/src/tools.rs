@@ -166,7 +166,8 @@ async fn users(command: UserCommand, config: Config) -> anyhow::Result<()> {
         Store::open(&config.data_dir, &config.node_id, Arc::new(Metrics::default())).await.context("opening the database")?;
     // Nothing here delivers messages: the commit feed is not needed.
     drop(feed);
-    let accounts = Accounts { store: &store, cost: config.password_hash_cost, hashing: None };
+    let passwords = crate::auth::PasswordPool::new(1, 1);
+    let accounts = Accounts { store: &store, cost: config.password_hash_cost, passwords: &passwords };
     let result = match command {
         UserCommand::Add { id, role, nick, password } => {
             let password = password_or_stdin(password)?;

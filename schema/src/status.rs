@@ -77,11 +77,13 @@ pub enum Status {
     SignedOut,
     /// 11014 kefu: what the request would create exists already.
     Exists,
+    /// 11015 kefu: the node is busy (a login storm); retry the same request a little later.
+    Busy,
 }
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 36] = [
+    pub const ALL: [Status; 37] = [
         Status::Ok,
         Status::Offline,
         Status::SendFailed,
@@ -118,6 +120,7 @@ impl Status {
         Status::BadRequest,
         Status::SignedOut,
         Status::Exists,
+        Status::Busy,
     ];
 
     /// The numeric code.
@@ -159,6 +162,7 @@ impl Status {
             Status::BadRequest => 11012,
             Status::SignedOut => 11013,
             Status::Exists => 11014,
+            Status::Busy => 11015,
         }
     }
 
@@ -201,6 +205,7 @@ impl Status {
             Status::BadRequest => "bad request 请求格式不正确",
             Status::SignedOut => "signed out 已在所有设备退出登录",
             Status::Exists => "already exists 已存在",
+            Status::Busy => "busy, retry 服务繁忙,请稍后重试",
         }
     }
 
@@ -211,7 +216,7 @@ impl Status {
 
     /// Whether a client may retry the same request unchanged and expect it to succeed later.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Status::Retryable | Status::RateLimited | Status::LoginThrottled)
+        matches!(self, Status::Retryable | Status::RateLimited | Status::LoginThrottled | Status::Busy)
     }
 }
 

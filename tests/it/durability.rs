@@ -60,9 +60,18 @@ async fn acknowledged_messages_survive_sigkill() -> anyhow::Result<()> {
         by_conv.entry(conv).or_default().push((id, seq));
     }
     for (conv, expected) in by_conv {
-        let url = format!("{}/v1/conversations/{conv}/messages?after=0&limit=1000", n.http());
-        let history: Value = http.get(url).send().await?.json().await?;
-        let messages = history["messages"].as_array().cloned().unwrap_or_default();
+        // Pages of at most 100 (the default history cap).
+        let mut messages: Vec<Value> = Vec::new();
+        loop {
+            let after = messages.last().and_then(|m| m["seq"].as_u64()).unwrap_or(0);
+            let url = format!("{}/v1/conversations/{conv}/messages?after={after}&limit=100", n.http());
+            let page: Value = http.get(url).send().await?.json().await?;
+            let page = page["messages"].as_array().cloned().unwrap_or_default();
+            if page.is_empty() {
+                break;
+            }
+            messages.extend(page);
+        }
         let seqs: Vec<u64> = messages.iter().map(|m| m["seq"].as_u64().unwrap_or(0)).collect();
         let want: Vec<u64> = (1..=seqs.len() as u64).collect();
         assert_eq!(seqs, want, "{conv}: one gap-free seq order, no duplicates");

@@ -238,6 +238,8 @@ impl Cluster {
             .arg("--node-id", &self.nodes[i].id)
             .arg("--region", &self.nodes[i].region)
             .arg("--mesh-addr", "127.0.0.1:0")
+            // The harness reads every node's history through the API many times a second.
+            .arg("--api-rate", "0")
             .arg("--cluster-ca", self.ca.path().join("ca.pem").display());
         for (j, other) in self.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
             let relay = &self.relays[&(i, j)];

@@ -144,6 +144,13 @@ impl TestNode {
         Ok(status.success())
     }
 
+    /// Waits up to `within` for the process to exit on its own (after a signal sent elsewhere);
+    /// returns whether it exited with success.
+    pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<bool> {
+        let status = tokio::time::timeout(within, self.child.wait()).await??;
+        Ok(status.success())
+    }
+
     /// Resident set size of the node process, in KiB, from /proc.
     pub fn rss_kib(&self) -> Option<u64> {
         rss_kib(self.child.id()?)

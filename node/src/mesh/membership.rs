@@ -93,6 +93,15 @@ impl Membership {
         out
     }
 
+    /// `peer` said goodbye (it is stopping): down now, without waiting for its beats to stop.
+    pub fn left(&mut self, peer: &str) -> Option<Transition> {
+        let entry = self.peers.get_mut(peer)?;
+        let from = entry.state;
+        entry.state = PeerState::Down;
+        entry.last_heard = None;
+        (from != PeerState::Down).then(|| Transition { peer: peer.to_string(), from, to: PeerState::Down })
+    }
+
     /// A peer's state (`Down` for an unknown peer).
     pub fn state(&self, peer: &str) -> PeerState {
         self.peers.get(peer).map_or(PeerState::Down, |e| e.state)

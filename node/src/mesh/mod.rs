@@ -63,6 +63,8 @@ const COVER_PAGES: usize = 20;
 
 /// QUIC close code: the node lists differ.
 const CLOSE_LISTS_DIFFER: u32 = 2;
+/// QUIC close code of a node that is stopping: its peers count it down at once.
+const CLOSE_GOODBYE: u32 = 3;
 /// QUIC close code: the certificate names another node.
 const CLOSE_WRONG_NAME: u32 = 1;
 
@@ -508,6 +510,21 @@ impl Mesh {
         tx.is_some_and(|tx| tx.try_send(Arc::new(mesh::encode(msg))).is_ok())
     }
 
+    /// `peer` is down: its users are offline here, and the exit notices this node holds for them
+    /// go out.
+    fn went_down(&self, local: &Local, peer: &str) {
+        for (user, gone) in local.hub.drop_remote(&self.me.id, peer) {
+            self.announce_exit(local, &user, gone);
+        }
+    }
+
+    /// Says goodbye: closes every mesh connection with the goodbye code (peers count this node
+    /// down at once) and waits, up to `within`, for the close to reach them.
+    pub async fn goodbye(&self, within: Duration) {
+        self.endpoint.close(CLOSE_GOODBYE.into(), b"shutdown");
+        let _ = tokio::time::timeout(within, self.endpoint.wait_idle()).await;
+    }
+
     /// Queues this node's full presence for `peer`, in order with the deltas.
     async fn send_snapshot(&self, local: &Local, peer: &str) {
         let _order = self.presence.lock().await;
@@ -718,9 +735,7 @@ async fn timer_loop(local: Arc<Local>, mesh: Arc<Mesh>, shutdown: CancellationTo
         for t in transitions {
             tracing::warn!(peer = %t.peer, from = t.from.name(), to = t.to.name(), "mesh peer state changed");
             if t.to == PeerState::Down {
-                for (user, gone) in local.hub.drop_remote(&mesh.me.id, &t.peer) {
-                    mesh.announce_exit(&local, &user, gone);
-                }
+                mesh.went_down(&local, &t.peer);
             }
         }
         {
@@ -770,7 +785,7 @@ async fn dial_loop(local: Arc<Local>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown
                 tracing::info!(peer = %peer.spec.id, "mesh connected");
                 tokio::select! {
                     _ = shutdown.cancelled() => {
-                        conn.close(0u32.into(), b"shutdown");
+                        conn.close(CLOSE_GOODBYE.into(), b"shutdown");
                         return;
                     }
                     r = run_outbound(&local, &mesh, &peer, conn.clone(), &shutdown, &tasks) => {
@@ -782,6 +797,12 @@ async fn dial_loop(local: Arc<Local>, mesh: Arc<Mesh>, peer: Arc<Peer>, shutdown
                 if let Some(quinn::ConnectionError::ApplicationClosed(close)) = conn.close_reason() {
                     if close.error_code == quinn::VarInt::from_u32(CLOSE_LISTS_DIFFER) {
                         mesh.disagrees(&peer.spec.id, 0);
+                    }
+                    if close.error_code == quinn::VarInt::from_u32(CLOSE_GOODBYE) {
+                        tracing::info!(peer = %peer.spec.id, "mesh peer is stopping");
+                        if let Some(t) = mesh.lock_membership().left(&peer.spec.id) {
+                            mesh.went_down(&local, &t.peer);
+                        }
                     }
                 }
                 *peer.control.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -977,7 +998,7 @@ async fn accept_loop(local: Arc<Local>, mesh: Arc<Mesh>, shutdown: CancellationT
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled() => conn.close(0u32.into(), b"shutdown"),
+                _ = shutdown.cancelled() => conn.close(CLOSE_GOODBYE.into(), b"shutdown"),
                 _ = serve_inbound(local, mesh, conn.clone(), shutdown.clone(), inner) => {}
             }
         });
@@ -1078,6 +1099,11 @@ async fn read_control(
                 for (user, gone) in local.hub.remote_presence(&mesh.me.id, &peer, snapshot, &online, &offline, &announced) {
                     mesh.announce_exit(&local, &user, gone);
                 }
+            }
+            // A kick (cmd 14 as admin, /api/user/close) relayed as the close frame: the user's
+            // sessions here close with it.
+            V1::Relay { to: RelayTarget::User(u), command, .. } if command == schema::Command::CloseReq.code() => {
+                local.hub.kick_user(&u, schema::Status::CloseOk);
             }
             V1::Relay { to, command, body } => {
                 let push = Arc::new(Push { command, body: body.into_bytes().into(), delivery: None });

@@ -140,11 +140,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    if authorized(&core, req.headers()) {
-        next.run(req).await
-    } else {
-        unauthorized()
+    // A caller with the key is limited per key (a backend fleet shares one); anyone else per
+    // client IP, which also slows down guessing the key.
+    let now = std::time::Instant::now();
+    let allowed = match &core.config.api_key {
+        Some(key) if authorized(&core, req.headers()) => core.api_per_key.take(key, now),
+        _ => req.extensions().get::<Peer>().is_none_or(|Peer(peer)| core.api_per_ip.take(&peer.ip(), now)),
+    };
+    if !allowed {
+        return rate_limited();
     }
+    if !authorized(&core, req.headers()) {
+        return unauthorized();
+    }
+    next.run(req).await
+}
+
+fn rate_limited() -> Response {
+    (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")], code_only(Status::RateLimited)).into_response()
 }
 
 fn unauthorized() -> Response {
@@ -202,7 +215,7 @@ async fn api_close(State(core): State<Arc<Core>>, Query(q): Query<UserParam>) ->
     match q.userid.filter(|u| !u.is_empty()) {
         None => code_only(Status::InvalidVerification),
         Some(user) => {
-            core.hub.kick_user(&user, Status::CloseOk);
+            core.kick_everywhere(&user);
             code_only(Status::CloseOk)
         }
     }
@@ -244,7 +257,7 @@ async fn v1_history(State(core): State<Arc<Core>>, Path(conversation): Path<Stri
     let Some(conv) = ConversationId::parse(&conversation) else {
         return (StatusCode::BAD_REQUEST, code_only(Status::BadRequest)).into_response();
     };
-    let limit = p.limit.unwrap_or(jim::DEFAULT_PAGE).clamp(1, jim::MAX_PAGE);
+    let limit = p.limit.unwrap_or(jim::DEFAULT_PAGE).clamp(1, core.config.history_max);
     let result = match p.after {
         Some(after) => core.store.since(&conv, after, limit).await,
         None => core.store.history(&conv, None, None, 0, limit).await,
@@ -272,7 +285,7 @@ async fn v1_user(State(core): State<Arc<Core>>, Path(user): Path<String>) -> Res
 }
 
 fn accounts(core: &Core) -> Accounts<'_> {
-    Accounts { store: &core.store, cost: core.config.password_hash_cost, hashing: Some(&core.hashing) }
+    Accounts { store: &core.store, cost: core.config.password_hash_cost, passwords: &core.passwords }
 }
 
 /// An account change's answer: the user, or the error as HTTP status, kefu code and message.
@@ -283,6 +296,7 @@ fn account_reply(result: Result<crate::store::UserRecord, AccountError>, ok: Sta
         Err(AccountError::NotFound(_)) => (StatusCode::NOT_FOUND, Status::NotFound),
         Err(AccountError::Invalid(_)) => (StatusCode::BAD_REQUEST, Status::BadRequest),
         Err(AccountError::Store(_)) => (StatusCode::SERVICE_UNAVAILABLE, Status::Retryable),
+        Err(AccountError::Busy) => (StatusCode::SERVICE_UNAVAILABLE, Status::Busy),
     };
     error_reply(http, status, result.err().map(|e| e.to_string()).unwrap_or_default())
 }

@@ -27,14 +27,24 @@ use crate::dispatch::Core;
 /// How long a new connection may stay silent before its first byte.
 pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts on the J-IM port until `shutdown` is cancelled. Every connection task is tracked.
-pub async fn serve_jim(core: Arc<Core>, listener: TcpListener, shutdown: CancellationToken, tasks: TaskTracker) {
+/// Accepts on the J-IM port until `accepting` is cancelled; connections run until `shutdown` is.
+/// Every connection task is tracked.
+pub async fn serve_jim(
+    core: Arc<Core>,
+    listener: TcpListener,
+    accepting: CancellationToken,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     let router = http::router(Arc::clone(&core));
-    while let Some((stream, peer)) = accept(&listener, &shutdown).await {
+    while let Some((stream, peer)) = accept(&listener, &accepting).await {
+        // Over the per-IP cap the connection is closed at once (before any byte is read).
+        let Some(slot) = core.conns.admit(peer.ip()) else { continue };
         let core = Arc::clone(&core);
         let router = router.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = sniff(core, stream, peer, router) => {}

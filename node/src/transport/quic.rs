@@ -80,23 +80,36 @@ fn udp_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
 }
 
 /// Accepts QUIC connections until `shutdown`.
-pub async fn serve_quic(core: Arc<Core>, endpoint: quinn::Endpoint, shutdown: CancellationToken, tasks: TaskTracker) {
+pub async fn serve_quic(
+    core: Arc<Core>,
+    endpoint: quinn::Endpoint,
+    accepting: CancellationToken,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     loop {
         let incoming = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = accepting.cancelled() => break,
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => incoming,
                 None => break,
             },
         };
+        let Some(slot) = core.conns.admit(incoming.remote_address().ip()) else {
+            incoming.refuse();
+            continue;
+        };
         let (core, shutdown, inner_tasks) = (Arc::clone(&core), shutdown.clone(), tasks.clone());
         tasks.spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = Box::pin(connection(core, incoming, inner_tasks)) => {}
             }
         });
     }
+    // Sessions already open drain first; the endpoint closes with the rest of the node.
+    shutdown.cancelled().await;
     endpoint.close(0u32.into(), b"shutting down");
 }
 

@@ -22,12 +22,21 @@ use crate::tls::{CertStore, ALPN_KEFU_TCP};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts TLS connections until `shutdown`.
-pub async fn serve_tls(core: Arc<Core>, listener: TcpListener, certs: Arc<CertStore>, shutdown: CancellationToken, tasks: TaskTracker) {
+pub async fn serve_tls(
+    core: Arc<Core>,
+    listener: TcpListener,
+    certs: Arc<CertStore>,
+    accepting: CancellationToken,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     let acceptor = TlsAcceptor::from(Arc::new(certs.server_config(&[ALPN_KEFU_TCP, b"h2", b"http/1.1"])));
     let router = super::http::router(Arc::clone(&core));
-    while let Some((stream, peer)) = super::accept(&listener, &shutdown).await {
+    while let Some((stream, peer)) = super::accept(&listener, &accepting).await {
+        let Some(slot) = core.conns.admit(peer.ip()) else { continue };
         let (core, acceptor, router, shutdown) = (Arc::clone(&core), acceptor.clone(), router.clone(), shutdown.clone());
         tasks.spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = Box::pin(connection(core, acceptor, stream, peer, router)) => {}
