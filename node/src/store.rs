@@ -694,6 +694,10 @@ impl Store {
     /// Messages `user` has not had delivered, oldest first per conversation, at most `limit`;
     /// only in `only` when given. Excludes the user's own messages.
     pub async fn offline(&self, user_id: &str, only: Option<&ConversationId>, limit: u32) -> Result<Vec<StoredMessage>> {
+        off_the_workers(self.read_offline(user_id, only, limit)).await
+    }
+
+    async fn read_offline(&self, user_id: &str, only: Option<&ConversationId>, limit: u32) -> Result<Vec<StoredMessage>> {
         let conn = self.reader().await;
         let sql = format!(
             "SELECT {MSG_COLS} FROM cursors c JOIN messages m ON m.conversation = c.conversation AND m.seq > c.delivered \
@@ -711,6 +715,17 @@ impl Store {
     /// skipping `offset` from the newest end; with one: the oldest `count` in the range after
     /// `offset`. Always returned oldest first.
     pub async fn history(
+        &self,
+        conversation: &ConversationId,
+        begin: Option<i64>,
+        end: Option<i64>,
+        offset: u32,
+        count: u32,
+    ) -> Result<Vec<StoredMessage>> {
+        off_the_workers(self.read_history(conversation, begin, end, offset, count)).await
+    }
+
+    async fn read_history(
         &self,
         conversation: &ConversationId,
         begin: Option<i64>,
@@ -737,6 +752,10 @@ impl Store {
 
     /// Messages of a conversation with `seq > after`, oldest first, at most `limit`.
     pub async fn since(&self, conversation: &ConversationId, after: u64, limit: u32) -> Result<Vec<StoredMessage>> {
+        off_the_workers(self.read_since(conversation, after, limit)).await
+    }
+
+    async fn read_since(&self, conversation: &ConversationId, after: u64, limit: u32) -> Result<Vec<StoredMessage>> {
         let conn = self.reader().await;
         let sql = format!("SELECT {MSG_COLS} FROM messages m WHERE m.conversation = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3");
         let after = i64::try_from(after).unwrap_or(i64::MAX);
@@ -904,6 +923,19 @@ async fn migrate(conn: &Connection) -> Result<()> {
         tracing::info!(version = m.version, name = m.name, "applied migration");
     }
     Ok(())
+}
+
+/// Runs a read that may be slow (history, offline, sync: sized by the client) without holding up
+/// an async worker: libSQL runs a query on the calling thread, so a long scan would stall every
+/// task queued on that worker (heartbeats, pushes). On the multi-threaded runtime the worker's
+/// other tasks move to another thread while this one reads; elsewhere (unit tests) it just runs.
+async fn off_the_workers<F: std::future::Future>(read: F) -> F::Output {
+    let handle = tokio::runtime::Handle::current();
+    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| handle.block_on(read))
+    } else {
+        read.await
+    }
 }
 
 /// Wall-clock time in epoch milliseconds.
