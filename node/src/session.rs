@@ -100,6 +100,10 @@ struct Session<O> {
 
 type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (i32, Vec<u8>)> + Send>>;
 
+/// How long a session of a stopping node waits for more of what its client is sending before it
+/// closes.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
 /// Chats one connection may have waiting for their commit; beyond it the session stops reading.
 const MAX_INFLIGHT: usize = 64;
 
@@ -152,9 +156,11 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                 idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
             }
             if matches!(event, Event::Kicked) && self.core.hub.is_draining() {
-                // The node is stopping: what the client has already sent is still carried out
-                // (and answered) before the close frame, so nothing it sent is left unread.
-                while let Some(Some(item)) = inbound.next().now_or_never() {
+                // The node is stopping: what the client has already sent, and what it is still
+                // sending until it pauses for DRAIN_QUIET, is carried out (and answered) before
+                // the close frame, so nothing it sent is left unread. The node's drain timeout
+                // bounds a client that never pauses.
+                while let Ok(Some(item)) = tokio::time::timeout(DRAIN_QUIET, inbound.next()).await {
                     if self.inflight.len() >= MAX_INFLIGHT {
                         if let Some(end) = Box::pin(self.drain_inflight()).await {
                             return end;

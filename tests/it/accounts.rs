@@ -7,13 +7,21 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tests::cluster::Cluster;
-use tests::{eventually, Client, TestNode};
+use tests::{eventually, Client, TcpClient, TestNode};
 
 use crate::bin;
 
 /// Cheap hashes: these tests are about behaviour, and a debug build's argon2 at the default cost
 /// takes a second per login.
 const CHEAP: [(&str, &str); 2] = [("--argon2-memory-kib", "64"), ("--argon2-passes", "1")];
+
+/// `builder` with [`CHEAP`] hashes.
+fn cheap(mut builder: tests::NodeBuilder) -> tests::NodeBuilder {
+    for (k, v) in CHEAP {
+        builder = builder.arg(k, v);
+    }
+    builder
+}
 
 /// Runs `kefu-node ARGS` (an operator's command) with `stdin`, returning (success, stdout, stderr).
 async fn tool(args: &[&str], stdin: &str) -> anyhow::Result<(bool, String, String)> {
@@ -80,14 +88,11 @@ async fn prod_in_three_commands_make_keys_start_create_a_user() -> anyhow::Resul
     let (again, _, err) = tool(&["keys", "new", dir.to_str().unwrap()], "").await?;
     assert!(!again && err.contains("exists"), "never replaced: {err}");
     let api_key = std::fs::read_to_string(dir.join("api.key"))?.trim().to_string();
-    let mut builder = TestNode::builder(bin())
+    let builder = TestNode::builder(bin())
         .arg("--profile", "prod")
         .arg("--token-key-file", dir.join("token.key").display())
         .arg("--api-key-file", dir.join("api.key").display());
-    for (k, v) in CHEAP {
-        builder = builder.arg(k, v);
-    }
-    let n = builder.start().await?;
+    let n = cheap(builder).start().await?;
     let http = reqwest::Client::new();
     let users = format!("{}/v1/users", n.http());
     let body = json!({"id": "alice", "password": "correct horse", "nick": "Alice", "role": "agent"});
@@ -127,11 +132,7 @@ async fn operators_manage_users_on_a_stopped_nodes_data_dir() -> anyhow::Result<
     let (_, list, _) = tool(&with(&args, &["user", "list"]), "").await?;
     assert_eq!(list.lines().count(), 2, "{list}");
     // The node started on that data dir knows them, in prod too.
-    let mut builder = TestNode::builder(bin()).arg("--profile", "prod").arg("--api-key", "0123456789abcdef");
-    for (k, v) in CHEAP {
-        builder = builder.arg(k, v);
-    }
-    let n = builder.start_in(data).await?;
+    let n = cheap(TestNode::builder(bin()).arg("--profile", "prod").arg("--api-key", "0123456789abcdef")).start_in(data).await?;
     assert!(login(&n, "op1", "first pass").await?.is_err(), "the old password is gone");
     assert!(login(&n, "op1", "second pass").await?.is_ok());
     assert!(login(&n, "op2", "pw2").await?.is_err(), "banned");
@@ -140,11 +141,7 @@ async fn operators_manage_users_on_a_stopped_nodes_data_dir() -> anyhow::Result<
 
 #[tokio::test]
 async fn the_users_api_creates_lists_changes_and_deletes() -> anyhow::Result<()> {
-    let mut builder = TestNode::builder(bin());
-    for (k, v) in CHEAP {
-        builder = builder.arg(k, v);
-    }
-    let n = builder.start().await?;
+    let n = cheap(TestNode::builder(bin())).start().await?;
     let http = reqwest::Client::new();
     let users = format!("{}/v1/users", n.http());
     for i in 0..5 {
@@ -190,11 +187,7 @@ async fn the_users_api_creates_lists_changes_and_deletes() -> anyhow::Result<()>
 
 #[tokio::test]
 async fn password_change_ban_and_logout_end_sessions_and_tokens() -> anyhow::Result<()> {
-    let mut builder = TestNode::builder(bin());
-    for (k, v) in CHEAP {
-        builder = builder.arg(k, v);
-    }
-    let n = builder.start().await?;
+    let n = cheap(TestNode::builder(bin())).start().await?;
     let http = reqwest::Client::new();
     let users = format!("{}/v1/users", n.http());
     http.post(&users).json(&json!({"id": "rev", "password": "one"})).send().await?.error_for_status()?;
@@ -279,5 +272,33 @@ async fn the_dev_profile_stays_on_loopback_unless_told_otherwise() -> anyhow::Re
     let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await??.unwrap_or_default();
     assert!(first.starts_with("kefu-node listening jim=0.0.0.0:"), "told otherwise, it starts: {first}");
     node.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_quic_client_resumes_in_zero_rtt_at_another_region_with_its_token() -> anyhow::Result<()> {
+    let c = Cluster::start(bin(), &crate::cluster::REGIONS[..2], &CHEAP).await?;
+    // The token comes from iad.
+    let (_iad, token) = login(c.node(0), "traveller", "pw").await?.map_err(|r| anyhow::anyhow!("{r}"))?;
+    // The phone has been to fra before (so it holds a ticket for 0-RTT there).
+    let fra = c.node(1);
+    let config = tests::quic_client_config(&[b"kefu/1"], fra.self_signed_cert()?)?;
+    let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+    endpoint.set_default_client_config(config);
+    let first = endpoint.connect(fra.quic, "localhost")?.await?;
+    let (send, recv) = first.open_bi().await?;
+    let mut visit = TcpClient::over(tokio::io::join(recv, send));
+    visit.send(json!({"cmd": 13})).await?;
+    visit.recv_cmd(13).await?;
+    first.close(0u32.into(), b"bye");
+    // Back at fra: iad's token, sent in 0-RTT before the handshake completes, logs in.
+    let (conn, accepted) = endpoint.connect(fra.quic, "localhost")?.into_0rtt().map_err(|_| anyhow::anyhow!("no 0-RTT ticket"))?;
+    let (send, recv) = conn.open_bi().await?;
+    let mut phone = TcpClient::over(tokio::io::join(recv, send));
+    phone.send(json!({"cmd": 5, "token": token})).await?;
+    assert!(accepted.await, "fra accepted 0-RTT");
+    let reply = phone.recv_cmd(6).await?;
+    assert_eq!(reply["code"], 10007, "{reply}");
+    assert_eq!(reply["data"]["userId"], "traveller");
     Ok(())
 }
