@@ -576,6 +576,17 @@ impl Core {
     }
 
     async fn recall(&self, s: &SessionState, user: &UserCtx, id: &str) -> Outcome {
+        // A group's messages are its members' business: an agent may recall others' messages,
+        // but only in groups they are in (admins anywhere).
+        match self.store.message(id).await {
+            Ok(Some(m)) => {
+                if m.group_id.as_ref().is_some_and(|g| user.role != "admin" && !self.hub.in_group(&user.id, g)) {
+                    return Outcome::status(Command::CancelMsgResp, Status::Forbidden);
+                }
+            }
+            Ok(None) => return Outcome::status(Command::CancelMsgResp, Status::NotFound),
+            Err(e) => return self.retryable(Command::CancelMsgResp, e),
+        }
         let result = self.store.recall(id, &user.id, user.privileged(), store::now_ms(), self.config.recall_window).await;
         let status = match result {
             Ok(Ok(recalled)) => {

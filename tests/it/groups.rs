@@ -75,6 +75,13 @@ async fn a_closed_group_is_for_its_members_only() -> anyhow::Result<()> {
     assert_eq!(outsider.recv_cmd(103).await?["code"], 11001);
     let members: Value = http.get(format!("{}/v1/groups/cs-1", n.http())).send().await?.json().await?;
     assert_eq!(members["members"].as_array().unwrap().len(), 2, "the refused join changed nothing");
+    // Nor may an agent who is not a member recall in it (agents recall others' messages only
+    // where they are members).
+    let snoop = json!({"id": "snoop", "password": "pw", "role": "agent"});
+    assert_eq!(http.post(format!("{}/v1/users", n.http())).json(&snoop).send().await?.status(), StatusCode::CREATED);
+    let mut snoop = n.tcp_login("snoop").await?;
+    snoop.send(json!({"cmd": 15, "id": sent["data"]["id"]})).await?;
+    assert_eq!(snoop.recv_cmd(16).await?["code"], 11001);
     // An open group still takes anyone, as in J-IM.
     assert_eq!(create_group(&http, &n.http(), json!({"id": "lobby"})).await?, StatusCode::CREATED);
     outsider.send(json!({"cmd": 7, "groupId": "lobby"})).await?;
