@@ -1725,4 +1725,66 @@ mod tests {
         assert!(edited.updated_at > 200 && edited.updated_by == "n1");
         store.close().await;
     }
+
+    /// A slow history read (a deep offset over a long conversation) must not hold the async
+    /// worker it runs on: on a runtime with one worker, another task keeps running while the
+    /// read scans.
+    #[test]
+    fn a_slow_read_leaves_the_other_tasks_on_its_worker_running() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = runtime.block_on(async {
+            let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+            let new = schema::message::NewMessage {
+                conversation: ConversationId::group("big"),
+                client_id: None,
+                sender: "u".into(),
+                recipient: None,
+                group_id: Some("big".into()),
+                chat_type: 1,
+                msg_type: 0,
+                content: "x".repeat(200),
+                extras: None,
+                nick: None,
+                avatar: None,
+            };
+            for chunk in 0..20u64 {
+                let batch =
+                    (1..=5_000).map(|i| StoredMessage::sequenced(&new, chunk * 5_000 + i, new_message_id(), i as i64, "n2")).collect();
+                store.import(batch).await.unwrap();
+            }
+            store
+        });
+        let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        // Both tasks are spawned, so both run on the runtime's only worker.
+        let ticker = {
+            let (ticks, reading) = (Arc::clone(&ticks), Arc::clone(&reading));
+            runtime.spawn(async move {
+                while reading.load(Ordering::Relaxed) {
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let reader = {
+            let (store, ticks, reading) = (store.clone(), Arc::clone(&ticks), Arc::clone(&reading));
+            runtime.spawn(async move {
+                while ticks.load(Ordering::Relaxed) == 0 {
+                    tokio::task::yield_now().await;
+                }
+                let before = ticks.load(Ordering::Relaxed);
+                // A time-range page at a deep offset scans the rows before it.
+                let page = store.history(&ConversationId::group("big"), Some(0), Some(i64::MAX), 99_990, 10).await.unwrap();
+                let during = ticks.load(Ordering::Relaxed) - before;
+                reading.store(false, Ordering::Relaxed);
+                (page.len(), during)
+            })
+        };
+        let (len, during) = runtime.block_on(reader).unwrap();
+        runtime.block_on(ticker).unwrap();
+        assert_eq!(len, 10);
+        assert!(during > 0, "the other task on the only worker made no progress while the read ran");
+        runtime.block_on(store.close());
+    }
 }
