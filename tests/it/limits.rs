@@ -122,3 +122,25 @@ async fn a_kick_closes_the_users_sessions_on_every_node() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn callers_with_the_api_key_are_limited_per_key_and_the_others_per_ip() -> anyhow::Result<()> {
+    // --api-rate 1: two a second (burst 2) per IP without the key, ten times that with it.
+    let n = TestNode::builder(bin()).arg("--profile", "prod").arg("--api-key", "0123456789abcdef").arg("--api-rate", 1).start().await?;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/presence", n.http());
+    let mut with_key = Vec::new();
+    for _ in 0..60 {
+        with_key.push(http.get(&url).header("x-api-key", "0123456789abcdef").send().await?.status().as_u16());
+    }
+    assert!(with_key[..20].iter().all(|c| *c == 200), "the key's burst is 20: {with_key:?}");
+    assert!(with_key[20..].contains(&429), "{with_key:?}");
+    // A caller guessing the key has the per-IP budget, and is told 429 once it is spent.
+    let mut guesses = Vec::new();
+    for _ in 0..6 {
+        guesses.push(http.get(&url).header("x-api-key", "wrong").send().await?.status().as_u16());
+    }
+    assert_eq!(&guesses[..2], [401, 401], "{guesses:?}");
+    assert!(guesses[2..].contains(&429), "{guesses:?}");
+    Ok(())
+}
