@@ -22,6 +22,7 @@ mod offline;
 mod parity;
 mod quic;
 mod recall;
+mod router;
 mod security;
 mod tls;
 mod ws;

@@ -1,0 +1,5 @@
+//! `kefu-router`: see the library.
+
+fn main() -> anyhow::Result<()> {
+    edge_router::main()
+}
