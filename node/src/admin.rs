@@ -29,6 +29,11 @@ async fn readyz(State(core): State<Arc<Core>>) -> impl IntoResponse {
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
     let mut text = core.metrics.render();
+    // The certificate clients may pin (the edge router passes it on in /v1/connect).
+    text.push_str(&format!(
+        "# HELP kefu_tls_fingerprint_info SHA-256 fingerprint of the TLS certificate served.\n# TYPE kefu_tls_fingerprint_info gauge\nkefu_tls_fingerprint_info{{sha256=\"{}\"}} 1\n",
+        core.certs.fingerprint()
+    ));
     if let Some(mesh) = &core.mesh {
         text.push_str(&mesh.render_metrics());
         // What peers compare their applied revision of this node with.

@@ -66,6 +66,7 @@ async fn connect_proxies_and_draining_follow_the_nodes_health() -> anyhow::Resul
     assert_eq!((default["node"].as_str(), default["region"].as_str()), (Some("iad-1"), Some("iad")));
     assert_eq!(default["tcp"], iad.jim.to_string());
     assert_eq!(default["quic"], iad.quic.to_string());
+    assert_eq!(default["fingerprint"], iad.fingerprint, "the fingerprint the node publishes");
     let fra_pick = eventually(Duration::from_secs(10), || async { connect(&r, "?region=fra", &[]).await }).await?;
     assert_eq!(fra_pick["node"], "fra-1");
     let by_header = connect(&r, "", &[("fly-region", "fra")]).await.unwrap();
