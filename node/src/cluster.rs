@@ -28,6 +28,9 @@ pub trait Cluster: Send + Sync {
     /// Whether this node sequences `conversation`.
     fn owns(&self, conversation: &ConversationId) -> bool;
 
+    /// The region of the node that sequences `conversation`; `None` on a node on its own.
+    fn home_region(&self, conversation: &ConversationId) -> Option<String>;
+
     /// Whether every node heard from agrees with this one on the node list (a node that does
     /// not sequences nothing).
     fn agrees(&self) -> bool;
@@ -58,6 +61,10 @@ pub struct SingleNode;
 impl Cluster for SingleNode {
     fn node_id(&self) -> &str {
         ""
+    }
+
+    fn home_region(&self, _conversation: &ConversationId) -> Option<String> {
+        None
     }
 
     fn owns(&self, _conversation: &ConversationId) -> bool {
@@ -94,6 +101,10 @@ impl Cluster for Arc<crate::mesh::Mesh> {
 
     fn owns(&self, conversation: &ConversationId) -> bool {
         self.owner(conversation).id == self.me.id
+    }
+
+    fn home_region(&self, conversation: &ConversationId) -> Option<String> {
+        Some(self.owner(conversation).region.clone())
     }
 
     fn agrees(&self) -> bool {

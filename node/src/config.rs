@@ -154,6 +154,11 @@ pub struct Flags {
     /// Groups with more online members than this get no join/exit notices (cmd 9/10).
     #[arg(long, env = "KEFU_PRESENCE_NOTICE_LIMIT")]
     pub presence_notice_limit: Option<usize>,
+    /// Answer sends over HTTP (`POST /v1/messages`, `/api/message/send`) for a conversation
+    /// sequenced in another region with `fly-replay: region=<its region>`, for Fly's proxy to
+    /// replay there; on by itself when `FLY_REGION` is set (the node runs behind Fly's proxy).
+    #[arg(long, env = "KEFU_REPLAY_WRITES", num_args = 0..=1, default_missing_value = "true")]
+    pub replay_writes: Option<bool>,
     /// Seconds a stopping node (SIGTERM) gives its sessions to finish the sends they have in
     /// flight before it exits.
     #[arg(long, env = "KEFU_DRAIN_TIMEOUT")]
@@ -215,6 +220,7 @@ struct FileSettings {
     argon2_passes: Option<u32>,
     login_queue: Option<usize>,
     drain_timeout: Option<u64>,
+    replay_writes: Option<bool>,
     presence_notice_limit: Option<usize>,
 }
 
@@ -315,6 +321,8 @@ pub struct Config {
     pub login_queue: usize,
     /// How long a stopping node drains.
     pub drain_timeout: Duration,
+    /// Send HTTP writes for other regions' conversations back with `fly-replay`.
+    pub replay_writes: bool,
     /// Largest online group that still gets join/exit notices.
     pub presence_notice_limit: usize,
 }
@@ -397,6 +405,10 @@ impl Config {
             presence_notice_limit: flags.presence_notice_limit.or(file.presence_notice_limit).unwrap_or(500),
             login_queue: flags.login_queue.or(file.login_queue).unwrap_or(256).max(1),
             drain_timeout: Duration::from_secs(flags.drain_timeout.or(file.drain_timeout).unwrap_or(10).max(1)),
+            replay_writes: flags
+                .replay_writes
+                .or(file.replay_writes)
+                .unwrap_or_else(|| std::env::var("FLY_REGION").is_ok_and(|r| !r.is_empty())),
             password_hash_cost: crate::auth::HashCost {
                 memory_kib: flags.argon2_memory_kib.or(file.argon2_memory_kib).unwrap_or(crate::auth::HashCost::default().memory_kib),
                 passes: flags.argon2_passes.or(file.argon2_passes).unwrap_or(crate::auth::HashCost::default().passes),

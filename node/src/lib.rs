@@ -104,7 +104,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     let core = Arc::new(Core {
         throttle: LoginThrottle::new(config.login_failures_per_minute),
         passwords: auth::PasswordPool::new(hash_threads, config.login_queue),
-        logins: auth::LoginCache::new(config.token_ttl, 1_000_000),
+        // About 100 bytes an entry: at most ~25 MB however many users log in within a token lifetime.
+        logins: auth::LoginCache::new(config.token_ttl, 250_000),
         conns: limits::ConnLimit::new(config.max_conns_per_ip),
         api_per_ip: limits::KeyedBuckets::new(config.api_rate),
         api_per_key: limits::KeyedBuckets::new(config.api_rate.saturating_mul(10)),

@@ -91,3 +91,34 @@ async fn connect_proxies_and_draining_follow_the_nodes_health() -> anyhow::Resul
     assert!(connect(&r, "", &[("fly-force-region", "iad")]).await.is_none());
     Ok(())
 }
+
+#[tokio::test]
+async fn behind_fly_a_write_for_another_regions_conversation_is_sent_back_with_fly_replay() -> anyhow::Result<()> {
+    let c = tests::cluster::Cluster::start(bin(), &crate::cluster::REGIONS[..2], &[("--replay-writes", "true")]).await?;
+    // A private conversation that fra sequences, sent to iad.
+    let (a, b) = (0..100)
+        .map(|i| (format!("rp-a{i}"), format!("rp-b{i}")))
+        .find(|(a, b)| c.owner_of(schema::ConversationId::private(a, b).as_str()) == 1)
+        .unwrap();
+    let http = reqwest::Client::new();
+    let body = json!({"from": a, "to": b, "content": "replay me", "id": "rp-1"});
+    let first = http.post(format!("{}/v1/messages", c.node(0).http())).json(&body).send().await?;
+    assert_eq!(first.status(), 409);
+    let header = first.headers()["fly-replay"].to_str()?.to_string();
+    let replay = schema::fly_replay::Replay::parse(&header)?;
+    assert_eq!(replay.regions, ["fra"], "{header}");
+    // The J-IM API too.
+    let jim = json!({"cmd": 11, "chatType": 2, "from": a, "to": b, "content": "replay me too"});
+    let api = http.post(format!("{}/api/message/send", c.node(0).http())).body(jim.to_string()).send().await?;
+    assert!(api.headers().contains_key("fly-replay"));
+    // Replayed (it carries fly-replay-src), it is served where it lands, even at iad.
+    let src = schema::fly_replay::replay_src("iad-1", "iad", 1, None);
+    let served = http.post(format!("{}/v1/messages", c.node(0).http())).header("fly-replay-src", src).json(&body).send().await?;
+    assert_eq!(served.status(), 200);
+    assert!(served.headers().get("fly-replay").is_none());
+    // And at fra, its home, a write is served without a replay.
+    let home =
+        http.post(format!("{}/v1/messages", c.node(1).http())).json(&json!({"from": a, "to": b, "content": "at home"})).send().await?;
+    assert_eq!(home.status(), 200);
+    Ok(())
+}

@@ -171,8 +171,35 @@ fn code_only(status: Status) -> Response {
 
 // -- J-IM API -----------------------------------------------------------------------------------
 
+/// Behind Fly's proxy: a send for a conversation sequenced in another region is answered with
+/// `fly-replay: region=<that region>` (the proxy replays it there, where it is one local
+/// commit instead of a forward across regions), unless it is such a replay already
+/// (`fly-replay-src`): then it is served here, forwarded over the mesh as any send.
+fn replay_elsewhere(core: &Core, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
+    if !core.config.replay_writes || headers.contains_key("fly-replay-src") {
+        return None;
+    }
+    let Ok(JimRequest::Chat(chat)) = jim::parse_request(Some(Command::ChatReq), body) else { return None };
+    let from = chat.from.as_deref()?;
+    let conversation = match &chat.target {
+        jim::Target::User(to) => ConversationId::private(from, to),
+        jim::Target::Group(g) => ConversationId::group(g),
+    };
+    let region = core.cluster.home_region(&conversation)?;
+    if region == core.config.region {
+        return None;
+    }
+    let replay = schema::fly_replay::Replay { regions: vec![region.clone()], ..Default::default() };
+    let header = HeaderValue::from_str(&replay.to_header()).ok()?;
+    let body = json!({ "code": Status::Retryable.code(), "msg": Status::Retryable.msg(), "replay": region });
+    Some((StatusCode::CONFLICT, [("fly-replay", header)], json_body(&body)).into_response())
+}
+
 /// `/api/message/send`: the body is a cmd 11 chat JSON, `from` names the sender.
-async fn api_send(State(core): State<Arc<Core>>, body: Bytes) -> Response {
+async fn api_send(State(core): State<Arc<Core>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(replay) = replay_elsewhere(&core, &headers, &body) {
+        return replay;
+    }
     // J-IM answers 200 whatever the code in the body.
     let (_, reply) = send_from_api(&core, &body).await;
     raw_json(StatusCode::OK, reply)
@@ -235,13 +262,16 @@ fn http_status(status: Status) -> StatusCode {
 }
 
 /// `POST /v1/messages` with `{"from","to"|"groupId","content","msgType"?,"id"?,"extras"?}`.
-async fn v1_send(State(core): State<Arc<Core>>, Json(mut body): Json<Value>) -> Response {
+async fn v1_send(State(core): State<Arc<Core>>, headers: HeaderMap, Json(mut body): Json<Value>) -> Response {
     let Some(obj) = body.as_object_mut() else {
         return raw_json(StatusCode::BAD_REQUEST, jim::status_reply(Command::ChatResp, Status::SendFailed));
     };
     let chat_type = if obj.contains_key("groupId") { 1 } else { 2 };
     obj.entry("chatType").or_insert(json!(chat_type));
     obj.insert("cmd".into(), json!(11));
+    if let Some(replay) = replay_elsewhere(&core, &headers, body.to_string().as_bytes()) {
+        return replay;
+    }
     let (status, reply) = send_from_api(&core, body.to_string().as_bytes()).await;
     raw_json(http_status(status), reply)
 }
