@@ -269,10 +269,11 @@ async fn v1_send(State(core): State<Arc<Core>>, headers: HeaderMap, Json(mut bod
     let chat_type = if obj.contains_key("groupId") { 1 } else { 2 };
     obj.entry("chatType").or_insert(json!(chat_type));
     obj.insert("cmd".into(), json!(11));
-    if let Some(replay) = replay_elsewhere(&core, &headers, body.to_string().as_bytes()) {
+    let body = body.to_string();
+    if let Some(replay) = replay_elsewhere(&core, &headers, body.as_bytes()) {
         return replay;
     }
-    let (status, reply) = send_from_api(&core, body.to_string().as_bytes()).await;
+    let (status, reply) = send_from_api(&core, body.as_bytes()).await;
     raw_json(http_status(status), reply)
 }
 
