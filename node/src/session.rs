@@ -78,10 +78,12 @@ where
         let _gauge = core.metrics.connection(transport);
         let end = session.drive(inbound, first).await;
         tracing::debug!(?end, "session ended");
+        // Out of the hub before the socket closes: once the client sees the close, the APIs
+        // already say it is offline.
+        session.finish();
         // Flush what is buffered (the final frame, a WebSocket close reply) and close the write
         // side; bounded, since a client that stopped reading may never take it.
         let _ = tokio::time::timeout(WRITE_TIMEOUT, session.outbound.close()).await;
-        session.finish();
     }
     .instrument(span)
     .await
@@ -384,7 +386,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
         }
     }
 
-    fn finish(mut self) {
+    fn finish(&mut self) {
         let core = Arc::clone(&self.core);
         let Some(user) = self.state.user.take() else { return };
         let floors = &self.state.live_floor;
