@@ -215,6 +215,12 @@ impl NodeHandle {
         if left > 0 {
             tracing::warn!(left, "sessions still open at the drain timeout; closing them");
         }
+        // A session leaves the hub just before its socket flushes and closes: give the sockets a
+        // moment (connections that never logged in are not waited for past it).
+        let flushed_by = (tokio::time::Instant::now() + Duration::from_millis(500)).min(deadline);
+        while self.core.metrics.open_connections_total() > 0 && tokio::time::Instant::now() < flushed_by {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.core.ready.store(false, Ordering::Release);
         if let Some(mesh) = &self.core.mesh {
             mesh.goodbye(Duration::from_millis(500)).await;

@@ -124,6 +124,11 @@ impl Metrics {
         ConnectionGauge { metrics: self, transport }
     }
 
+    /// Open connections on every transport.
+    pub fn open_connections_total(&self) -> i64 {
+        self.connections.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
     /// Open connections on a transport.
     pub fn open_connections(&self, transport: Transport) -> i64 {
         self.connections[transport.index()].load(Relaxed)
