@@ -39,7 +39,7 @@ pub async fn poll(table: Table, config: Arc<RouterConfig>) {
             let metrics = if ready { get(&n.admin, "/metrics", timeout).await.ok().map(|(_, body)| body) } else { None };
             (n.id, ready, metrics)
         });
-        let results = futures_join(checks).await;
+        let results = futures_util::future::join_all(checks).await;
         let now = Instant::now();
         let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
         for (id, ready, metrics) in results {
@@ -57,22 +57,6 @@ pub async fn poll(table: Table, config: Arc<RouterConfig>) {
             }
         }
     }
-}
-
-/// Runs every future to its end, concurrently, in order of the results.
-async fn futures_join<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 /// The fingerprint a node publishes as `kefu_tls_fingerprint_info{sha256="…"} 1`.
