@@ -1,9 +1,10 @@
 //! kefu's edge router (`kefu-router`, DESIGN §8): a health-checked table of nodes, `GET
 //! /v1/connect` naming the best node for a client, and HTTP, WebSocket and J-IM binary TCP
 //! proxied to it. `route` holds the choices as pure functions; `config` the settings; `serve` the
-//! sockets.
+//! node table, its poller and J-IM TCP; `proxy` HTTP and WebSocket with `fly-replay`.
 
 pub mod config;
+pub mod proxy;
 pub mod route;
 pub mod serve;
 
@@ -36,7 +37,7 @@ async fn run() -> anyhow::Result<()> {
         config.region,
         config.nodes.len()
     );
-    tokio::spawn(serve::serve_http(http, Arc::clone(&table), Arc::clone(&config)));
+    tokio::spawn(proxy::serve_http(http, Arc::clone(&table), Arc::clone(&config)));
     tokio::spawn(serve::serve_tcp(tcp, Arc::clone(&table), Arc::clone(&config)));
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]

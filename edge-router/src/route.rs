@@ -81,27 +81,69 @@ pub fn choose<'a>(
     now: Instant,
     drain_after: Duration,
 ) -> Option<&'a NodeSpec> {
-    let best_in = |region: &str| {
+    choose_except(nodes, wanted, fallback, strict, now, drain_after, None)
+}
+
+/// [`choose`], leaving out the node `except` (a replay with `elsewhere=true`).
+fn choose_except<'a>(
+    nodes: &'a [(NodeSpec, Health)],
+    wanted: &[String],
+    fallback: &[String],
+    strict: bool,
+    now: Instant,
+    drain_after: Duration,
+    except: Option<&str>,
+) -> Option<&'a NodeSpec> {
+    let serving = |spec: &NodeSpec, health: &Health| health.serves(now, drain_after) && except != Some(spec.id.as_str());
+    let best_in = |region: Option<&str>| {
         nodes
             .iter()
-            .filter(|(spec, health)| spec.region == region && health.serves(now, drain_after))
+            .filter(|(spec, health)| region.is_none_or(|r| spec.region == r) && serving(spec, health))
             .min_by(|(a, ha), (b, hb)| ha.connections.cmp(&hb.connections).then_with(|| a.id.cmp(&b.id)))
             .map(|(spec, _)| spec)
     };
-    if let Some(node) = wanted.iter().find_map(|r| best_in(r)) {
+    if let Some(node) = wanted.iter().find_map(|r| best_in(Some(r))) {
         return Some(node);
     }
     if strict {
         return None;
     }
-    if let Some(node) = fallback.iter().find_map(|r| best_in(r)) {
+    fallback.iter().find_map(|r| best_in(Some(r))).or_else(|| best_in(None))
+}
+
+/// Where a request goes when the node `from` answered it with `replay`, for a client that asked
+/// for `wanted`, as Fly's proxy picks: `instance` is that node or nothing; `prefer_instance` is
+/// that node when it serves, else the rest of the replay decides; `region` is a preference list
+/// (`any` for any region) that is not widened to other regions; with neither, the client's own
+/// regions and the fallback order as for a new request. `elsewhere` leaves `from` out. `None`:
+/// no node serves the replay (the caller falls back or errs).
+pub fn replay_target<'a>(
+    nodes: &'a [(NodeSpec, Health)],
+    replay: &schema::fly_replay::Replay,
+    from: &str,
+    wanted: &[String],
+    fallback: &[String],
+    now: Instant,
+    drain_after: Duration,
+) -> Option<&'a NodeSpec> {
+    let the = |id: &str| nodes.iter().find(|(spec, health)| spec.id == id && health.serves(now, drain_after)).map(|(spec, _)| spec);
+    if let Some(id) = &replay.instance {
+        return the(id);
+    }
+    if let Some(node) = replay.prefer_instance.as_deref().and_then(the) {
         return Some(node);
     }
-    nodes
-        .iter()
-        .filter(|(_, h)| h.serves(now, drain_after))
-        .min_by(|(a, ha), (b, hb)| ha.connections.cmp(&hb.connections).then_with(|| a.id.cmp(&b.id)))
-        .map(|(spec, _)| spec)
+    let except = replay.elsewhere.then_some(from);
+    if replay.regions.is_empty() {
+        return choose_except(nodes, wanted, fallback, false, now, drain_after, except);
+    }
+    replay.regions.iter().find_map(|r| {
+        if r == "any" {
+            choose_except(nodes, wanted, fallback, false, now, drain_after, except)
+        } else {
+            choose_except(nodes, std::slice::from_ref(r), &[], true, now, drain_after, except)
+        }
+    })
 }
 
 /// Reads `kefu_connections` (the sum over its labels) out of Prometheus text.
@@ -162,6 +204,41 @@ mod tests {
         // Back when ready again.
         table[1].1 = up(2, now);
         assert_eq!(choose(&table, &want("iad"), &[], false, now, drain).unwrap().id, "iad-2");
+    }
+
+    #[test]
+    fn a_replay_goes_where_its_fields_say_and_nowhere_else() {
+        use schema::fly_replay::Replay;
+        let now = Instant::now();
+        let drain = Duration::from_secs(3);
+        let mut table = vec![
+            (node("iad-1", "iad"), up(1, now)),
+            (node("iad-2", "iad"), up(3, now)),
+            (node("fra-1", "fra"), up(4, now)),
+            (node("fra-2", "fra"), up(2, now)),
+            (node("sin-1", "sin"), up(0, now)),
+        ];
+        let target = |table: &[(NodeSpec, Health)], header: &str, wanted: &[&str]| {
+            let wanted: Vec<String> = wanted.iter().map(|s| s.to_string()).collect();
+            replay_target(table, &Replay::parse(header).unwrap(), "iad-1", &wanted, &["fra".into()], now, drain).map(|n| n.id.clone())
+        };
+        assert_eq!(target(&table, "region=fra", &["iad"]).as_deref(), Some("fra-2"), "least connections in the region");
+        assert_eq!(target(&table, "region=\"ord,fra,sin\"", &["iad"]).as_deref(), Some("fra-2"), "first region with a node");
+        assert_eq!(target(&table, "region=iad", &["iad"]).as_deref(), Some("iad-1"), "the answering node may be chosen again");
+        assert_eq!(target(&table, "region=iad;elsewhere=true", &["iad"]).as_deref(), Some("iad-2"), "elsewhere leaves it out");
+        assert_eq!(target(&table, "elsewhere=true", &["iad"]).as_deref(), Some("iad-2"), "the client's region, without the answering node");
+        assert_eq!(target(&table, "region=ord", &["iad"]), None, "a region list is not widened");
+        assert_eq!(target(&table, "region=ord,any", &["iad"]).as_deref(), Some("iad-1"), "any: the client's own choice");
+        assert_eq!(target(&table, "instance=fra-1", &["iad"]).as_deref(), Some("fra-1"));
+        assert_eq!(target(&table, "instance=nope;region=fra", &["iad"]), None, "an instance is that node or nothing");
+        assert_eq!(target(&table, "prefer_instance=nope;region=sin", &["iad"]).as_deref(), Some("sin-1"), "prefer_instance yields");
+        assert_eq!(target(&table, "prefer_instance=fra-1;region=sin", &["iad"]).as_deref(), Some("fra-1"));
+        // Drained nodes are never targets.
+        table[2].1.ready = false;
+        assert_eq!(target(&table, "instance=fra-1", &["iad"]), None);
+        table[3].1.last_ready = Some(now - Duration::from_secs(10));
+        assert_eq!(target(&table, "region=fra", &["iad"]), None);
+        assert_eq!(target(&table, "prefer_instance=fra-1", &["sin"]).as_deref(), Some("sin-1"));
     }
 
     #[test]

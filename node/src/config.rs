@@ -157,6 +157,7 @@ pub struct Flags {
     /// Answer sends over HTTP (`POST /v1/messages`, `/api/message/send`) for a conversation
     /// sequenced in another region with `fly-replay: region=<its region>`, for Fly's proxy to
     /// replay there; on by itself when `FLY_REGION` is set (the node runs behind Fly's proxy).
+    /// Behind a proxy the HTTP API's per-IP limit reads the client's IP from `Fly-Client-IP`.
     #[arg(long, env = "KEFU_REPLAY_WRITES", num_args = 0..=1, default_missing_value = "true")]
     pub replay_writes: Option<bool>,
     /// Seconds a stopping node (SIGTERM) gives its sessions to finish the sends they have in

@@ -4,12 +4,38 @@
 //! A node that wants a request served elsewhere answers with `fly-replay: region=fra;state=x`;
 //! the proxy (Fly's, or `kefu-router` where there is none) sends the same request again to the
 //! target and adds `fly-replay-src` saying where it came from. Fields are `;`-separated
-//! `key=value` pairs; `region` takes a preference list (`region=fra,sin`, or quoted). No I/O.
+//! `key=value` pairs; `region` takes a preference list (`region=fra,sin`, or quoted). The same
+//! fields may come as a JSON body instead, with the content type [`JSON_CONTENT_TYPE`], which
+//! also carries a [`Transform`] of the replayed request. No I/O.
 
 use std::time::Duration;
 
 /// Requests with larger bodies are not replayed (Fly's limit).
 pub const MAX_REPLAY_BODY: usize = 1_000_000;
+
+/// The content type of a response whose JSON body is the replay.
+pub const JSON_CONTENT_TYPE: &str = "application/vnd.fly.replay+json";
+
+/// Changes made to the request before it is replayed (JSON form only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub struct Transform {
+    /// A new path (and query) for the replayed request.
+    pub path: Option<String>,
+    /// Headers removed from it.
+    pub delete_headers: Vec<String>,
+    /// Headers set on it (replacing any of the same name).
+    pub set_headers: Vec<SetHeader>,
+}
+
+/// One header of [`Transform::set_headers`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SetHeader {
+    /// Its name.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
 
 /// Where the proxy goes when the replay target cannot be reached in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +65,33 @@ pub struct Replay {
     pub timeout: Option<Duration>,
     /// What to do when the target cannot be reached.
     pub fallback: Option<Fallback>,
+    /// Changes to the replayed request (JSON form only; the header form has none).
+    pub transform: Transform,
+}
+
+/// The JSON form as it is written: the header's fields, `region` as a list or a comma-separated
+/// string, `timeout` as a duration string. Fields Fly has and this proxy does not use (`cache`,
+/// `allow_bypass`) are ignored.
+#[derive(serde::Deserialize)]
+struct JsonReplay {
+    region: Option<Regions>,
+    instance: Option<String>,
+    prefer_instance: Option<String>,
+    app: Option<String>,
+    #[serde(default)]
+    elsewhere: bool,
+    state: Option<String>,
+    timeout: Option<String>,
+    fallback: Option<String>,
+    #[serde(default)]
+    transform: Transform,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Regions {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// Why a `fly-replay` header could not be read.
@@ -61,6 +114,9 @@ pub enum ReplayError {
     /// Nothing to replay to.
     #[error("fly-replay names no target (region, instance, prefer_instance or app)")]
     NoTarget,
+    /// A JSON replay body that is not an object of the known fields.
+    #[error("fly-replay JSON body: {0}")]
+    Json(String),
 }
 
 impl Replay {
@@ -81,20 +137,49 @@ impl Replay {
                 "state" => r.state = Some(value.to_string()),
                 "elsewhere" => r.elsewhere = value.parse::<bool>().map_err(|_| bad())?,
                 "timeout" => r.timeout = Some(parse_duration(value).ok_or_else(bad)?),
-                "fallback" => {
-                    r.fallback = Some(match value {
-                        "prefer_self" => Fallback::PreferSelf,
-                        "force_self" => Fallback::ForceSelf,
-                        _ => return Err(bad()),
-                    })
-                }
+                "fallback" => r.fallback = Some(parse_fallback(value).ok_or_else(bad)?),
                 _ => return Err(ReplayError::UnknownField(key)),
             }
         }
-        if r.regions.is_empty() && r.instance.is_none() && r.prefer_instance.is_none() && r.app.is_none() && !r.elsewhere {
+        r.checked()
+    }
+
+    /// Parses the JSON form (a response body of type [`JSON_CONTENT_TYPE`]).
+    pub fn from_json(body: &[u8]) -> Result<Replay, ReplayError> {
+        let j: JsonReplay = serde_json::from_slice(body).map_err(|e| ReplayError::Json(e.to_string()))?;
+        let bad = |field: &str, value: &str| ReplayError::BadValue { field: field.to_string(), value: value.to_string() };
+        let regions = match j.region {
+            None => Vec::new(),
+            Some(Regions::One(list)) => list.split(',').map(str::trim).filter(|v| !v.is_empty()).map(str::to_string).collect(),
+            Some(Regions::Many(list)) => list.into_iter().map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect(),
+        };
+        let timeout = match &j.timeout {
+            None => None,
+            Some(t) => Some(parse_duration(t).ok_or_else(|| bad("timeout", t))?),
+        };
+        let fallback = match &j.fallback {
+            None => None,
+            Some(f) => Some(parse_fallback(f).ok_or_else(|| bad("fallback", f))?),
+        };
+        Replay {
+            regions,
+            instance: j.instance,
+            prefer_instance: j.prefer_instance,
+            app: j.app,
+            elsewhere: j.elsewhere,
+            state: j.state,
+            timeout,
+            fallback,
+            transform: j.transform,
+        }
+        .checked()
+    }
+
+    fn checked(self) -> Result<Replay, ReplayError> {
+        if self.regions.is_empty() && self.instance.is_none() && self.prefer_instance.is_none() && self.app.is_none() && !self.elsewhere {
             return Err(ReplayError::NoTarget);
         }
-        Ok(r)
+        Ok(self)
     }
 
     /// The header value, fields in a fixed order; `parse` reads it back to the same value.
@@ -133,6 +218,14 @@ pub fn replay_src(instance: &str, region: &str, t_us: u64, state: Option<&str>) 
         out.push_str(state);
     }
     out
+}
+
+fn parse_fallback(v: &str) -> Option<Fallback> {
+    match v {
+        "prefer_self" => Some(Fallback::PreferSelf),
+        "force_self" => Some(Fallback::ForceSelf),
+        _ => None,
+    }
 }
 
 fn unquote(v: &str) -> &str {
@@ -184,6 +277,24 @@ mod tests {
         assert!(matches!(Replay::parse("region=iad;elsewhere=maybe"), Err(ReplayError::BadValue { .. })));
         assert_eq!(Replay::parse("state=x"), Err(ReplayError::NoTarget));
         assert_eq!(Replay::parse(""), Err(ReplayError::NoTarget));
+    }
+
+    #[test]
+    fn the_json_form_reads_the_same_fields_and_a_transform() {
+        let body = br#"{"region": "fra,sin", "state": "w1", "timeout": "5s", "fallback": "prefer_self", "cache": {"ttl": 1},
+            "transform": {"path": "/v1/x?y=1", "delete_headers": ["cookie"], "set_headers": [{"name": "x-a", "value": "1"}]}}"#;
+        let r = Replay::from_json(body).unwrap();
+        assert_eq!(r.regions, ["fra", "sin"]);
+        assert_eq!((r.state.as_deref(), r.timeout, r.fallback), (Some("w1"), Some(Duration::from_secs(5)), Some(Fallback::PreferSelf)));
+        assert_eq!(r.transform.path.as_deref(), Some("/v1/x?y=1"));
+        assert_eq!(r.transform.delete_headers, ["cookie"]);
+        assert_eq!(r.transform.set_headers, [SetHeader { name: "x-a".into(), value: "1".into() }]);
+        let listed = Replay::from_json(br#"{"region": ["iad", "ord"], "elsewhere": true}"#).unwrap();
+        assert_eq!((listed.regions, listed.elsewhere), (vec!["iad".to_string(), "ord".to_string()], true));
+        assert_eq!(Replay::from_json(br#"{"instance": "m1"}"#).unwrap().instance.as_deref(), Some("m1"));
+        assert_eq!(Replay::from_json(br#"{"state": "x"}"#), Err(ReplayError::NoTarget));
+        assert!(matches!(Replay::from_json(br#"{"region": "iad", "timeout": "later"}"#), Err(ReplayError::BadValue { .. })));
+        assert!(matches!(Replay::from_json(b"region=iad"), Err(ReplayError::Json(_))));
     }
 
     #[test]

@@ -145,7 +145,7 @@ async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request,
     let now = std::time::Instant::now();
     let allowed = match &core.config.api_key {
         Some(key) if authorized(&core, req.headers()) => core.api_per_key.take(key, now),
-        _ => req.extensions().get::<Peer>().is_none_or(|Peer(peer)| core.api_per_ip.take(&peer.ip(), now)),
+        _ => client_ip(&core, &req).is_none_or(|ip| core.api_per_ip.take(&ip, now)),
     };
     if !allowed {
         return rate_limited();
@@ -154,6 +154,18 @@ async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request,
         return unauthorized();
     }
     next.run(req).await
+}
+
+/// The caller's IP: the socket's peer, or behind a proxy (Fly's or kefu-router, which
+/// `replay_writes` says the node runs behind) the `Fly-Client-IP` the proxy sets.
+fn client_ip(core: &Core, req: &axum::extract::Request) -> Option<std::net::IpAddr> {
+    let forwarded = || req.headers().get("fly-client-ip")?.to_str().ok()?.trim().parse().ok();
+    if core.config.replay_writes {
+        if let Some(ip) = forwarded() {
+            return Some(ip);
+        }
+    }
+    req.extensions().get::<Peer>().map(|Peer(peer)| peer.ip())
 }
 
 fn rate_limited() -> Response {
@@ -171,12 +183,17 @@ fn code_only(status: Status) -> Response {
 
 // -- J-IM API -----------------------------------------------------------------------------------
 
+/// How long the proxy tries the owner's region before bringing a replayed write back here.
+const REPLAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Behind Fly's proxy: a send for a conversation sequenced in another region is answered with
 /// `fly-replay: region=<that region>` (the proxy replays it there, where it is one local
 /// commit instead of a forward across regions), unless it is such a replay already
-/// (`fly-replay-src`): then it is served here, forwarded over the mesh as any send.
+/// (`fly-replay-src`) or comes back because the replay failed (`fly-replay-failed`): then it is
+/// served here, forwarded over the mesh as any send. The replay allows that fallback, so a
+/// region that cannot be reached costs a forward, not an error.
 fn replay_elsewhere(core: &Core, headers: &HeaderMap, body: &[u8]) -> Option<Response> {
-    if !core.config.replay_writes || headers.contains_key("fly-replay-src") {
+    if !core.config.replay_writes || headers.contains_key("fly-replay-src") || headers.contains_key("fly-replay-failed") {
         return None;
     }
     let Ok(JimRequest::Chat(chat)) = jim::parse_request(Some(Command::ChatReq), body) else { return None };
@@ -189,7 +206,12 @@ fn replay_elsewhere(core: &Core, headers: &HeaderMap, body: &[u8]) -> Option<Res
     if region == core.config.region {
         return None;
     }
-    let replay = schema::fly_replay::Replay { regions: vec![region.clone()], ..Default::default() };
+    let replay = schema::fly_replay::Replay {
+        regions: vec![region.clone()],
+        timeout: Some(REPLAY_TIMEOUT),
+        fallback: Some(schema::fly_replay::Fallback::PreferSelf),
+        ..Default::default()
+    };
     let header = HeaderValue::from_str(&replay.to_header()).ok()?;
     let body = json!({ "code": Status::Retryable.code(), "msg": Status::Retryable.msg(), "replay": region });
     Some((StatusCode::CONFLICT, [("fly-replay", header)], json_body(&body)).into_response())
