@@ -38,16 +38,16 @@ pub struct Flags {
     #[arg(long, env = "KEFU_PROFILE", value_enum)]
     pub profile: Option<Profile>,
     /// The J-IM port: binary TCP, HTTP and WebSocket, sniffed.
-    #[arg(long, env = "KEFU_JIM_ADDR")]
+    #[arg(long, env = "KEFU_JIM_ADDR", value_parser = bind_addr)]
     pub jim_addr: Option<SocketAddr>,
     /// Health, readiness and Prometheus metrics.
-    #[arg(long, env = "KEFU_ADMIN_ADDR")]
+    #[arg(long, env = "KEFU_ADMIN_ADDR", value_parser = bind_addr)]
     pub admin_addr: Option<SocketAddr>,
     /// The J-IM port's protocols inside TLS (ALPN kefu-tcp/1, h2, http/1.1).
-    #[arg(long, env = "KEFU_TLS_ADDR")]
+    #[arg(long, env = "KEFU_TLS_ADDR", value_parser = bind_addr)]
     pub tls_addr: Option<SocketAddr>,
     /// QUIC (UDP): ALPN kefu/1, J-IM binary framing on bidirectional streams.
-    #[arg(long, env = "KEFU_QUIC_ADDR")]
+    #[arg(long, env = "KEFU_QUIC_ADDR", value_parser = bind_addr)]
     pub quic_addr: Option<SocketAddr>,
     /// Seconds without packets before a QUIC connection is closed (clients keep alive below it).
     #[arg(long, env = "KEFU_QUIC_IDLE_TIMEOUT")]
@@ -125,7 +125,7 @@ pub struct Flags {
     #[arg(long, env = "KEFU_REGION")]
     pub region: Option<String>,
     /// UDP address of the mesh between nodes (default 127.0.0.1:7443). Only bound with peers.
-    #[arg(long, env = "KEFU_MESH_ADDR")]
+    #[arg(long, env = "KEFU_MESH_ADDR", value_parser = bind_addr)]
     pub mesh_addr: Option<SocketAddr>,
     /// A peer node: `ID=HOST:PORT`, or `ID@REGION=HOST:PORT` when it is in another region.
     /// Repeatable; the environment variable takes a comma-separated list.
@@ -464,6 +464,19 @@ impl Config {
     }
 }
 
+/// A listening address given as a flag: `IP:PORT`, or `NAME:PORT` resolved once at start (an
+/// IPv4 address first) — Fly's UDP services must bind `fly-global-services`, a name in
+/// `/etc/hosts`.
+fn bind_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("{text}: not IP:PORT nor a name that resolves ({e})"))?
+        .collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| format!("{text}: the name has no address"))
+}
+
 /// A peer as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerConfig {
@@ -550,6 +563,9 @@ mod tests {
 
     #[test]
     fn peers_parse_with_and_without_a_region() {
+        assert_eq!(bind_addr("localhost:8443").unwrap().to_string(), "127.0.0.1:8443");
+        assert_eq!(bind_addr("[::]:7443").unwrap().to_string(), "[::]:7443");
+        assert!(bind_addr("no-such-host.invalid:1").is_err());
         let p = PeerConfig::parse("fra-1@fra=10.0.0.2:7443", "iad").unwrap();
         assert_eq!((p.id.as_str(), p.region.as_str(), p.addr.as_str()), ("fra-1", "fra", "10.0.0.2:7443"));
         let p = PeerConfig::parse("iad-2=host.internal:7443", "iad").unwrap();

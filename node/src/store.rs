@@ -902,6 +902,41 @@ async fn configure(conn: &Connection, writer: bool) -> Result<()> {
     Ok(())
 }
 
+/// The migrations applied to the database in `dir` (version → when, ms since the epoch); empty
+/// when there is no database yet. Reads only.
+pub async fn applied_migrations(dir: &Path) -> anyhow::Result<Vec<(u32, i64)>> {
+    let path = dir.join("kefu.db");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let db = libsql::Builder::new_local(path).build().await?;
+    let conn = db.connect()?;
+    let mut rows = match conn.query("SELECT version, applied_at FROM schema_migrations ORDER BY version", ()).await {
+        Ok(rows) => rows,
+        // A database that no node has opened yet.
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().await? {
+        out.push((row.get::<u32>(0)?, row.get::<i64>(1)?));
+    }
+    Ok(out)
+}
+
+/// Applies the pending migrations to the database in `dir` (creating it), as a node does at
+/// start, under the data dir's lock (it refuses while a node runs there). Returns the versions
+/// it applied.
+pub async fn apply_migrations(dir: &Path) -> anyhow::Result<Vec<u32>> {
+    std::fs::create_dir_all(dir)?;
+    let _lock = crate::lock_data_dir(dir)?;
+    let before: Vec<u32> = applied_migrations(dir).await?.into_iter().map(|(v, _)| v).collect();
+    let db = libsql::Builder::new_local(dir.join("kefu.db")).build().await?;
+    let conn = db.connect()?;
+    configure(&conn, true).await?;
+    migrate(&conn).await?;
+    Ok(schema::migrations::MIGRATIONS.iter().map(|m| m.version).filter(|v| !before.contains(v)).collect())
+}
+
 async fn migrate(conn: &Connection) -> Result<()> {
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",

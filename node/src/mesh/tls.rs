@@ -36,8 +36,11 @@ impl Identity {
         let dir = config.data_dir.join("mesh");
         match (&config.cluster_ca, &config.node_cert, &config.node_key) {
             (Some(ca), Some(cert), Some(key)) => Identity::read(ca, cert, key),
-            _ if config.profile == Profile::Prod => {
-                bail!("the prod profile needs --cluster-ca, --node-cert and --node-key to join a mesh")
+            // In prod a node signs its own certificate only with a given CA whose key lies
+            // beside it (`ca.key`: a deploy hands both to every machine, whose id is known only
+            // when it starts); it never makes a CA.
+            (None, None, None) if config.profile == Profile::Prod => {
+                bail!("the prod profile needs --cluster-ca (with its ca.key beside it), or --cluster-ca, --node-cert and --node-key, to join a mesh")
             }
             (ca, None, None) => {
                 let ca_path = match ca {
