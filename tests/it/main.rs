@@ -8,6 +8,7 @@ mod admin;
 mod bad_input;
 mod browser;
 mod chaos;
+mod cli;
 mod cluster;
 mod drain;
 mod durability;

@@ -148,7 +148,7 @@ async fn run_async(args: DevArgs, app: Option<&App>) -> anyhow::Result<()> {
     print_table(&nodes, &http, &tcp);
     let summary = serde_json::json!({
         "pid": std::process::id(),
-        "router": {"http": http, "tcp": tcp},
+        "router": {"http": http, "tcp": tcp, "pid": router_child.id()},
         "nodes": nodes.iter().map(|n| serde_json::json!({
             "id": n.id, "region": n.region, "jim": n.jim, "tls": n.tls, "quic": n.quic, "admin": n.admin, "mesh": n.mesh,
             "pid": n.child.id(),

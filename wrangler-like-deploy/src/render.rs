@@ -344,7 +344,7 @@ pub fn plan(
     steps.push(Step {
         id: "secrets".into(),
         what: "set the cluster's secrets (API key, token key, cluster CA and its key), made locally".into(),
-        when: Some("for each secret the app does not have yet"),
+        when: Some("the app lacks any of them; only those are set"),
         op: Op::SecretsSet { app: a.clone(), secrets: secrets.to_vec(), stage: true },
     });
     if app.image.is_none() {
@@ -379,7 +379,9 @@ pub fn plan(
 
 /// `commands.sh`: the plan as flyctl commands, secrets as `***`.
 pub fn commands_sh(plan: &[Step]) -> String {
-    let mut out = String::from("#!/bin/sh\n# The flyctl commands of this deploy, in order (secret values shown as ***).\nset -eu\n");
+    let mut out = String::from(
+        "#!/bin/sh\n# The flyctl commands of this deploy, in order (secret values shown as ***; jq reads the new volume ids).\nset -eu\n",
+    );
     for step in plan {
         out.push_str(&format!("\n# {}: {}", step.id, step.what));
         if let Some(when) = step.when {
@@ -387,12 +389,19 @@ pub fn commands_sh(plan: &[Step]) -> String {
         }
         out.push('\n');
         let args: Vec<String> = crate::driver::flyctl_args(&step.op, false).iter().map(|a| shell_quote(a)).collect();
-        out.push_str(&format!("fly {}\n", args.join(" ")));
+        match step.op {
+            // The machine created next mounts the volume made here.
+            Op::VolumeCreate { .. } => out.push_str(&format!("VOLUME_ID=$(fly {} | jq -r .id)\n", args.join(" "))),
+            _ => out.push_str(&format!("fly {}\n", args.join(" "))),
+        }
     }
     out
 }
 
 fn shell_quote(s: &str) -> String {
+    if s.contains("$VOLUME_ID") {
+        return format!("\"{s}\"");
+    }
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:=,@%+*".contains(&b)) {
         s.to_string()
     } else {
