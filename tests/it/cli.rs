@@ -420,3 +420,22 @@ async fn kefu_dev_runs_regions_behind_a_router_and_leaves_no_process() -> anyhow
     assert!(!dir.path().join(".kefu/state/dev.json").exists());
     Ok(())
 }
+
+#[tokio::test]
+async fn prod_nodes_mesh_with_only_the_cluster_ca_and_its_key_as_a_deploy_gives_them() -> anyhow::Result<()> {
+    // On Fly a node's id is its machine id, known only when it starts: the deploy hands every
+    // machine the cluster CA and its key (file secrets), and each node signs its own certificate.
+    let key = node::auth::new_key_line();
+    let extra = [("--profile", "prod"), ("--api-key", "0123456789abcdef0123"), ("--token-key", key.trim())];
+    let c = tests::cluster::Cluster::start(crate::bin(), &crate::cluster::REGIONS[..2], &extra).await?;
+    for i in 0..2 {
+        let up = tests::eventually(Duration::from_secs(10), || async {
+            let v = c.metric(i, "kefu_mesh_peer_up").await.ok()?;
+            (v == 1.0).then_some(v)
+        })
+        .await?;
+        assert_eq!(up, 1.0);
+        assert_eq!(c.metric(i, "kefu_mesh_handshakes_refused_total").await.unwrap_or(0.0), 0.0);
+    }
+    Ok(())
+}
