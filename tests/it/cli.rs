@@ -252,7 +252,8 @@ fn every_command_goes_through_the_recording_driver() {
             {"id": "m9", "region": "lhr", "config": {}}
         ],
         "releases_list": [
-            {"version": 1, "status": "complete", "created_at": "2026-11-30T10:00:00Z", "image_ref": "registry.fly.io/rec:kefu-1"},
+            // flyctl's spelling of the same fields.
+            {"Version": 1, "Status": "complete", "CreatedAt": "2026-11-30T10:00:00Z", "ImageRef": "registry.fly.io/rec:kefu-1"},
             {"version": 2, "status": "complete", "created_at": "2026-12-01T10:00:00Z", "image_ref": "registry.fly.io/rec:kefu-2"}
         ],
         "logs": [{"timestamp": "2026-12-02T08:00:00Z", "region": "fra", "instance": "m2", "message": "kefu-node ready"}]

@@ -269,7 +269,15 @@ impl Driver for Flyctl {
             bail!("`fly {}` failed: {}", flyctl_args(op, false).join(" "), String::from_utf8_lossy(&output.stderr).trim());
         }
         let text = String::from_utf8_lossy(&output.stdout);
-        Ok(serde_json::from_str(&text).unwrap_or_else(|_| json!({"output": text.trim()})))
+        if let Ok(v) = serde_json::from_str(&text) {
+            return Ok(v);
+        }
+        // `fly logs --json` writes one object per line.
+        let lines: Result<Vec<Value>, _> = text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect();
+        Ok(match lines {
+            Ok(lines) if !lines.is_empty() => Value::Array(lines),
+            _ => json!({"output": text.trim()}),
+        })
     }
 }
 

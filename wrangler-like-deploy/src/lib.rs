@@ -627,9 +627,29 @@ fn check_secret_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the versions, newest first; returns them.
+/// A release's field, as the Machines API (`snake_case`) or flyctl (`PascalCase`) names it.
+fn release_field<'a>(v: &'a Value, snake: &str) -> &'a Value {
+    let pascal: String = snake.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect();
+    match &v[snake] {
+        Value::Null => &v[pascal.as_str()],
+        found => found,
+    }
+}
+
+/// Prints the versions, newest first; returns them (fields in snake_case).
 fn versions(app: &App, driver: &mut dyn Driver) -> anyhow::Result<Vec<Value>> {
-    let mut list: Vec<Value> = driver.call(&Op::ReleasesList { app: app.name.clone() })?.as_array().cloned().unwrap_or_default();
+    let raw: Vec<Value> = driver.call(&Op::ReleasesList { app: app.name.clone() })?.as_array().cloned().unwrap_or_default();
+    let mut list: Vec<Value> = raw
+        .iter()
+        .map(|v| {
+            json!({
+                "version": release_field(v, "version"),
+                "status": release_field(v, "status"),
+                "created_at": release_field(v, "created_at"),
+                "image_ref": release_field(v, "image_ref"),
+            })
+        })
+        .collect();
     list.sort_by_key(|v| std::cmp::Reverse(v["version"].as_u64().unwrap_or(0)));
     if list.is_empty() {
         ui::step(&format!("{} has no versions yet: `kefu deploy` makes the first.", app.name));
