@@ -15,7 +15,8 @@
 //! ```
 //!
 //! `--transport` is `tcp` (default), `ws` or `quic`. Every run is bounded by `--duration`
-//! (seconds) as well as by its counts.
+//! (seconds) as well as by its counts. `loadgen --help` lists every option; `--out FILE` saves the
+//! JSON result and `--compare FILE` prints this run's figures beside a saved one's.
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

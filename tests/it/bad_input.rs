@@ -101,7 +101,9 @@ async fn websocket_garbage_unknown_cmd_and_oversize() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn half_frame_then_stall_is_closed_by_the_idle_timeout() -> anyhow::Result<()> {
-    let n = TestNode::builder(bin()).arg("--heartbeat-timeout", 1).start().await?;
+    // Cheap hashing: a debug-build login at the default cost takes longer than this test's 1 s
+    // idle timeout on a loaded machine, and the healthy client's clock starts at its login frame.
+    let n = TestNode::builder(bin()).arg("--heartbeat-timeout", 1).arg("--argon2-memory-kib", 64).arg("--argon2-passes", 1).start().await?;
     let mut staller = n.tcp().await?;
     staller.write_raw(&[0x01, 0x00, 11, 0, 0, 0, 50, b'{']).await?;
     let mut healthy = n.tcp_login("healthy").await?;

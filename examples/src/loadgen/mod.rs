@@ -23,13 +23,11 @@ use self::opts::Opts;
 pub async fn main(args: Vec<String>) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("__worker") => worker::run(args.get(1).context("worker config")?).await,
-        Some(scenario @ ("idle" | "chat" | "group" | "history" | "churn" | "coldstart")) => {
-            let opts = Opts::parse(&args[1..])?;
-            run(scenario, opts).await
-        }
         _ => {
-            eprintln!("usage: loadgen idle|chat|group|history|churn|coldstart [--options]  (see the file's header)");
-            std::process::exit(2);
+            // `--help` prints every option and exits 0; a bad option exits 2 with the reason.
+            let cli = <opts::Cli as clap::Parser>::try_parse_from(std::iter::once("loadgen".to_string()).chain(args))
+                .unwrap_or_else(|e| e.exit());
+            run(cli.scenario.name(), Opts::from_cli(&cli)).await
         }
     }
 }
@@ -389,6 +387,14 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string(&result)?);
     println!("{summary}");
+    if let Some(saved) = opts.str("compare") {
+        let text = std::fs::read_to_string(saved).with_context(|| format!("reading the saved result {saved}"))?;
+        let before: Value = serde_json::from_str(&text).with_context(|| format!("{saved}: not a loadgen result"))?;
+        println!("compared with {saved} (before → now):");
+        for line in opts::compare(&before, &result) {
+            println!("  {line}");
+        }
+    }
     for mut w in workers {
         let _ = w.kill().await;
     }
