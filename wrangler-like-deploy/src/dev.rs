@@ -219,11 +219,10 @@ async fn start_nodes(
                 });
                 bail!("node {id} exited while starting: see {}", state.join("logs").join(format!("{id}.log")).display());
             };
-            let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string);
-            if let Some(v) = field("jim=") {
+            if let Some(v) = word_value(&line, "jim=") {
                 jim = v;
             }
-            if let Some(v) = field("admin=") {
+            if let Some(v) = word_value(&line, "admin=") {
                 admin = v;
             }
             if line.starts_with("kefu-node ready") {
@@ -288,8 +287,7 @@ async fn start_router(args: &DevArgs, state: &Path, regions: &[String], nodes: &
             format!("the router exited: see {} (is port {} taken? pass --port)", state.join("logs/router.log").display(), args.port)
         })?;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string).unwrap_or_default();
-    let (http, tcp) = (field("http="), field("tcp="));
+    let (http, tcp) = (word_value(&line, "http=").unwrap_or_default(), word_value(&line, "tcp=").unwrap_or_default());
     // Until the router's health polls have every region.
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -310,6 +308,11 @@ async fn start_router(args: &DevArgs, state: &Path, regions: &[String], nodes: &
         }
     }
     Ok((child, http, tcp))
+}
+
+/// The value of the `name=value` word of a process's "listening" line (`name` with its `=`).
+fn word_value(line: &str, name: &str) -> Option<String> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string)
 }
 
 fn print_table(nodes: &[DevNode], http: &str, tcp: &str) {
