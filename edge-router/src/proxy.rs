@@ -74,7 +74,7 @@ impl Held {
     /// A copy to send, with `extra` headers set. A streamed body can be sent once only.
     fn copy(&mut self, extra: &[(HeaderName, String)]) -> Request<Body> {
         let body = match (&self.body, self.streaming.take()) {
-            (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
+            (Some(b), _) => full(b.clone()),
             (None, Some(s)) => s,
             (None, None) => empty(),
         };
@@ -375,12 +375,17 @@ fn header_value(v: &str) -> HeaderValue {
     HeaderValue::from_str(v).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// A body of these bytes.
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
 fn empty() -> Body {
-    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+    full(Bytes::new())
 }
 
 fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|never| match never {}).boxed());
+    let mut response = Response::new(full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response

@@ -54,6 +54,17 @@ async fn router_for(
     Ok(Router { http: format!("http://{http}"), tcp, _child: child, _dir: dir })
 }
 
+/// Waits until the router's polls have a healthy node in each of `regions`.
+async fn serving(r: &Router, regions: &[&str]) -> anyhow::Result<()> {
+    for region in regions {
+        eventually(Duration::from_secs(10), || async {
+            connect(r, &format!("?region={region}"), &[]).await.filter(|v| v["region"] == *region)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 async fn connect(r: &Router, query: &str, headers: &[(&str, &str)]) -> Option<Value> {
     let mut req = reqwest::Client::new().get(format!("{}/v1/connect{query}", r.http));
     for (k, v) in headers {
@@ -282,12 +293,7 @@ impl ReplayBench {
         let specs = [iad1.spec("iad"), iad2.spec("iad"), fra1.spec("fra"), sin1.spec("sin"), ord1.spec("ord")];
         let r = router_for(&specs, "").await?;
         // Every backend in the table and ready.
-        for region in ["iad", "fra", "sin", "ord"] {
-            eventually(Duration::from_secs(10), || async {
-                connect(&r, &format!("?region={region}"), &[]).await.filter(|v| v["region"] == region)
-            })
-            .await?;
-        }
+        serving(&r, &["iad", "fra", "sin", "ord"]).await?;
         Ok(ReplayBench { iad1, iad2, fra1, sin1, ord1, r })
     }
 
@@ -474,12 +480,7 @@ async fn a_write_sent_to_the_wrong_region_through_the_router_is_replayed_to_its_
         })
         .collect();
     let r = router_for(&specs, "").await?;
-    for region in ["iad", "fra"] {
-        eventually(Duration::from_secs(10), || async {
-            connect(&r, &format!("?region={region}"), &[]).await.filter(|v| v["region"] == region)
-        })
-        .await?;
-    }
+    serving(&r, &["iad", "fra"]).await?;
     let (a, b) = (0..100)
         .map(|i| (format!("rr-a{i}"), format!("rr-b{i}")))
         .find(|(a, b)| c.owner_of(schema::ConversationId::private(a, b).as_str()) == 1)

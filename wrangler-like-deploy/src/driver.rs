@@ -88,7 +88,7 @@ pub trait Driver {
 pub fn from_env() -> anyhow::Result<Box<dyn Driver>> {
     let spec = std::env::var("KEFU_DRIVER").unwrap_or_default();
     match spec.as_str() {
-        "" | "flyctl" => Ok(Box::new(Flyctl { bin: std::env::var("KEFU_FLYCTL").unwrap_or_else(|_| "fly".to_string()) })),
+        "" | "flyctl" => Ok(Box::new(Flyctl::from_env())),
         "api" => Ok(Box::new(MachinesApi::from_env()?)),
         s if s.starts_with("record:") => Ok(Box::new(Record::open(PathBuf::from(&s["record:".len()..]))?)),
         other => bail!("KEFU_DRIVER={other:?}: expected flyctl, api or record:PATH"),
@@ -257,6 +257,13 @@ fn machine_flags(config: &Value) -> Vec<String> {
     out
 }
 
+impl Flyctl {
+    /// `fly`, or the executable `KEFU_FLYCTL` names.
+    pub fn from_env() -> Flyctl {
+        Flyctl { bin: std::env::var("KEFU_FLYCTL").unwrap_or_else(|_| "fly".to_string()) }
+    }
+}
+
 impl Driver for Flyctl {
     fn call(&mut self, op: &Op) -> anyhow::Result<Value> {
         let args = flyctl_args(op, true);
@@ -338,7 +345,7 @@ impl Driver for MachinesApi {
             | Op::ReleasesList { .. }
             | Op::Logs { .. } => {
                 // These live in Fly's GraphQL API, which flyctl speaks.
-                Flyctl { bin: std::env::var("KEFU_FLYCTL").unwrap_or_else(|_| "fly".to_string()) }.call(op)
+                Flyctl::from_env().call(op)
             }
             Op::ImageBuild { .. } => bail!("the api driver cannot build images: set `image` in kefu.toml, or use KEFU_DRIVER=flyctl"),
         }
