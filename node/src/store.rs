@@ -31,7 +31,7 @@ const MAX_BATCH: usize = 2048;
 const WRITE_QUEUE: usize = 8192;
 /// Reader connections.
 const READERS: usize = 4;
-/// Longest a fire-and-forget cursor move waits for a transaction to ride along with.
+/// Longest a fire-and-forget cursor move waits before it is written (merged with later ones).
 const CURSOR_DELAY: Duration = Duration::from_millis(100);
 
 /// A storage failure. Every one is reported to the client as retryable: nothing was half-stored.
@@ -978,6 +978,11 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// The message a sender already sent under a client id in a conversation.
+static BY_CLIENT_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("SELECT {MSG_COLS} FROM messages m WHERE m.sender = ?1 AND m.conversation = ?2 AND m.client_id = ?3")
+});
+
 /// A new server message id: UUIDv7 as 32 lowercase hex digits (time-ordered, J-IM's shape).
 pub fn new_message_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
@@ -992,8 +997,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Prepared statements, by SQL text: the hot inserts are parsed once, not once per row.
     stmts: HashMap<&'static str, libsql::Statement>,
-    /// Cursor moves waiting for the next transaction, merged by max.
-    /// Cursor moves waiting for the next transaction, merged by max (the floor by min).
+    /// Cursor moves waiting to be written (CURSOR_DELAY after the first), merged by max (the
+    /// floor by min).
     pending_cursors: HashMap<(String, ConversationId), (u64, u64, u64)>,
     /// Newest revision handed out (in the open transaction, or committed).
     rev: u64,
@@ -1036,6 +1041,21 @@ impl Writer {
         Ok(result? as u64)
     }
 
+    /// Reads messages with a statement from the cache.
+    async fn lookup(&mut self, sql: &'static str, params: impl libsql::params::IntoParams) -> Result<Vec<StoredMessage>> {
+        if !self.stmts.contains_key(sql) {
+            let stmt = self.conn.prepare(sql).await?;
+            self.stmts.insert(sql, stmt);
+        }
+        let Some(stmt) = self.stmts.get(sql) else { return Err(StoreError::Corrupt("statement cache".into())) };
+        let result = match stmt.query(params).await {
+            Ok(rows) => collect_messages(rows).await,
+            Err(e) => Err(e.into()),
+        };
+        stmt.reset();
+        result
+    }
+
     /// Runs a statement that writes one row with the next revision, which `params` puts in its
     /// place. A statement that changes no row (an ignored insert, a cursor that did not move)
     /// gives the revision back: the head is read back after a restart as the newest revision of
@@ -1062,9 +1082,10 @@ impl Writer {
                 },
             };
             let closed = received == 0;
-            // Fire-and-forget cursor moves are merged in memory (by max) and written with the
-            // next batch that has real work, or after CURSOR_DELAY: one push to each of 10,000
-            // group members must not cost 10,000 transactions.
+            // Fire-and-forget cursor moves are merged in memory (by max) and written CURSOR_DELAY
+            // after the first of them (or when MAX_BATCH are waiting): one push to each of 10,000
+            // group members must not cost 10,000 transactions, and a busy conversation's cursor
+            // is one row write per CURSOR_DELAY, not one per message.
             batch.retain(|op| match op {
                 WriteOp::Cursor { user, conversation, delivered, read, floor, reply: None } => {
                     let e = self.pending_cursors.entry((user.clone(), conversation.clone())).or_insert((0, 0, u64::MAX));
@@ -1076,13 +1097,16 @@ impl Writer {
                 _ => true,
             });
             let due = cursor_deadline.is_some_and(|d| d <= tokio::time::Instant::now());
-            if batch.is_empty() && !closed && !due && self.pending_cursors.len() < MAX_BATCH {
-                if !self.pending_cursors.is_empty() && cursor_deadline.is_none() {
-                    cursor_deadline = Some(tokio::time::Instant::now() + CURSOR_DELAY);
-                }
+            let write_cursors = closed || due || self.pending_cursors.len() >= MAX_BATCH;
+            if !self.pending_cursors.is_empty() && cursor_deadline.is_none() {
+                cursor_deadline = Some(tokio::time::Instant::now() + CURSOR_DELAY);
+            }
+            if batch.is_empty() && !write_cursors {
                 continue;
             }
-            cursor_deadline = None;
+            if write_cursors {
+                cursor_deadline = None;
+            }
             if batch.is_empty() && self.pending_cursors.is_empty() {
                 if closed {
                     self.checkpoint().await;
@@ -1091,8 +1115,8 @@ impl Writer {
                 continue;
             }
             let started = Instant::now();
-            let ops = batch.len() + self.pending_cursors.len();
-            match self.apply(&mut batch).await {
+            let ops = batch.len() + if write_cursors { self.pending_cursors.len() } else { 0 };
+            match self.apply(&mut batch, write_cursors).await {
                 Ok(done) => {
                     self.metrics.commit(started.elapsed(), ops);
                     self.publish_changes();
@@ -1149,12 +1173,13 @@ impl Writer {
         let _ = self.changes.send(Arc::new(batch));
     }
 
-    async fn apply(&mut self, batch: &mut Vec<WriteOp>) -> Result<Vec<Done>> {
+    /// Runs `batch` (and the merged cursor moves, when `with_cursors`) in one transaction.
+    async fn apply(&mut self, batch: &mut Vec<WriteOp>, with_cursors: bool) -> Result<Vec<Done>> {
         let mut done = Vec::with_capacity(batch.len());
-        self.conn.execute("BEGIN IMMEDIATE", ()).await?;
+        self.exec("BEGIN IMMEDIATE", ()).await?;
         // Ops are only taken out of `batch` once the transaction has committed, so a failure can
         // still answer each of them.
-        let cursors = std::mem::take(&mut self.pending_cursors);
+        let cursors = if with_cursors { std::mem::take(&mut self.pending_cursors) } else { HashMap::new() };
         let result = async {
             for ((user, conversation), (delivered, read, floor)) in &cursors {
                 self.upsert_cursor_from(user, conversation, *delivered, *read, *floor, true).await?;
@@ -1162,7 +1187,7 @@ impl Writer {
             for op in batch.iter() {
                 done.push(self.apply_one(op).await?);
             }
-            self.conn.execute("COMMIT", ()).await?;
+            self.exec("COMMIT", ()).await?;
             Ok::<_, StoreError>(())
         }
         .await;
@@ -1572,9 +1597,8 @@ impl Writer {
 
     async fn append(&mut self, msg: &NewMessage) -> Result<(StoredMessage, bool)> {
         if let Some(client_id) = &msg.client_id {
-            let sql = format!("SELECT {MSG_COLS} FROM messages m WHERE m.sender = ?1 AND m.conversation = ?2 AND m.client_id = ?3");
-            let rows = self.conn.query(&sql, params![msg.sender.as_str(), msg.conversation.as_str(), client_id.as_str()]).await?;
-            if let Some(existing) = collect_messages(rows).await?.pop() {
+            let params = params![msg.sender.as_str(), msg.conversation.as_str(), client_id.as_str()];
+            if let Some(existing) = self.lookup(BY_CLIENT_ID.as_str(), params).await?.pop() {
                 return Ok((existing, true));
             }
         }
