@@ -1029,13 +1029,18 @@ enum Done {
 }
 
 impl Writer {
-    /// Runs a statement from the cache, preparing it on first use.
-    async fn exec(&mut self, sql: &'static str, params: impl libsql::params::IntoParams) -> Result<u64> {
+    /// A statement from the cache, prepared on first use.
+    async fn cached(&mut self, sql: &'static str) -> Result<&libsql::Statement> {
         if !self.stmts.contains_key(sql) {
             let stmt = self.conn.prepare(sql).await?;
             self.stmts.insert(sql, stmt);
         }
-        let Some(stmt) = self.stmts.get(sql) else { return Err(StoreError::Corrupt("statement cache".into())) };
+        self.stmts.get(sql).ok_or_else(|| StoreError::Corrupt("statement cache".into()))
+    }
+
+    /// Runs a statement from the cache.
+    async fn exec(&mut self, sql: &'static str, params: impl libsql::params::IntoParams) -> Result<u64> {
+        let stmt = self.cached(sql).await?;
         let result = stmt.execute(params).await;
         stmt.reset();
         Ok(result? as u64)
@@ -1043,11 +1048,7 @@ impl Writer {
 
     /// Reads messages with a statement from the cache.
     async fn lookup(&mut self, sql: &'static str, params: impl libsql::params::IntoParams) -> Result<Vec<StoredMessage>> {
-        if !self.stmts.contains_key(sql) {
-            let stmt = self.conn.prepare(sql).await?;
-            self.stmts.insert(sql, stmt);
-        }
-        let Some(stmt) = self.stmts.get(sql) else { return Err(StoreError::Corrupt("statement cache".into())) };
+        let stmt = self.cached(sql).await?;
         let result = match stmt.query(params).await {
             Ok(rows) => collect_messages(rows).await,
             Err(e) => Err(e.into()),
