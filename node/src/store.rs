@@ -780,8 +780,7 @@ impl Store {
     /// A message by server id.
     pub async fn message(&self, id: &str) -> Result<Option<StoredMessage>> {
         let conn = self.reader().await;
-        let sql = format!("SELECT {MSG_COLS} FROM messages m WHERE m.id = ?1");
-        let rows = conn.query(&sql, params![id]).await?;
+        let rows = conn.query(BY_ID.as_str(), params![id]).await?;
         Ok(collect_messages(rows).await?.pop())
     }
 }
@@ -982,6 +981,9 @@ pub fn now_ms() -> i64 {
 static BY_CLIENT_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!("SELECT {MSG_COLS} FROM messages m WHERE m.sender = ?1 AND m.conversation = ?2 AND m.client_id = ?3")
 });
+
+/// A message by its server id.
+static BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| format!("SELECT {MSG_COLS} FROM messages m WHERE m.id = ?1"));
 
 /// A new server message id: UUIDv7 as 32 lowercase hex digits (time-ordered, J-IM's shape).
 pub fn new_message_id() -> String {
@@ -1638,9 +1640,7 @@ impl Writer {
         now_ms: i64,
         window_ms: i64,
     ) -> Result<Result<Arc<Recalled>, RecallRefusal>> {
-        let sql = format!("SELECT {MSG_COLS} FROM messages m WHERE m.id = ?1");
-        let rows = self.conn.query(&sql, params![id]).await?;
-        let Some(mut message) = collect_messages(rows).await?.pop() else { return Ok(Err(RecallRefusal::NotFound)) };
+        let Some(mut message) = self.lookup(BY_ID.as_str(), params![id]).await?.pop() else { return Ok(Err(RecallRefusal::NotFound)) };
         if message.sender != by && !privileged {
             return Ok(Err(RecallRefusal::Forbidden));
         }
