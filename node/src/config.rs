@@ -61,6 +61,10 @@ pub struct Flags {
     /// Seconds without traffic before a connection is closed; 0 turns the check off.
     #[arg(long, env = "KEFU_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: Option<u64>,
+    /// Customer service: seconds an assigned agent may be offline before their open
+    /// conversations go back to the queue (default 60).
+    #[arg(long, env = "KEFU_REASSIGN_AFTER")]
+    pub reassign_after: Option<u64>,
     /// Key for the HTTP APIs (`X-Api-Key` header or `Authorization: Bearer`). Required in prod.
     #[arg(long, env = "KEFU_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -190,6 +194,7 @@ struct FileSettings {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     heartbeat_timeout: Option<u64>,
+    reassign_after: Option<u64>,
     api_key: Option<String>,
     api_key_file: Option<PathBuf>,
     token_key_file: Option<PathBuf>,
@@ -268,6 +273,8 @@ pub struct Config {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Idle timeout; `None` = off.
     pub heartbeat_timeout: Option<Duration>,
+    /// How long an assigned agent may be offline before their conversations are requeued.
+    pub reassign_after: Duration,
     /// API key for the HTTP APIs.
     pub api_key: Option<String>,
     /// Where the token keys come from.
@@ -361,6 +368,7 @@ impl Config {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
             },
+            reassign_after: Duration::from_secs(flags.reassign_after.or(file.reassign_after).unwrap_or(60)),
             api_key: match (flags.api_key.or(file.api_key).filter(|k| !k.is_empty()), flags.api_key_file.or(file.api_key_file)) {
                 (Some(_), Some(_)) => bail!("--api-key and --api-key-file: give one"),
                 (Some(key), None) => Some(key),

@@ -58,6 +58,8 @@ pub struct Core {
     /// The mesh to the other nodes, for its own management (metrics, readiness); `None` for a
     /// single node. Commands go through `cluster`.
     pub mesh: Option<Arc<Mesh>>,
+    /// Customer service: the router's inputs.
+    pub support: crate::support::Support,
 }
 
 /// The authenticated user of a session.
@@ -154,6 +156,22 @@ impl Outcome {
     }
 }
 
+/// A customer-service visitor talks in their own conversation (a closed group the node made) and
+/// nowhere else: no private chats, no joining or leaving groups.
+fn visitor_may(req: &Request) -> bool {
+    match req {
+        Request::Chat(ChatReq { target, .. })
+        | Request::Typing { target, .. }
+        | Request::Receipt { target, .. }
+        | Request::Sync { target, .. } => {
+            matches!(target, Target::Group(_))
+        }
+        Request::JoinGroup { .. } | Request::LeaveGroup { .. } | Request::Close { user_id: Some(_) } | Request::Recall { .. } => false,
+        Request::GetMessage(q) => q.group.is_some(),
+        _ => true,
+    }
+}
+
 fn status_name(online: bool) -> &'static str {
     if online {
         "online"
@@ -216,6 +234,9 @@ impl Core {
         let read = matches!(req, Request::GetMessage(_) | Request::GetUser { .. } | Request::Sync { .. });
         if read && !s.reads.take(Instant::now()) {
             return Outcome::status(reply_command(&req), Status::RateLimited);
+        }
+        if user.role == "visitor" && !visitor_may(&req) {
+            return Outcome::status(reply_command(&req), Status::Forbidden);
         }
         match req {
             Request::Chat(chat) => match self.begin_chat(s, chat) {
@@ -568,6 +589,9 @@ impl Core {
     /// Starts a chat from a logged-in session: rate limit, membership, then the pending commit.
     pub fn begin_chat(&self, s: &mut SessionState, chat: ChatReq) -> Result<PendingChat, Vec<u8>> {
         let Some(user) = s.user.as_ref() else { return Err(jim::status_reply(Command::ChatResp, Status::NotLoggedIn)) };
+        if user.role == "visitor" && !matches!(chat.target, Target::Group(_)) {
+            return Err(jim::status_reply(Command::ChatResp, Status::Forbidden));
+        }
         if !s.bucket.take(Instant::now()) {
             return Err(jim::status_reply(Command::ChatResp, Status::RateLimited));
         }

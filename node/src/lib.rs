@@ -21,6 +21,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod session;
 pub mod store;
+pub mod support;
 pub mod tls;
 pub mod tools;
 pub mod transport;
@@ -102,7 +103,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         notice_limit: config.presence_notice_limit,
     });
     let mesh = mesh::Mesh::bind(&config, local).context("starting the mesh")?;
+    let support = support::Support::new(config.reassign_after);
     let core = Arc::new(Core {
+        support,
         throttle: LoginThrottle::new(config.login_failures_per_minute),
         passwords: auth::PasswordPool::new(hash_threads, config.login_queue),
         // About 100 bytes an entry: at most ~25 MB however many users log in within a token lifetime.
@@ -128,6 +131,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     let accepting = shutdown.child_token();
     let tasks = TaskTracker::new();
     tasks.spawn(fanout::run(Arc::clone(&core), feed, shutdown.clone()));
+    tasks.spawn(support::run(Arc::clone(&core), shutdown.clone()));
     let handle = NodeHandle {
         jim_addr: jim.local_addr()?,
         admin_addr: admin.local_addr()?,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use libsql::{params, Connection, Value};
 use schema::mesh::{Change, ChangeBatch};
-pub use schema::message::{NewMessage, StoredMessage, UserRecord};
+pub use schema::message::{NewMessage, Record, StoredMessage, UserRecord};
 use schema::ConversationId;
 use tokio::sync::{broadcast, mpsc, oneshot, Mutex};
 
@@ -158,6 +158,7 @@ enum WriteOp {
         reply: oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>>,
     },
     EditUser(String, UserEdit, oneshot::Sender<Result<Option<UserRecord>>>),
+    EditRecord(String, String, RecordEdit, oneshot::Sender<Result<Option<Record>>>),
     CreateGroup {
         group: String,
         name: Option<String>,
@@ -387,6 +388,46 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Changes a record in one step of the writer: `edit` gets the current record and returns
+    /// the next (scope, body), or `None` to leave it. The store gives the new version. Returns the
+    /// record written, if any.
+    pub async fn edit_record(
+        &self,
+        kind: &str,
+        id: &str,
+        edit: impl Fn(Option<&Record>) -> Option<(String, String)> + Send + Sync + 'static,
+    ) -> Result<Option<Record>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::EditRecord(kind.to_string(), id.to_string(), Box::new(edit), tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A record by kind and id.
+    pub async fn record(&self, kind: &str, id: &str) -> Result<Option<Record>> {
+        let conn = self.reader().await;
+        let sql = format!("SELECT {RECORD_COLS} FROM records WHERE kind = ?1 AND id = ?2");
+        let mut rows = conn.query(&sql, params![kind, id]).await?;
+        let Some(row) = rows.next().await? else { return Ok(None) };
+        Ok(Some(record_from_row(&row, 0)?))
+    }
+
+    /// The records of a kind (under one scope, if given), in id order.
+    pub async fn records(&self, kind: &str, scope: Option<&str>) -> Result<Vec<Record>> {
+        let conn = self.reader().await;
+        let mut rows = match scope {
+            Some(scope) => {
+                let sql = format!("SELECT {RECORD_COLS} FROM records WHERE kind = ?1 AND scope = ?2 ORDER BY id");
+                conn.query(&sql, params![kind, scope]).await?
+            }
+            None => conn.query(&format!("SELECT {RECORD_COLS} FROM records WHERE kind = ?1 ORDER BY id"), params![kind]).await?,
+        };
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await? {
+            out.push(record_from_row(&row, 0)?);
+        }
+        Ok(out)
+    }
+
     /// Adds `user` to `group` (creating the group). Returns whether the user was new to it. A new
     /// member's offline cursor starts at the group's newest message.
     pub async fn join_group(&self, group: &str, name: Option<String>, user: &str) -> Result<bool> {
@@ -506,6 +547,12 @@ impl Store {
                 changed_by: row.get(5)?,
             };
             out.push((row.get(0)?, change));
+        }
+        drop(rows);
+        let sql = format!("SELECT rev, {RECORD_COLS} FROM records WHERE rev > ?1 AND rev <= ?2");
+        let mut rows = conn.query(&sql, params![lo, hi]).await?;
+        while let Some(row) = rows.next().await? {
+            out.push((row.get(0)?, Change::Record(record_from_row(&row, 1)?)));
         }
         drop(rows);
         let sql = format!("SELECT {MSG_COLS}, m.rev FROM messages m WHERE m.rev > ?1 AND m.rev <= ?2");
@@ -794,6 +841,19 @@ const NEWEST_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conve
 const INSERT_MESSAGE: &str = "INSERT INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, msg_type, \
      content, extras, nick, avatar, created_at, origin, recalled_at, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 /// The columns [`user_from_row`] reads, in order.
+const RECORD_COLS: &str = "kind, id, scope, body, updated_at, updated_by";
+
+fn record_from_row(row: &libsql::Row, at: i32) -> Result<Record> {
+    Ok(Record {
+        kind: row.get(at)?,
+        id: row.get(at + 1)?,
+        scope: row.get(at + 2)?,
+        body: row.get(at + 3)?,
+        updated_at: row.get(at + 4)?,
+        updated_by: row.get(at + 5)?,
+    })
+}
+
 const USER_COLS: &str = "user_id, password_hash, nick, avatar, role, banned, deleted, token_epoch, updated_at, updated_by";
 
 fn user_from_row(row: &libsql::Row, at: i32) -> Result<UserRecord> {
@@ -822,6 +882,8 @@ pub struct GroupInfo {
 
 /// How a user row changes ([`Store::edit_user`]).
 type UserEdit = Box<dyn Fn(Option<&UserRecord>) -> Option<UserRecord> + Send + Sync>;
+/// Given the current record, the next (scope, body), or `None` to leave it.
+type RecordEdit = Box<dyn Fn(Option<&Record>) -> Option<(String, String)> + Send + Sync>;
 
 /// Inserts a message sequenced elsewhere, leaving one already present alone.
 const INSERT_MESSAGE_IF_NEW: &str = "INSERT OR IGNORE INTO messages (conversation, seq, id, client_id, sender, recipient, group_id, chat_type, \
@@ -1025,6 +1087,7 @@ enum Done {
     Recall(Result<Arc<Recalled>, RecallRefusal>, oneshot::Sender<Result<Arc<Recalled>, RecallRefusal>>),
     Flag(bool, oneshot::Sender<Result<bool>>),
     User(Option<UserRecord>, oneshot::Sender<Result<Option<UserRecord>>>),
+    Record(Option<Record>, oneshot::Sender<Result<Option<Record>>>),
     /// Messages new to this node, applied from a peer.
     Replicas(Vec<Arc<StoredMessage>>, oneshot::Sender<Result<bool>>),
     Nothing,
@@ -1207,6 +1270,7 @@ impl Writer {
                 }
                 (WriteOp::Recall { reply, .. }, Done::Recall(_, slot)) => *slot = reply,
                 (WriteOp::EditUser(_, _, reply), Done::User(_, slot)) => *slot = reply,
+                (WriteOp::EditRecord(_, _, _, reply), Done::Record(_, slot)) => *slot = reply,
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::CreateGroup { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::SetMember { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
@@ -1250,6 +1314,24 @@ impl Writer {
                     None => None,
                 };
                 Done::User(written, oneshot::channel().0)
+            }
+            WriteOp::EditRecord(kind, id, edit, _) => {
+                let current = self.read_record(kind, id).await?;
+                let written = match edit(current.as_ref()) {
+                    Some((scope, body)) => {
+                        let next = Record {
+                            kind: kind.clone(),
+                            id: id.clone(),
+                            scope,
+                            body,
+                            updated_at: now_ms().max(current.as_ref().map_or(0, |c| c.updated_at + 1)),
+                            updated_by: self.origin.clone(),
+                        };
+                        self.put_record(current.as_ref(), next, true).await?
+                    }
+                    None => None,
+                };
+                Done::Record(written, oneshot::channel().0)
             }
             WriteOp::Import(messages, _) => {
                 for m in messages {
@@ -1317,6 +1399,10 @@ impl Writer {
                 let current = self.read_user(&u.user_id).await?;
                 self.put_user(current.as_ref(), u.clone(), false).await?;
             }
+            Change::Record(r) => {
+                let current = self.read_record(&r.kind, &r.id).await?;
+                self.put_record(current.as_ref(), r.clone(), false).await?;
+            }
             Change::Group { group_id, name, access, updated_at, updated_by } => {
                 self.put_group(group_id, name.clone(), access, (*updated_at, updated_by.clone()), false).await?;
             }
@@ -1357,6 +1443,31 @@ impl Writer {
             self.pending_changes.push((local, change));
         }
         Ok(())
+    }
+
+    /// A record as it is now.
+    async fn read_record(&mut self, kind: &str, id: &str) -> Result<Option<Record>> {
+        let sql = format!("SELECT {RECORD_COLS} FROM records WHERE kind = ?1 AND id = ?2");
+        let mut rows = self.conn.query(&sql, params![kind, id]).await?;
+        let Some(row) = rows.next().await? else { return Ok(None) };
+        Ok(Some(record_from_row(&row, 0)?))
+    }
+
+    /// Writes `next` unless `current` is as new (last writer wins). Returns the record written.
+    async fn put_record(&mut self, current: Option<&Record>, next: Record, local: bool) -> Result<Option<Record>> {
+        if current.is_some_and(|c| !next.newer_than(c)) {
+            return Ok(None);
+        }
+        let r = &next;
+        self.write_row(
+            "INSERT INTO records (kind, id, scope, body, updated_at, updated_by, rev) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (kind, id) DO UPDATE SET scope = excluded.scope, body = excluded.body, \
+             updated_at = excluded.updated_at, updated_by = excluded.updated_by, rev = excluded.rev",
+            |rev| params![r.kind.as_str(), r.id.as_str(), r.scope.as_str(), r.body.as_str(), r.updated_at, r.updated_by.as_str(), rev],
+        )
+        .await?;
+        self.pending_changes.push((local, Change::Record(next.clone())));
+        Ok(Some(next))
     }
 
     /// The user row as it is, a tombstone included.
@@ -1672,6 +1783,10 @@ impl Writer {
                     let _ = reply.send(Ok(user));
                     continue;
                 }
+                Done::Record(record, reply) => {
+                    let _ = reply.send(Ok(record));
+                    continue;
+                }
                 Done::Replicas(messages, reply) => {
                     for m in messages {
                         if self.feed.send(Committed::Replica(m)).await.is_err() {
@@ -1695,7 +1810,7 @@ impl Writer {
 /// The newest revision of any row.
 async fn newest_rev(conn: &Connection) -> Result<u64> {
     let mut newest = 0u64;
-    for table in ["users", "groups", "group_members", "messages", "cursors", "recalls"] {
+    for table in ["users", "groups", "group_members", "messages", "cursors", "recalls", "records"] {
         let mut rows = conn.query(&format!("SELECT COALESCE(MAX(rev), 0) FROM {table}"), ()).await?;
         if let Some(row) = rows.next().await? {
             newest = newest.max(row.get::<u64>(0)?);
@@ -1709,6 +1824,7 @@ fn fail(op: WriteOp) {
     match op {
         WriteOp::Append(_, _, reply) => drop(reply.send(Err(retry()))),
         WriteOp::EditUser(_, _, reply) => drop(reply.send(Err(retry()))),
+        WriteOp::EditRecord(_, _, _, reply) => drop(reply.send(Err(retry()))),
         WriteOp::Join { reply, .. }
         | WriteOp::CreateGroup { reply, .. }
         | WriteOp::SetMember { reply, .. }
@@ -1751,6 +1867,34 @@ mod tests {
         // What a peer applied up to is what the node reads back as its head after a restart.
         let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
         assert_eq!(store.head(), moved);
+    }
+
+    #[tokio::test]
+    async fn records_are_last_writer_wins_listed_by_scope_and_shipped_with_their_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+        let written = store.edit_record("conversation", "c1", |_| Some(("queued".into(), "{\"n\":1}".into()))).await.unwrap().unwrap();
+        assert_eq!((written.updated_by.as_str(), written.scope.as_str()), ("n1", "queued"));
+        // An edit sees the current record and may leave it.
+        let left = store.edit_record("conversation", "c1", |c| c.filter(|c| c.scope == "open").map(|_| (String::new(), String::new())));
+        assert!(left.await.unwrap().is_none());
+        let moved = store.edit_record("conversation", "c1", |_| Some(("open".into(), "{\"n\":2}".into()))).await.unwrap().unwrap();
+        assert!(moved.updated_at > written.updated_at, "each version is above the last");
+        assert!(store.records("conversation", Some("queued")).await.unwrap().is_empty());
+        assert_eq!(store.records("conversation", Some("open")).await.unwrap(), vec![moved.clone()]);
+        // A peer's older version loses, a newer one wins.
+        let older = Record { body: "{\"n\":0}".into(), updated_at: moved.updated_at - 1, updated_by: "n2".into(), ..moved.clone() };
+        let newer = Record { body: "{\"n\":3}".into(), updated_at: moved.updated_at + 1, updated_by: "n2".into(), ..moved.clone() };
+        let batch =
+            |after, r: &Record| ChangeBatch { after, upto: after + 1, head: after + 1, at_ms: 0, changes: vec![Change::Record(r.clone())] };
+        store.apply("n2", batch(0, &older)).await.unwrap();
+        assert_eq!(store.record("conversation", "c1").await.unwrap(), Some(moved.clone()));
+        store.apply("n2", batch(1, &newer)).await.unwrap();
+        assert_eq!(store.record("conversation", "c1").await.unwrap(), Some(newer.clone()));
+        // What this node wrote goes out with its revisions (the peer's row is not re-shipped as ours
+        // by the live tail, but a backfill reads it from the table like any row).
+        let shipped = store.changes_between(0, store.head()).await.unwrap();
+        assert!(shipped.contains(&Change::Record(newer)), "{shipped:?}");
     }
 
     /// A user change from a peer, as the change stream carries it.

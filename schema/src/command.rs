@@ -63,11 +63,14 @@ pub enum Command {
     LeaveGroupReq = 106,
     /// kefu: reply to [`Command::LeaveGroupReq`].
     LeaveGroupResp = 107,
+    /// kefu: a customer-service conversation changed (pushed to its visitor and to agents):
+    /// `{"conversation": {…}, "queuePosition"?: n}`.
+    SupportEvent = 108,
 }
 
 impl Command {
     /// Every known command, in code order.
-    pub const ALL: [Command; 29] = [
+    pub const ALL: [Command; 30] = [
         Command::Unknown,
         Command::HandshakeReq,
         Command::HandshakeResp,
@@ -97,6 +100,7 @@ impl Command {
         Command::SyncResp,
         Command::LeaveGroupReq,
         Command::LeaveGroupResp,
+        Command::SupportEvent,
     ];
 
     /// The command with this code, if it is one we know.

@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::message::{NewMessage, StoredMessage, UserRecord};
+use crate::message::{NewMessage, Record, StoredMessage, UserRecord};
 use crate::ConversationId;
 
 /// ALPN of the mesh.
@@ -256,6 +256,9 @@ pub enum Change {
         /// When, epoch ms.
         at_ms: i64,
     },
+    /// A record of the customer-service model. Last writer wins by (`updated_at`, `updated_by`).
+    /// A node from before records cannot read a batch holding one: upgrade every node first.
+    Record(Record),
 }
 
 /// Why a frame could not be read.
@@ -325,6 +328,18 @@ mod tests {
             ],
         });
         assert_eq!(decode(&encode(&batch)[4..]).unwrap(), batch);
+        let record = Change::Record(Record {
+            kind: "inbox".into(),
+            id: "i1".into(),
+            scope: String::new(),
+            body: "{}".into(),
+            updated_at: 5,
+            updated_by: "iad-1".into(),
+        });
+        assert_eq!(
+            serde_json::to_string(&record).unwrap(),
+            r#"{"k":"Record","kind":"inbox","id":"i1","body":"{}","updated_at":5,"updated_by":"iad-1"}"#
+        );
         let fwd = V1::Forwarded { result: Err(11007), id: 0 };
         assert_eq!(&encode(&fwd)[4..], br#"{"V1":{"t":"Forwarded","result":{"Err":11007}}}"#);
         assert_eq!(decode(&encode(&fwd)[4..]).unwrap(), fwd);

@@ -186,3 +186,30 @@ impl UserRecord {
         (self.updated_at, self.updated_by.as_str()) > (other.updated_at, other.updated_by.as_str())
     }
 }
+
+/// A record of the product built on the IM core (customer service: an inbox, a visitor, a
+/// conversation, a note …): a kind, an id unique within the kind, a scope to list by, and a JSON
+/// body the node's typed model reads. Last writer wins between nodes, as for a user row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// What it is (`inbox`, `visitor`, `conversation`, …).
+    pub kind: String,
+    /// Id, unique within the kind.
+    pub id: String,
+    /// What it is listed under (a conversation's inbox, a note's conversation), or empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+    /// The JSON body.
+    pub body: String,
+    /// Version: epoch ms of the change, always above the previous version.
+    pub updated_at: i64,
+    /// Version: the node that made the change (ties).
+    pub updated_by: String,
+}
+
+impl Record {
+    /// Whether this version replaces `other` (last writer wins; the node id breaks ties).
+    pub fn newer_than(&self, other: &Record) -> bool {
+        (self.updated_at, self.updated_by.as_str()) > (other.updated_at, other.updated_by.as_str())
+    }
+}

@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 3, name: "client_id_per_conversation", sql: include_str!("../migrations/0003_client_id_per_conversation.sql") },
     Migration { version: 4, name: "accounts", sql: include_str!("../migrations/0004_accounts.sql") },
     Migration { version: 5, name: "group_access", sql: include_str!("../migrations/0005_group_access.sql") },
+    Migration { version: 6, name: "records", sql: include_str!("../migrations/0006_records.sql") },
 ];
 
 #[cfg(test)]

@@ -63,3 +63,29 @@ async fn chromium_webtransport_chats_with_a_websocket_user() -> anyhow::Result<(
     anyhow::ensure!(stdout.trim() == "got to webtransport", "browser: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+/// Customer service end to end (issue: customer service §6): the widget on a host page of another
+/// origin, agents in the console. Screenshots go to `target/browser-artifacts/support/`.
+#[tokio::test]
+async fn widget_and_console_carry_a_customer_service_day() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    anyhow::ensure!(dir.join("node_modules/playwright-core").exists(), "run `npm ci --prefix tests/browser` first (.ci/run does)");
+    anyhow::ensure!(Path::new("/usr/bin/chromium").exists(), "install Debian's chromium first (.ci/run does)");
+    let n = node().await;
+    let artifacts = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("browser-artifacts/support");
+    let run = tokio::process::Command::new("node").arg(dir.join("support.mjs")).arg(n.http()).arg(&artifacts).current_dir(&dir).output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(240), run)
+        .await
+        .map_err(|_| anyhow::anyhow!("the browser flows did not finish within 240 s"))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.success() && stdout.contains("support ok"),
+        "browser flows failed (screenshots in {})\nstdout: {stdout}\nstderr: {stderr}",
+        artifacts.display()
+    );
+    Ok(())
+}

@@ -25,6 +25,7 @@ mod quic;
 mod recall;
 mod router;
 mod security;
+mod support;
 mod tls;
 mod ws;
 

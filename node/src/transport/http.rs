@@ -59,6 +59,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/index.html", get(index))
         .route("/v1/openapi.json", get(openapi))
         .merge(api)
+        .merge(super::support_http::routes(Arc::clone(&core)))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_HTTP_BODY))
         .with_state(core)
@@ -117,7 +118,7 @@ async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, json_body(&json!({ "code": Status::NotFound.code(), "msg": Status::NotFound.msg() })))
 }
 
-fn json_body(v: &Value) -> Response {
+pub(super) fn json_body(v: &Value) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"))], v.to_string()).into_response()
 }
 
@@ -126,17 +127,13 @@ fn raw_json(status: StatusCode, body: Vec<u8>) -> Response {
 }
 
 /// Whether the caller presented the API key (or none is configured, which only dev allows).
-fn authorized(core: &Core, headers: &HeaderMap) -> bool {
+pub(super) fn authorized(core: &Core, headers: &HeaderMap) -> bool {
     let Some(key) = &core.config.api_key else { return true };
     let presented = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .or_else(|| headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")));
-    presented.is_some_and(|p| constant_time_eq(p.as_bytes(), key.as_bytes()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    presented.is_some_and(|p| crate::auth::constant_time_eq(p.as_bytes(), key.as_bytes()))
 }
 
 async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -158,7 +155,7 @@ async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request,
 
 /// The caller's IP: the socket's peer, or behind a proxy (Fly's or kefu-router, which
 /// `replay_writes` says the node runs behind) the `Fly-Client-IP` the proxy sets.
-fn client_ip(core: &Core, req: &axum::extract::Request) -> Option<std::net::IpAddr> {
+pub(super) fn client_ip(core: &Core, req: &axum::extract::Request) -> Option<std::net::IpAddr> {
     let forwarded = || req.headers().get("fly-client-ip")?.to_str().ok()?.trim().parse().ok();
     if core.config.replay_writes {
         if let Some(ip) = forwarded() {
@@ -168,7 +165,7 @@ fn client_ip(core: &Core, req: &axum::extract::Request) -> Option<std::net::IpAd
     req.extensions().get::<Peer>().map(|Peer(peer)| peer.ip())
 }
 
-fn rate_limited() -> Response {
+pub(super) fn rate_limited() -> Response {
     (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")], code_only(Status::RateLimited)).into_response()
 }
 
@@ -431,7 +428,7 @@ async fn v1_group(State(core): State<Arc<Core>>, Path(group): Path<String>) -> R
 }
 
 /// An error answer: HTTP status, kefu code and message, and what was wrong.
-fn error_reply(http: StatusCode, status: Status, error: impl std::fmt::Display) -> Response {
+pub(super) fn error_reply(http: StatusCode, status: Status, error: impl std::fmt::Display) -> Response {
     (http, json_body(&json!({ "code": status.code(), "msg": status.msg(), "error": error.to_string() }))).into_response()
 }
 

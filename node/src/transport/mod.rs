@@ -8,6 +8,7 @@
 pub mod h3;
 pub mod http;
 pub mod quic;
+pub mod support_http;
 pub mod tcp;
 pub mod tls;
 pub mod webtransport;

@@ -1,0 +1,263 @@
+// Customer service in a real Chromium: a host page on another origin embeds widget.js, agents work
+// in /console/. Usage: node support.mjs NODE_URL ARTIFACTS_DIR
+// Prints "support ok" when every flow passed; screenshots go to ARTIFACTS_DIR.
+import { chromium } from "playwright-core";
+import http from "node:http";
+import crypto from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
+
+const node = (process.argv[2] || "").replace(/\/$/, "");
+const artifacts = process.argv[3] || "/tmp/kefu-browser-artifacts";
+if (!node) throw new Error("usage: node support.mjs http://127.0.0.1:PORT ARTIFACTS_DIR");
+fs.mkdirSync(artifacts, { recursive: true });
+const T = { timeout: 20000 };
+
+async function call(method, p, body, token) {
+  const headers = { "Content-Type": "application/json" };
+  if (token) headers.Authorization = "Bearer " + token;
+  const r = await fetch(node + p, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await r.text();
+  if (!r.ok) throw new Error(`${method} ${p}: ${r.status} ${text}`);
+  return text ? JSON.parse(text) : null;
+}
+async function until(what, f, ms = 20000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await f();
+    if (v) return v;
+    if (Date.now() > end) throw new Error("timed out waiting for " + what);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+const conv = (id) => call("GET", "/v1/conversations/" + id);
+
+// The host site: another origin, a page per inbox, the widget by one script tag. `setUser` before
+// the script loads goes through the documented stub, so the call is queued, not lost.
+const host = http.createServer((req, res) => {
+  const u = new URL(req.url, "http://x");
+  const inbox = u.searchParams.get("inbox");
+  const user = u.searchParams.get("user");
+  const stub = user
+    ? `<script>window.kefu=window.kefu||{q:[]};["setUser","open","close","reset"].forEach(function(m){window.kefu[m]=window.kefu[m]||function(){window.kefu.q.push([m,[].slice.call(arguments)])}});` +
+      `kefu.setUser(${JSON.stringify(user)},${u.searchParams.get("info")});</script>`
+    : "";
+  res.setHeader("Content-Type", "text/html; charset=utf-8");
+  res.end(`<!doctype html><html><head><meta name="viewport" content="width=device-width"><style>button{background:red!important;font-size:40px!important}</style></head>` +
+    `<body><h1>Shop</h1>${stub}<script src="${node}/widget.js" data-inbox="${inbox}" async></script></body></html>`);
+});
+await new Promise((r) => host.listen(0, "127.0.0.1", r));
+const site = `http://127.0.0.1:${host.address().port}/`;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"],
+});
+const shot = (page, name) => page.screenshot({ path: path.join(artifacts, name + ".png") });
+const widgetText = (page) => page.evaluate(() => document.querySelector("[data-kefu]").shadowRoot.textContent);
+
+async function visitorPage(inbox, query = "", ctx) {
+  const context = ctx || (await browser.newContext());
+  const page = await context.newPage();
+  await page.goto(site + "?inbox=" + inbox + query);
+  await page.waitForSelector("[data-testid=kefu-launcher]", T);
+  return page;
+}
+async function console_(id) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(node + "/console/");
+  await page.fill("[data-testid=cs-login-user]", id);
+  await page.fill("[data-testid=cs-login-password]", "pw");
+  await page.click("[data-testid=cs-login-submit]");
+  await page.waitForSelector("[data-testid=cs-status]", { state: "visible", ...T });
+  return page;
+}
+async function agent(id, limit, teams) {
+  await call("POST", "/v1/users", { id, password: "pw", role: "agent" });
+  await call("PUT", "/v1/agents/" + id, { limit, teams: teams || [] });
+}
+async function write(page, text) {
+  await page.fill("[data-testid=kefu-input]", text);
+  await page.click("[data-testid=kefu-send]");
+}
+
+try {
+  // 0. The widget is small: under 30 KB gzipped, served to any origin.
+  const js = await fetch(node + "/widget.js");
+  const gz = (await import("node:zlib")).gzipSync(Buffer.from(await js.arrayBuffer()), { level: 9 }).length;
+  if (gz >= 30 * 1024) throw new Error(`widget.js is ${gz} bytes gzipped`);
+  if (js.headers.get("access-control-allow-origin") !== "*") throw new Error("widget.js is not served to other origins");
+
+  // 1. Nobody online: the offline form's message becomes a conversation.
+  const night = await call("POST", "/v1/inboxes", { name: "Night shop", away_message: "We are closed" });
+  const away = await visitorPage(night.website_token);
+  await away.click("[data-testid=kefu-launcher]");
+  await away.waitForSelector("[data-testid=kefu-offline-form]", { state: "visible", ...T });
+  await away.fill("[data-testid=kefu-offline-form] input[name=name]", "Olga");
+  await away.fill("[data-testid=kefu-offline-form] input[name=email]", "olga@example.com");
+  await away.fill("[data-testid=kefu-offline-form] textarea", "Call me back tomorrow");
+  await shot(away, "01-offline-form");
+  await away.click("[data-testid=kefu-offline-form] button");
+  await away.waitForSelector('[data-testid=kefu-message][data-from=visitor]:has-text("Call me back tomorrow")', T);
+  const queuedNight = await until("the offline message queued", async () => (await call("GET", "/v1/conversations?status=queued")).conversations.find((c) => c.visitorName === "Olga"));
+  if (queuedNight.visitorEmail !== "olga@example.com") throw new Error("the offline form's email was not kept");
+
+  // 2. One visitor, one agent: chat with typing and read receipts both ways.
+  const shop = await call("POST", "/v1/inboxes", { name: "Shop", greeting: "Hi! How can we help?" });
+  await agent("ann", 2);
+  const ann = await console_("ann");
+  // Olga's offline message was waiting: Ann takes it as soon as she is online.
+  await until("Olga assigned to ann", async () => (await conv(queuedNight.id)).assignee === "ann");
+  const vis = await visitorPage(shop.website_token);
+  await vis.click("[data-testid=kefu-launcher]");
+  await vis.waitForSelector("[data-testid=kefu-panel]", { state: "visible", ...T });
+  await write(vis, "Where is my parcel?");
+  await ann.click('#views button[data-view=mine]');
+  const item = await ann.waitForSelector('[data-testid=cs-conversation]:has-text("v-")', T);
+  const visitorConv = await item.getAttribute("data-id");
+  await ann.click(`[data-testid=cs-conversation][data-id="${visitorConv}"]`);
+  await ann.waitForSelector('[data-testid=cs-message][data-from=visitor]:has-text("Where is my parcel?")', T);
+  await vis.type("[data-testid=kefu-input]", "it was due", { delay: 20 });
+  await ann.waitForSelector("#typing:has-text('typing')", T);
+  await vis.fill("[data-testid=kefu-input]", "");
+  await ann.type("[data-testid=cs-reply]", "Let me check", { delay: 20 });
+  await vis.waitForSelector("[data-testid=kefu-typing]:has-text('typing')", T);
+  await ann.click("[data-testid=cs-send]");
+  await vis.waitForSelector('[data-testid=kefu-message][data-from=agent]:has-text("Let me check")', T);
+  // The open panel read it; the console shows it seen.
+  await ann.waitForSelector("[data-testid=cs-read]", T);
+  // The agent's console read the visitor's message; the widget shows it seen.
+  await vis.waitForSelector("[data-testid=kefu-read]", T);
+  await shot(vis, "02-visitor-chat");
+  await shot(ann, "02-agent-console");
+
+  // 3. A reload and a dropped connection lose nothing and repeat nothing.
+  await vis.reload();
+  await vis.click("[data-testid=kefu-launcher]");
+  await vis.waitForSelector('[data-testid=kefu-message][data-from=agent]:has-text("Let me check")', T);
+  const before = await vis.locator("[data-testid=kefu-message]").count();
+  await call("POST", "/api/user/close?userid=" + (await conv(visitorConv)).visitor);
+  await call("POST", "/v1/messages", { from: "ann", groupId: visitorConv, content: "sent while you were away" });
+  await vis.waitForSelector('[data-testid=kefu-message][data-from=agent]:has-text("sent while you were away")', T);
+  await write(vis, "back again");
+  await ann.waitForSelector('[data-testid=cs-message][data-from=visitor]:has-text("back again")', T);
+  const after = await vis.locator("[data-testid=kefu-message]").count();
+  if (after !== before + 2) throw new Error(`expected ${before + 2} messages after the drop, saw ${after}`);
+  // Closed panel: an unread badge.
+  await vis.click("[data-testid=kefu-launcher]");
+  await call("POST", "/v1/messages", { from: "ann", groupId: visitorConv, content: "one more" });
+  await until("the unread badge", () => vis.evaluate(() => document.querySelector("[data-kefu]").shadowRoot.querySelector(".b").textContent === "1"));
+
+  // 4. Transfer with a note the visitor never sees; resolve; CSAT once.
+  await agent("ben", 2);
+  const ben = await console_("ben");
+  await ann.reload();
+  await ann.waitForSelector("[data-testid=cs-status]", { state: "visible", ...T });
+  await ann.click(`[data-testid=cs-conversation][data-id="${visitorConv}"]`);
+  await ann.waitForSelector('#to option[value="agent:ben"]', { state: "attached", ...T });
+  await ann.selectOption("#to", "agent:ben");
+  await ann.fill("[data-testid=cs-note]", "secret: refund approved");
+  await ann.click("[data-testid=cs-transfer]");
+  await until("ben assigned", async () => (await conv(visitorConv)).assignee === "ben");
+  await ben.click('#views button[data-view=mine]');
+  await ben.click(`[data-testid=cs-conversation][data-id="${visitorConv}"]`);
+  await ben.waitForSelector('.note:has-text("secret: refund approved")', T);
+  await ben.fill("[data-testid=cs-reply]", "Ben here, refunded");
+  await ben.click("[data-testid=cs-send]");
+  await vis.click("[data-testid=kefu-launcher]");
+  await vis.waitForSelector('[data-testid=kefu-message]:has-text("Ben here, refunded")', T);
+  if ((await widgetText(vis)).includes("secret")) throw new Error("the visitor saw the internal note");
+  await ben.click("[data-testid=cs-resolve]");
+  await vis.waitForSelector("[data-testid=kefu-csat]", { state: "visible", ...T });
+  await shot(vis, "04-csat");
+  await vis.click('[data-testid=kefu-csat] [data-rating="5"]');
+  await vis.fill("[data-testid=kefu-csat] textarea", "great");
+  await vis.click("[data-testid=kefu-csat] button[type=submit]");
+  await vis.waitForSelector("[data-testid=kefu-csat]", { state: "hidden", ...T });
+  const rated = await conv(visitorConv);
+  if (!rated.csat || rated.csat.rating !== 5) throw new Error("rating not stored: " + JSON.stringify(rated.csat));
+  await vis.reload();
+  await vis.click("[data-testid=kefu-launcher]");
+  await vis.waitForSelector('[data-testid=kefu-message]:has-text("Ben here, refunded")', T);
+  if (await vis.locator("[data-testid=kefu-csat]").isVisible()) throw new Error("CSAT asked twice");
+
+  // 5. Three agents with limit 2 and seven visitors: 2/2/2, one queued with its position.
+  const busy = await call("POST", "/v1/inboxes", { name: "Busy" });
+  for (const a of ["ann", "ben"]) await call("PUT", "/v1/agents/" + a, { status: "busy" });
+  const crew = [];
+  for (const a of ["kim", "lee", "max"]) {
+    await agent(a, 2);
+    crew.push(await console_(a));
+  }
+  const seven = [];
+  for (let i = 0; i < 7; i++) {
+    const p = await visitorPage(busy.website_token);
+    await p.click("[data-testid=kefu-launcher]");
+    await write(p, "visitor " + i);
+    await p.waitForSelector('[data-testid=kefu-message][data-from=visitor]', T);
+    const id = await until("visitor " + i + " routed", async () => {
+      const all = (await call("GET", "/v1/conversations?inbox=" + busy.id)).conversations;
+      const mine = all.filter((c) => c.status !== "new");
+      return mine.length === i + 1 ? mine.map((c) => c.id) : null;
+    });
+    seven.push(p);
+  }
+  const loads = await until("2/2/2", async () => {
+    const a = (await call("GET", "/v1/agents")).agents.filter((x) => ["kim", "lee", "max"].includes(x.id)).map((x) => x.open);
+    return a.join() === "2,2,2" ? a : null;
+  });
+  const last = seven[6];
+  await last.waitForSelector("[data-testid=kefu-queue-position]:has-text('1')", T);
+  await shot(last, "05-queue-position");
+  // Kim resolves one of hers in the console: the queued visitor is hers at once.
+  const kim = crew[0];
+  await kim.click('#views button[data-view=mine]');
+  await kim.click("[data-testid=cs-conversation] >> nth=0");
+  await kim.click("[data-testid=cs-resolve]");
+  await last.waitForSelector("[data-testid=kefu-queue-position]", { state: "hidden", ...T });
+  await kim.click('#views button[data-view=mine]');
+  await until("the queued one assigned to kim", async () => {
+    const q = (await call("GET", "/v1/conversations?status=queued&inbox=" + busy.id)).conversations;
+    const k = (await call("GET", "/v1/conversations?status=open&assignee=kim")).conversations;
+    return q.length === 0 && k.length === 2;
+  });
+  await write(last, "finally");
+  await kim.waitForSelector('[data-testid=cs-conversation]', T);
+
+  // 6. A verified visitor continues the same conversation from a second browser.
+  const bank = await call("POST", "/v1/inboxes", { name: "Bank", hmac_required: true });
+  const secret = (await call("GET", "/v1/inboxes/" + bank.id)).hmac_secret;
+  const hash = crypto.createHmac("sha256", secret).update("cust-7").digest("hex");
+  const info = encodeURIComponent(JSON.stringify({ name: "Dana", identifier_hash: hash }));
+  const phone = await visitorPage(bank.website_token, "&user=cust-7&info=" + info);
+  await phone.click("[data-testid=kefu-launcher]");
+  await write(phone, "from my phone");
+  await phone.waitForSelector('[data-testid=kefu-message]:has-text("from my phone")', T);
+  const laptop = await visitorPage(bank.website_token, "&user=cust-7&info=" + info);
+  await laptop.click("[data-testid=kefu-launcher]");
+  await laptop.waitForSelector('[data-testid=kefu-message][data-from=visitor]:has-text("from my phone")', T);
+  await shot(laptop, "06-second-device");
+
+  // 7. A phone-sized viewport: the panel fills the screen and the input stays in view.
+  const small = await browser.newContext({ viewport: { width: 375, height: 667 }, isMobile: true, hasTouch: true });
+  const mobile = await visitorPage(shop.website_token, "", small);
+  await mobile.click("[data-testid=kefu-launcher]");
+  const box = await mobile.evaluate(() => {
+    const r = document.querySelector("[data-kefu]").shadowRoot;
+    const p = r.querySelector("[data-testid=kefu-panel]").getBoundingClientRect();
+    const i = r.querySelector("[data-testid=kefu-input]").getBoundingClientRect();
+    return { pw: p.width, ph: p.height, ib: i.bottom, vh: window.innerHeight };
+  });
+  if (box.pw < 370 || box.ph < 600 || box.ib > box.vh) throw new Error("mobile layout: " + JSON.stringify(box));
+  await shot(mobile, "07-mobile");
+  console.log("support ok");
+} catch (e) {
+  for (const [i, ctx] of browser.contexts().entries()) {
+    for (const [j, p] of ctx.pages().entries()) await p.screenshot({ path: path.join(artifacts, `failure-${i}-${j}.png`) }).catch(() => {});
+  }
+  throw e;
+} finally {
+  await browser.close();
+  host.close();
+}
