@@ -132,6 +132,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     let tasks = TaskTracker::new();
     tasks.spawn(fanout::run(Arc::clone(&core), feed, shutdown.clone()));
     tasks.spawn(support::run(Arc::clone(&core), shutdown.clone()));
+    tasks.spawn(support::webhooks::run(Arc::clone(&core), shutdown.clone()));
     let handle = NodeHandle {
         jim_addr: jim.local_addr()?,
         admin_addr: admin.local_addr()?,

@@ -159,6 +159,7 @@ enum WriteOp {
     },
     EditUser(String, UserEdit, oneshot::Sender<Result<Option<UserRecord>>>),
     EditRecord(String, String, RecordEdit, oneshot::Sender<Result<Option<Record>>>),
+    Outbox(OutboxOp, oneshot::Sender<Result<bool>>),
     CreateGroup {
         group: String,
         name: Option<String>,
@@ -181,6 +182,43 @@ enum WriteOp {
     Import(Vec<StoredMessage>, oneshot::Sender<Result<bool>>),
     Apply(String, ChangeBatch, oneshot::Sender<Result<bool>>),
     ForgetPeer(String, oneshot::Sender<Result<bool>>),
+}
+
+/// A webhook delivery waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Delivery id (`X-Kefu-Delivery`).
+    pub id: String,
+    /// The inbox whose secret signs it.
+    pub inbox: String,
+    /// Where it goes.
+    pub url: String,
+    /// The JSON body.
+    pub body: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When to try next, epoch ms.
+    pub next_at: i64,
+}
+
+/// A change to the webhook outbox (local rows: no revision, never replicated).
+#[derive(Debug)]
+pub enum OutboxOp {
+    /// New deliveries.
+    Add(Vec<OutboxRow>),
+    /// Delivered: gone.
+    Done(String),
+    /// A customer-service message was handled (see `support_pending`).
+    Handled(ConversationId, u64),
+    /// Failed: try again at `next_at`.
+    Retry {
+        /// Delivery id.
+        id: String,
+        /// Failed attempts now.
+        attempts: u32,
+        /// Next try, epoch ms.
+        next_at: i64,
+    },
 }
 
 /// A reserved place in the write queue ([`Store::reserve`]).
@@ -400,6 +438,47 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::EditRecord(kind.to_string(), id.to_string(), Box::new(edit), tx)).await?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Changes the webhook outbox.
+    pub async fn outbox(&self, op: OutboxOp) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Outbox(op, tx)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Customer-service messages not handled yet (after a crash), oldest first.
+    pub async fn support_pending(&self, limit: u32) -> Result<Vec<StoredMessage>> {
+        let conn = self.reader().await;
+        let sql = format!(
+            "SELECT {MSG_COLS} FROM support_pending p JOIN messages m ON m.conversation = p.conversation AND m.seq = p.seq \
+             ORDER BY m.created_at LIMIT ?1"
+        );
+        let rows = conn.query(&sql, params![i64::from(limit)]).await?;
+        collect_messages(rows).await
+    }
+
+    /// Deliveries due at `now`, oldest first, at most `limit`.
+    pub async fn outbox_due(&self, now: i64, limit: u32) -> Result<Vec<OutboxRow>> {
+        let conn = self.reader().await;
+        let mut rows = conn
+            .query(
+                "SELECT id, inbox, url, body, attempts, next_at FROM webhook_outbox WHERE next_at <= ?1 ORDER BY next_at LIMIT ?2",
+                params![now, i64::from(limit)],
+            )
+            .await?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await? {
+            out.push(OutboxRow {
+                id: row.get(0)?,
+                inbox: row.get(1)?,
+                url: row.get(2)?,
+                body: row.get(3)?,
+                attempts: u32::try_from(row.get::<i64>(4)?).unwrap_or(u32::MAX),
+                next_at: row.get(5)?,
+            });
+        }
+        Ok(out)
     }
 
     /// A record by kind and id.
@@ -1271,6 +1350,7 @@ impl Writer {
                 (WriteOp::Recall { reply, .. }, Done::Recall(_, slot)) => *slot = reply,
                 (WriteOp::EditUser(_, _, reply), Done::User(_, slot)) => *slot = reply,
                 (WriteOp::EditRecord(_, _, _, reply), Done::Record(_, slot)) => *slot = reply,
+                (WriteOp::Outbox(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::CreateGroup { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::SetMember { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
@@ -1332,6 +1412,47 @@ impl Writer {
                     None => None,
                 };
                 Done::Record(written, oneshot::channel().0)
+            }
+            WriteOp::Outbox(op, _) => {
+                let n = match op {
+                    OutboxOp::Add(rows) => {
+                        let mut n = 0;
+                        for r in rows {
+                            n += self
+                                .exec(
+                                    "INSERT OR IGNORE INTO webhook_outbox (id, inbox, url, body, attempts, next_at, created_at) \
+                                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                                    params![
+                                        r.id.as_str(),
+                                        r.inbox.as_str(),
+                                        r.url.as_str(),
+                                        r.body.as_str(),
+                                        i64::from(r.attempts),
+                                        r.next_at,
+                                        now_ms()
+                                    ],
+                                )
+                                .await?;
+                        }
+                        n
+                    }
+                    OutboxOp::Done(id) => self.exec("DELETE FROM webhook_outbox WHERE id = ?1", params![id.as_str()]).await?,
+                    OutboxOp::Handled(conversation, seq) => {
+                        self.exec(
+                            "DELETE FROM support_pending WHERE conversation = ?1 AND seq = ?2",
+                            params![conversation.as_str(), to_i64(*seq)],
+                        )
+                        .await?
+                    }
+                    OutboxOp::Retry { id, attempts, next_at } => {
+                        self.exec(
+                            "UPDATE webhook_outbox SET attempts = ?2, next_at = ?3 WHERE id = ?1",
+                            params![id.as_str(), i64::from(*attempts), *next_at],
+                        )
+                        .await?
+                    }
+                };
+                Done::Flag(n > 0, oneshot::channel().0)
             }
             WriteOp::Import(messages, _) => {
                 for m in messages {
@@ -1725,6 +1846,13 @@ impl Writer {
         if seq == 1 {
             self.add_private_participants(&stored).await?;
         }
+        if stored.group_id.as_deref().is_some_and(|g| g.starts_with(schema::conversation::SUPPORT_GROUP_PREFIX)) {
+            self.exec(
+                "INSERT OR IGNORE INTO support_pending (conversation, seq) VALUES (?1, ?2)",
+                params![stored.conversation.as_str(), to_i64(seq)],
+            )
+            .await?;
+        }
         self.pending_changes.push((true, Change::Message(stored.clone())));
         Ok((stored, false))
     }
@@ -1829,6 +1957,7 @@ fn fail(op: WriteOp) {
         | WriteOp::CreateGroup { reply, .. }
         | WriteOp::SetMember { reply, .. }
         | WriteOp::Import(_, reply)
+        | WriteOp::Outbox(_, reply)
         | WriteOp::Apply(_, _, reply)
         | WriteOp::ForgetPeer(_, reply) => drop(reply.send(Err(retry()))),
         WriteOp::Cursor { reply: Some(reply), .. } => drop(reply.send(Err(retry()))),

@@ -169,7 +169,7 @@
     var pos = conv.status === "queued" && conv.queuePosition;
     queue.hidden = !pos;
     if (pos) queue.textContent = "You are number " + pos + " in the queue";
-    var away = session && !session.agentsOnline && conv.status === "new" && !Object.keys(seen).length;
+    var away = session && !(session.agentsOnline && session.open !== false) && conv.status === "new" && !Object.keys(seen).length;
     offline.hidden = !away;
     composer.hidden = !!away;
     if (away) offline.querySelector(".w").textContent = (session.inbox && session.inbox.awayMessage) || "We are away. Leave a message and we will get back to you.";

@@ -5,6 +5,10 @@ use std::fmt;
 use std::sync::Arc;
 
 /// The id of a conversation. Cheap to clone.
+/// Groups whose id starts with this are customer-service conversations: the node that sequences
+/// a message in one also records it for its customer-service handling (queueing, webhooks).
+pub const SUPPORT_GROUP_PREFIX: &str = "cs-";
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConversationId(Arc<str>);
 

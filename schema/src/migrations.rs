@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 4, name: "accounts", sql: include_str!("../migrations/0004_accounts.sql") },
     Migration { version: 5, name: "group_access", sql: include_str!("../migrations/0005_group_access.sql") },
     Migration { version: 6, name: "records", sql: include_str!("../migrations/0006_records.sql") },
+    Migration { version: 7, name: "webhook_outbox", sql: include_str!("../migrations/0007_webhook_outbox.sql") },
 ];
 
 #[cfg(test)]

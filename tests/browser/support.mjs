@@ -49,6 +49,20 @@ const host = http.createServer((req, res) => {
 await new Promise((r) => host.listen(0, "127.0.0.1", r));
 const site = `http://127.0.0.1:${host.address().port}/`;
 
+// A webhook receiver that keeps what it gets.
+const hooks = [];
+const receiver = http.createServer((req, res) => {
+  let body = "";
+  req.on("data", (c) => (body += c));
+  req.on("end", () => {
+    hooks.push({ headers: req.headers, body });
+    res.statusCode = 204;
+    res.end();
+  });
+});
+await new Promise((r) => receiver.listen(0, "127.0.0.1", r));
+const hookUrl = `http://127.0.0.1:${receiver.address().port}/hooks`;
+
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"],
@@ -90,7 +104,7 @@ try {
   if (js.headers.get("access-control-allow-origin") !== "*") throw new Error("widget.js is not served to other origins");
 
   // 1. Nobody online: the offline form's message becomes a conversation.
-  const night = await call("POST", "/v1/inboxes", { name: "Night shop", away_message: "We are closed" });
+  const night = await call("POST", "/v1/inboxes", { name: "Night shop", away_message: "We are closed", webhooks: [hookUrl] });
   const away = await visitorPage(night.website_token);
   await away.click("[data-testid=kefu-launcher]");
   await away.waitForSelector("[data-testid=kefu-offline-form]", { state: "visible", ...T });
@@ -102,6 +116,13 @@ try {
   await away.waitForSelector('[data-testid=kefu-message][data-from=visitor]:has-text("Call me back tomorrow")', T);
   const queuedNight = await until("the offline message queued", async () => (await call("GET", "/v1/conversations?status=queued")).conversations.find((c) => c.visitorName === "Olga"));
   if (queuedNight.visitorEmail !== "olga@example.com") throw new Error("the offline form's email was not kept");
+  // Its signed webhook, checked as a receiver would.
+  const hook = await until("the offline-message webhook", async () => hooks.find((h) => JSON.parse(h.body).event === "visitor.offline_message"));
+  const ts = hook.headers["x-kefu-timestamp"];
+  const want = "sha256=" + crypto.createHmac("sha256", night.webhook_secret).update(ts + "." + hook.body).digest("hex");
+  if (hook.headers["x-kefu-signature"] !== want) throw new Error("bad webhook signature");
+  const sent = JSON.parse(hook.body);
+  if (sent.data.visitor.email !== "olga@example.com" || sent.data.message !== "Call me back tomorrow") throw new Error("webhook body: " + hook.body);
 
   // 2. One visitor, one agent: chat with typing and read receipts both ways.
   const shop = await call("POST", "/v1/inboxes", { name: "Shop", greeting: "Hi! How can we help?" });
@@ -260,4 +281,5 @@ try {
 } finally {
   await browser.close();
   host.close();
+  receiver.close();
 }

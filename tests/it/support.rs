@@ -357,3 +357,140 @@ async fn canned_replies_permissions_and_the_widget_preflight() -> anyhow::Result
     assert_eq!(pre.headers()["access-control-allow-origin"], "*");
     Ok(())
 }
+
+/// What a test receiver got: (headers, body).
+type Got = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>;
+
+/// A webhook receiver on `listener` that refuses the first `refuse` posts with a 500.
+fn receiver(listener: tokio::net::TcpListener, refuse: usize) -> (Got, tokio::task::JoinHandle<()>) {
+    let got: Got = Default::default();
+    let seen = std::sync::Arc::clone(&got);
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let (seen, count) = (std::sync::Arc::clone(&seen), std::sync::Arc::clone(&count));
+            async move {
+                if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < refuse {
+                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                seen.lock().unwrap().push((headers, body));
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    (got, tokio::spawn(async move { drop(axum::serve(listener, app).await) }))
+}
+
+fn signed(secret: &str, headers: &axum::http::HeaderMap, body: &str) -> bool {
+    use hmac::{Hmac, Mac};
+    let ts = headers["x-kefu-timestamp"].to_str().unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{body}").as_bytes());
+    let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    headers["x-kefu-signature"].to_str().unwrap() == format!("sha256={want}")
+}
+
+fn events(got: &Got) -> Vec<Value> {
+    got.lock().unwrap().iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn webhooks_are_signed_retried_and_kept_across_a_restart() -> anyhow::Result<()> {
+    let mut n = node().await;
+    let api = Api::new(&n);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let inbox = api.inbox(json!({"name": "Hooked", "webhooks": [url]})).await?;
+    let secret = inbox["webhook_secret"].as_str().unwrap().to_string();
+    let (got, server) = receiver(listener, 1);
+    let (_agent, token) = api.agent(&n, "hank", 2).await?;
+    let (session, mut visitor) = api.visitor(&n, json!({"inbox": inbox["website_token"]})).await?;
+    let id = conv_id(&session);
+    say(&mut visitor, &id, "hello hooks").await?;
+    eventually(WAIT, || async { status_of(&api, &id).await.filter(|(s, _)| s == "open") }).await?;
+    api.post(&format!("/v1/conversations/{id}/resolve"), Some(&token), json!({})).await?;
+    api.post("/v1/widget/csat", session["token"].as_str(), json!({"rating": 5})).await?;
+    let wanted = ["message.created", "conversation.created", "conversation.assigned", "conversation.resolved", "csat.submitted"];
+    eventually(WAIT, || async {
+        let names: Vec<String> = events(&got).iter().filter_map(|e| e["event"].as_str().map(str::to_string)).collect();
+        wanted.iter().all(|w| names.iter().any(|n| n == w)).then_some(())
+    })
+    .await?;
+    for (headers, body) in got.lock().unwrap().iter() {
+        assert!(signed(&secret, headers, body), "signature of {body}");
+        let e: Value = serde_json::from_str(body)?;
+        assert_eq!(headers["x-kefu-delivery"].to_str()?, e["delivery"].as_str().unwrap());
+        assert_eq!(e["data"]["conversation"]["id"], id.as_str());
+    }
+    let created = events(&got).into_iter().find(|e| e["event"] == "message.created").unwrap();
+    assert_eq!(
+        (created["data"]["message"]["content"].as_str(), created["data"]["fromVisitor"].as_bool()),
+        (Some("hello hooks"), Some(true))
+    );
+
+    // The receiver goes away; an event waits in the outbox through kill -9 and a restart.
+    server.abort();
+    let _ = server.await;
+    let port = url.trim_start_matches("http://127.0.0.1:").trim_end_matches("/hook").parse::<u16>()?;
+    say(&mut visitor, &id, "while the receiver is down").await?;
+    n.kill().await?;
+    n.restart().await?;
+    let api = Api::new(&n);
+    let listener = eventually(WAIT, || async { tokio::net::TcpListener::bind(("127.0.0.1", port)).await.ok() }).await?;
+    let (got, _server) = receiver(listener, 0);
+    let late = eventually(Duration::from_secs(40), || async {
+        events(&got).into_iter().find(|e| e["data"]["message"]["content"] == "while the receiver is down")
+    })
+    .await?;
+    assert_eq!(late["event"], "message.created");
+    // A bad URL is refused when set.
+    let (status, _) = api
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/v1/inboxes/{}", inbox["id"].as_str().unwrap()),
+            None,
+            Some(json!({"webhooks": ["ftp://x"]})),
+        )
+        .await?;
+    assert_eq!(status, 400);
+    Ok(())
+}
+
+#[tokio::test]
+async fn outside_business_hours_the_widget_offers_the_form_and_the_away_reply_comes_once() -> anyhow::Result<()> {
+    let n = node().await;
+    let api = Api::new(&n);
+    // Open on no day at all: always closed.
+    let inbox =
+        api.inbox(json!({"name": "Closed", "away_message": "Back on Monday", "hours": {"time_zone": "Asia/Shanghai", "days": {}}})).await?;
+    let (_agent, _) = api.agent(&n, "oscar", 2).await?;
+    let (session, mut visitor) = api.visitor(&n, json!({"inbox": inbox["website_token"]})).await?;
+    assert_eq!((session["open"].as_bool(), session["agentsOnline"].as_bool()), (Some(false), Some(true)));
+    let id = conv_id(&session);
+    say(&mut visitor, &id, "anyone?").await?;
+    let away = loop {
+        let m = visitor.recv_cmd(11).await?;
+        if m["data"]["content"] == "Back on Monday" {
+            break m;
+        }
+    };
+    assert_eq!(away["data"]["from"], inbox["id"]);
+    say(&mut visitor, &id, "hello again").await?;
+    // The second message gets no second away reply: the next message the visitor sees is an agent's.
+    eventually(WAIT, || async { status_of(&api, &id).await.filter(|(s, _)| s == "open") }).await?;
+    api.post("/v1/messages", None, json!({"from": "oscar", "groupId": id, "content": "I am here anyway"})).await?;
+    loop {
+        let m = visitor.recv_cmd(11).await?;
+        assert_ne!(m["data"]["content"], "Back on Monday", "the away reply came twice");
+        if m["data"]["content"] == "I am here anyway" {
+            break;
+        }
+    }
+    // Hours are checked when set.
+    let (status, body) = api
+        .call(reqwest::Method::POST, "/v1/inboxes", None, Some(json!({"name": "x", "hours": {"time_zone": "Nowhere/Land", "days": {}}})))
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    Ok(())
+}

@@ -8,8 +8,10 @@
 //! `cs-` groups over, at the conversation's owner), on a local change, and once a second, which
 //! also picks up changes replicated from other nodes and agents coming and going.
 
+pub mod hours;
 pub mod model;
 pub mod routing;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use model::{Agent, AgentStatus, Canned, Conversation, Event, Inbox, Status, Visi
 /// The conversation whose owner node runs the router (a name no group can clash with).
 pub const ROUTING_KEY: &str = "cs:router";
 /// Group ids of customer-service conversations start with this.
-pub const GROUP_PREFIX: &str = "cs-";
+pub const GROUP_PREFIX: &str = schema::conversation::SUPPORT_GROUP_PREFIX;
 /// How often the router looks again without being woken.
 const TICK: Duration = Duration::from_secs(1);
 /// Visitor messages waiting for the router; past it the fan-out hands them over from a task.
@@ -58,6 +60,8 @@ type Result<T, E = SupportError> = std::result::Result<T, E>;
 /// The router's inputs, shared with the dispatcher's `Core`.
 pub struct Support {
     wake: Notify,
+    /// Wakes the webhook deliverer.
+    pub webhooks: Notify,
     messages: mpsc::Sender<Arc<StoredMessage>>,
     inbox: std::sync::Mutex<Option<mpsc::Receiver<Arc<StoredMessage>>>>,
     /// How long an assignee may be offline before their conversations go back to the queue.
@@ -68,7 +72,7 @@ impl Support {
     /// The router's inputs; [`run`] takes the receiving end.
     pub fn new(grace: Duration) -> Support {
         let (tx, rx) = mpsc::channel(MESSAGE_QUEUE);
-        Support { wake: Notify::new(), messages: tx, inbox: std::sync::Mutex::new(Some(rx)), grace }
+        Support { wake: Notify::new(), webhooks: Notify::new(), messages: tx, inbox: std::sync::Mutex::new(Some(rx)), grace }
     }
 
     /// A message committed here in a `cs-` group (the fan-out calls this; never blocks it).
@@ -230,14 +234,98 @@ pub struct NewInbox {
     /// Ask for a rating after resolution (default on).
     #[serde(default)]
     pub csat: Option<bool>,
+    /// Business hours.
+    #[serde(default)]
+    pub hours: Option<hours::Hours>,
+    /// Webhook URLs.
+    #[serde(default)]
+    pub webhooks: Vec<String>,
+}
+
+/// Fields to change on an inbox (`PATCH /v1/inboxes/{id}`); absent ones stay.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxPatch {
+    /// Shown to visitors.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Refuse unverified `setUser` calls.
+    #[serde(default)]
+    pub hmac_required: Option<bool>,
+    /// The first line a visitor sees.
+    #[serde(default)]
+    pub greeting: Option<String>,
+    /// Shown when no agent is available.
+    #[serde(default)]
+    pub away_message: Option<String>,
+    /// Ask for a rating after resolution.
+    #[serde(default)]
+    pub csat: Option<bool>,
+    /// Business hours (`null` clears them: always open).
+    #[serde(default, deserialize_with = "present")]
+    pub hours: Option<Option<hours::Hours>>,
+    /// Webhook URLs (replaces the list).
+    #[serde(default)]
+    pub webhooks: Option<Vec<String>>,
+}
+
+/// A field given as `null` is `Some(None)`, an absent one `None`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::result::Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+fn check_inbox(i: &Inbox) -> Result<()> {
+    if i.name.trim().is_empty() || i.name.len() > 200 {
+        return Err(SupportError::Invalid("name: 1 to 200 characters".into()));
+    }
+    if let Some(h) = &i.hours {
+        h.validate().map_err(SupportError::Invalid)?;
+    }
+    if i.webhooks.len() > 10 {
+        return Err(SupportError::Invalid("webhooks: at most 10 URLs".into()));
+    }
+    for url in &i.webhooks {
+        let ok = url.parse::<axum::http::Uri>().is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !ok {
+            return Err(SupportError::Invalid(format!("webhook {url:?}: an http or https URL")));
+        }
+    }
+    Ok(())
+}
+
+/// Changes an inbox's settings.
+pub async fn patch_inbox(core: &Core, id: &str, patch: InboxPatch) -> Result<Inbox> {
+    let mut next = inbox(core, id).await?;
+    if let Some(v) = patch.name {
+        next.name = v.trim().to_string();
+    }
+    if let Some(v) = patch.hmac_required {
+        next.hmac_required = v;
+    }
+    if let Some(v) = patch.greeting {
+        next.greeting = Some(v).filter(|g| !g.is_empty());
+    }
+    if let Some(v) = patch.away_message {
+        next.away_message = Some(v).filter(|g| !g.is_empty());
+    }
+    if let Some(v) = patch.csat {
+        next.csat = v;
+    }
+    if let Some(v) = patch.hours {
+        next.hours = v;
+    }
+    if let Some(v) = patch.webhooks {
+        next.webhooks = v;
+    }
+    check_inbox(&next)?;
+    let n = next.clone();
+    edit::<Inbox>(core, model::INBOX, id, move |c| c.map(|_| n.clone())).await?;
+    Ok(next)
 }
 
 /// Creates an inbox with a new website token and HMAC secret.
 pub async fn create_inbox(core: &Core, new: NewInbox) -> Result<Inbox> {
     let name = new.name.trim().to_string();
-    if name.is_empty() || name.len() > 200 {
-        return Err(SupportError::Invalid("name: 1 to 200 characters".into()));
-    }
     let inbox = Inbox {
         id: format!("in-{}", model::random_hex(8)),
         name,
@@ -247,7 +335,11 @@ pub async fn create_inbox(core: &Core, new: NewInbox) -> Result<Inbox> {
         greeting: new.greeting,
         away_message: new.away_message,
         csat: new.csat.unwrap_or(true),
+        hours: new.hours,
+        webhooks: new.webhooks,
+        webhook_secret: model::random_hex(32),
     };
+    check_inbox(&inbox)?;
     let i = inbox.clone();
     edit::<Inbox>(core, model::INBOX, &inbox.id, move |c| c.is_none().then(|| i.clone())).await?;
     Ok(inbox)
@@ -432,6 +524,7 @@ pub async fn widget_session(core: &Core, start: WidgetStart) -> Result<Value> {
         "conversation": visitor_view(&conversation, position),
         "inbox": { "name": inbox.name, "greeting": inbox.greeting, "awayMessage": inbox.away_message, "csat": inbox.csat },
         "agentsOnline": any_agent_available(core).await,
+        "open": inbox.hours.as_ref().is_none_or(|h| h.is_open(now_ms())),
     });
     if let Some(s) = secret {
         out["secret"] = json!(s);
@@ -479,6 +572,7 @@ async fn ensure_conversation(core: &Core, inbox: &Inbox, visitor: &str) -> Resul
         resolved_at: None,
         snoozed_until: None,
         csat: None,
+        away_replied_at: None,
     };
     edit::<Conversation>(core, model::CONVERSATION, &id, move |c| c.is_none().then(|| fresh.clone())).await?;
     get(core, model::CONVERSATION, &id).await?.ok_or_else(|| SupportError::NotFound(format!("no conversation {id}")))
@@ -539,20 +633,52 @@ pub async fn offline_message(core: &Core, visitor: &str, name: Option<String>, e
     })
     .await?;
     let id = model::conversation_id(&v.inbox, visitor);
-    let sender = crate::dispatch::Sender { id: visitor, nick: name.clone(), avatar: None, in_hub: false, conn: None };
+    let stored = post(core, visitor, name.clone(), &id, message, false).await?;
+    if let Ok(inbox) = inbox(core, &v.inbox).await {
+        let data = json!({ "conversation": id, "visitor": { "id": visitor, "name": name, "email": email }, "message": message });
+        webhooks::emit(core, &inbox, "visitor.offline_message", data).await;
+    }
+    Ok(json!({ "conversation": id, "message": stored }))
+}
+
+/// Sends `text` into a conversation as `from` through the dispatcher (so it is sequenced by the
+/// conversation's owner like any chat). `trusted` skips the membership check, for the inbox's own
+/// replies. Returns the success reply's data (id, seq).
+async fn post(core: &Core, from: &str, nick: Option<String>, conversation: &str, text: &str, trusted: bool) -> Result<Value> {
+    let sender = crate::dispatch::Sender { id: from, nick, avatar: None, in_hub: false, conn: None };
     let chat = jim::ChatReq {
         client_id: None,
         from: None,
-        target: jim::Target::Group(id.clone()),
+        target: jim::Target::Group(conversation.to_string()),
         msg_type: 0,
-        content: message.to_string(),
+        content: text.to_string(),
         extras: None,
     };
-    let reply: Value = serde_json::from_slice(&core.send_chat(&sender, chat).await).unwrap_or_default();
+    let reply = if trusted {
+        match core.prepare_chat(&sender, chat, Some(true)) {
+            Ok(pending) => pending.await,
+            Err(reply) => reply,
+        }
+    } else {
+        core.send_chat(&sender, chat).await
+    };
+    let reply: Value = serde_json::from_slice(&reply).unwrap_or_default();
     if reply["code"] != 10000 {
         return Err(SupportError::Store(StoreError::Corrupt(format!("the message was not stored: {reply}"))));
     }
-    Ok(json!({ "conversation": id, "message": reply["data"] }))
+    Ok(reply["data"].clone())
+}
+
+/// Queues a webhook event about a conversation for its inbox's URLs.
+async fn event(core: &Core, c: &Conversation, name: &str, mut data: Value) {
+    let Ok(inbox) = inbox(core, &c.inbox).await else { return };
+    if inbox.webhooks.is_empty() {
+        return;
+    }
+    if let Ok(view) = agent_view(core, c).await {
+        data["conversation"] = view;
+    }
+    webhooks::emit(core, &inbox, name, data).await;
 }
 
 /// Records the visitor's rating of a resolved conversation, once.
@@ -570,7 +696,9 @@ pub async fn rate(core: &Core, visitor: &str, rating: u8, comment: Option<String
         true
     })
     .await?;
-    written.ok_or_else(|| SupportError::Invalid("only a resolved conversation is rated, and only once".into()))
+    let c = written.ok_or_else(|| SupportError::Invalid("only a resolved conversation is rated, and only once".into()))?;
+    event(core, &c, "csat.submitted", json!({ "rating": rating, "comment": c.csat.as_ref().and_then(|x| x.comment.clone()) })).await;
+    Ok(c)
 }
 
 // -- agents' actions ------------------------------------------------------------------------
@@ -680,6 +808,9 @@ pub async fn transfer(core: &Core, id: &str, by: &str, to: Transfer) -> Result<V
         add_event(core, id, "note", Some(by), note).await?;
     }
     add_event(core, id, "activity", Some(by), line).await?;
+    if let Some(agent) = &after.assignee {
+        event(core, &after, "conversation.assigned", json!({ "agent": agent, "by": by })).await;
+    }
     agent_view(core, &after).await
 }
 
@@ -703,6 +834,7 @@ pub async fn resolve(core: &Core, id: &str, by: &str) -> Result<Value> {
     .await?;
     let Some(after) = after else { return Err(SupportError::Invalid(format!("{id} is resolved already, or unknown"))) };
     add_event(core, id, "activity", Some(by), format!("resolved by {by}")).await?;
+    event(core, &after, "conversation.resolved", json!({ "by": by })).await;
     agent_view(core, &after).await
 }
 
@@ -807,17 +939,22 @@ pub async fn run(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken)
     let taken = core.support.inbox.lock().map(|mut rx| rx.take()).unwrap_or(None);
     let Some(mut messages) = taken else { return };
     let mut state = RouterState::default();
+    // Messages a crash left unhandled (their rows were committed with them).
+    match core.store.support_pending(10_000).await {
+        Ok(left) => {
+            for m in left {
+                handle(&core, &m).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading unhandled customer-service messages failed"),
+    }
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             m = messages.recv() => match m {
-                Some(m) => {
-                    if let Err(e) = on_message(&core, &m).await {
-                        tracing::warn!(error = %e, "customer-service message hook failed");
-                    }
-                }
+                Some(m) => handle(&core, &m).await,
                 None => return,
             },
             _ = core.support.wake.notified() => {}
@@ -831,6 +968,18 @@ pub async fn run(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken)
     }
 }
 
+/// Handles a message and marks it handled; one that fails stays for the next start.
+async fn handle(core: &Core, m: &StoredMessage) {
+    match on_message(core, m).await {
+        Ok(()) => {
+            if let Err(e) = core.store.outbox(crate::store::OutboxOp::Handled(m.conversation.clone(), m.seq)).await {
+                tracing::warn!(error = %e, "marking a customer-service message handled failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "customer-service message hook failed"),
+    }
+}
+
 /// What the router remembers between passes.
 #[derive(Default)]
 struct RouterState {
@@ -840,14 +989,19 @@ struct RouterState {
     told: HashMap<String, usize>,
 }
 
-/// A visitor wrote: a new conversation joins the queue, a resolved or snoozed one reopens.
+/// A message in a conversation (at its owner, once): the webhook; and when the visitor wrote, a
+/// new conversation joins the queue, a resolved or snoozed one reopens, and outside business
+/// hours or with nobody online the out-of-office reply goes out (at most once a day).
 async fn on_message(core: &Core, m: &StoredMessage) -> Result<()> {
     let Some(group) = m.group_id.as_deref() else { return Ok(()) };
     let Some(c) = get::<Conversation>(core, model::CONVERSATION, group).await? else { return Ok(()) };
+    let message = json!({ "id": m.id, "seq": m.seq, "from": m.sender, "content": m.content, "createdTime": m.created_at });
+    event(core, &c, "message.created", json!({ "message": message, "fromVisitor": m.sender == c.visitor })).await;
     if m.sender != c.visitor {
         return Ok(());
     }
-    update(core, group, |c| match c.status {
+    let before = c.status;
+    let after = update(core, group, |c| match c.status {
         Status::New | Status::Resolved => {
             c.status = Status::Queued;
             c.queued_at = now_ms();
@@ -863,6 +1017,37 @@ async fn on_message(core: &Core, m: &StoredMessage) -> Result<()> {
         Status::Queued | Status::Open => false,
     })
     .await?;
+    if let (Status::New, Some(c)) = (before, &after) {
+        event(core, c, "conversation.created", json!({})).await;
+    }
+    away_reply(core, &c).await
+}
+
+/// Tells the visitor nobody is there, if so, at most once a day per conversation.
+async fn away_reply(core: &Core, c: &Conversation) -> Result<()> {
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+    let inbox = inbox(core, &c.inbox).await?;
+    let now = now_ms();
+    let open = inbox.hours.as_ref().is_none_or(|h| h.is_open(now));
+    if open && any_agent_available(core).await {
+        return Ok(());
+    }
+    if c.away_replied_at.is_some_and(|t| now - t < DAY_MS) {
+        return Ok(());
+    }
+    let marked = update(core, &c.id, move |c| {
+        if c.away_replied_at.is_some_and(|t| now - t < DAY_MS) {
+            return false;
+        }
+        c.away_replied_at = Some(now);
+        true
+    })
+    .await?;
+    if marked.is_some() {
+        let text =
+            inbox.away_message.clone().unwrap_or_else(|| "We are away right now; we will answer here as soon as we are back.".into());
+        post(core, &inbox.id, Some(inbox.name.clone()), &c.id, &text, true).await?;
+    }
     Ok(())
 }
 
@@ -950,6 +1135,9 @@ async fn route(core: &Core, state: &mut RouterState) -> Result<()> {
         })
         .await?;
         add_event(core, conversation, "activity", None, format!("assigned to {agent}")).await?;
+        if let Some(c) = &assigned {
+            event(core, c, "conversation.assigned", json!({ "agent": agent })).await;
+        }
     }
     // The rest of the queue learns where it stands.
     let still: Vec<&routing::Waiting<'_>> = waiting.iter().filter(|w| !plan.iter().any(|(c, _)| *c == w.id)).collect();

@@ -41,6 +41,15 @@ pub struct Inbox {
     /// Ask for a rating after resolution.
     #[serde(default = "yes")]
     pub csat: bool,
+    /// When agents are there; none: always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hours: Option<super::hours::Hours>,
+    /// Where events are posted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<String>,
+    /// Signs the webhook posts.
+    #[serde(default)]
+    pub webhook_secret: String,
 }
 
 fn yes() -> bool {
@@ -189,6 +198,9 @@ pub struct Conversation {
     /// The visitor's rating, once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csat: Option<Csat>,
+    /// When the out-of-office reply was last sent (at most once a day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub away_replied_at: Option<i64>,
 }
 
 /// A note (agents only; never sent to the visitor) or an activity line (assigned, transferred,
@@ -224,7 +236,7 @@ pub struct Canned {
 
 /// The conversation of a visitor with an inbox: the same id on every node and device.
 pub fn conversation_id(inbox: &str, visitor: &str) -> String {
-    format!("cs-{}", short_hash(&[inbox, visitor]))
+    format!("{}{}", schema::conversation::SUPPORT_GROUP_PREFIX, short_hash(&[inbox, visitor]))
 }
 
 /// The visitor id of a verified host-site user: the same on every node and device.

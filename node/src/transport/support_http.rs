@@ -35,7 +35,7 @@ pub fn routes(core: Arc<Core>) -> Router<Arc<Core>> {
         .layer(axum::middleware::from_fn(any_origin));
     let api = Router::new()
         .route("/v1/inboxes", post(create_inbox).get(list_inboxes))
-        .route("/v1/inboxes/{inbox}", get(get_inbox))
+        .route("/v1/inboxes/{inbox}", get(get_inbox).patch(patch_inbox))
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/{user}", put(put_agent))
         .route("/v1/conversations", get(list_conversations))
@@ -193,7 +193,7 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
 /// An inbox without its secrets, for agents.
 fn public_inbox(i: &model::Inbox) -> Value {
     json!({ "id": i.id, "name": i.name, "website_token": i.website_token, "hmac_required": i.hmac_required,
-            "greeting": i.greeting, "away_message": i.away_message, "csat": i.csat })
+            "greeting": i.greeting, "away_message": i.away_message, "csat": i.csat, "hours": i.hours })
 }
 
 async fn create_inbox(State(core): State<Arc<Core>>, headers: HeaderMap, bytes: axum::body::Bytes) -> Response {
@@ -229,6 +229,17 @@ async fn get_inbox(State(core): State<Arc<Core>>, headers: HeaderMap, Path(id): 
     };
     let full = matches!(caller, Caller::Admin | Caller::Agent { admin: true, .. });
     answer(support::inbox(&core, &id).await.map(|i| if full { serde_json::to_value(&i).unwrap_or_default() } else { public_inbox(&i) }))
+}
+
+async fn patch_inbox(State(core): State<Arc<Core>>, headers: HeaderMap, Path(id): Path<String>, bytes: axum::body::Bytes) -> Response {
+    if let Err(r) = admin(&core, &headers).await {
+        return r;
+    }
+    let patch = match body(&bytes) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    answer(support::patch_inbox(&core, &id, patch).await.map(|i| serde_json::to_value(i).unwrap_or_default()))
 }
 
 async fn list_agents(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
