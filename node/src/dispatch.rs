@@ -379,6 +379,10 @@ impl Core {
         let token = self.tokens.issue(&user.id, epoch, SystemTime::now());
         let data = json!({ "token": token, "userId": user.id });
         tracing::info!(user = %user.id, transport = s.conn.transport.name(), "logged in");
+        if user.privileged() {
+            // An agent coming online may take queued conversations at once.
+            self.support.wake();
+        }
         s.user = Some(user);
         Outcome::reply(command, jim::resp(command, ok_status, Some(data)))
     }

@@ -150,8 +150,33 @@ try {
   await ann.waitForSelector("[data-testid=cs-read]", T);
   // The agent's console read the visitor's message; the widget shows it seen.
   await vis.waitForSelector("[data-testid=kefu-read]", T);
+  // A canned reply: "/" in the reply box offers it.
+  await call("PUT", "/v1/canned/wait", { text: "Thanks for waiting!" });
+  await ann.fill("[data-testid=cs-reply]", "");
+  await ann.type("[data-testid=cs-reply]", "/wa");
+  await ann.click("[data-testid=cs-canned]", T);
+  await ann.click("[data-testid=cs-send]");
+  await vis.waitForSelector('[data-testid=kefu-message][data-from=agent]:has-text("Thanks for waiting!")', T);
+  // The host page's styles do not reach the widget (the page makes every button red).
+  const bg = await vis.evaluate(() => getComputedStyle(document.querySelector("[data-kefu]").shadowRoot.querySelector("[data-testid=kefu-launcher]")).backgroundColor);
+  if (bg === "rgb(255, 0, 0)") throw new Error("the host page's styles leaked into the widget");
   await shot(vis, "02-visitor-chat");
   await shot(ann, "02-agent-console");
+  // A second tab of the same browser: the same conversation, for the visitor and for the agent.
+  const tab = await vis.context().newPage();
+  await tab.goto(site + "?inbox=" + shop.website_token);
+  await tab.click("[data-testid=kefu-launcher]", T);
+  await tab.waitForSelector('[data-testid=kefu-message][data-from=agent]:has-text("Thanks for waiting!")', T);
+  const annTab = await ann.context().newPage();
+  await annTab.goto(node + "/console/");
+  await annTab.waitForSelector("[data-testid=cs-status]", { state: "visible", ...T });
+  await annTab.click(`[data-testid=cs-conversation][data-id="${visitorConv}"]`);
+  await write(tab, "from my second tab");
+  await annTab.waitForSelector('[data-testid=cs-message][data-from=visitor]:has-text("from my second tab")', T);
+  await ann.waitForSelector('[data-testid=cs-message][data-from=visitor]:has-text("from my second tab")', T);
+  await vis.waitForSelector('[data-testid=kefu-message][data-from=visitor]:has-text("from my second tab")', T);
+  await tab.close();
+  await annTab.close();
 
   // 3. A reload and a dropped connection lose nothing and repeat nothing.
   await vis.reload();

@@ -60,6 +60,7 @@ async fn v1_api_matches_its_openapi_document() -> anyhow::Result<()> {
         "/v1/inboxes",
         "/v1/inboxes/{inbox}",
         "/v1/agents",
+        "/v1/teams",
         "/v1/agents/{user}",
         "/v1/conversations",
         "/v1/conversations/{conversation}",

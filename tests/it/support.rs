@@ -337,6 +337,9 @@ async fn canned_replies_permissions_and_the_widget_preflight() -> anyhow::Result
     assert_eq!(status, 403);
     let (status, v) = api.call(reqwest::Method::PUT, "/v1/agents/agt", Some(&token), Some(json!({"status": "busy"}))).await?;
     assert_eq!((status, v["status"].as_str()), (200, Some("busy")));
+    api.call(reqwest::Method::PUT, "/v1/agents/agt", None, Some(json!({"teams": ["billing"]}))).await?;
+    let teams = api.get("/v1/teams", Some(&token)).await?;
+    assert_eq!(teams["teams"], json!([{"name": "billing", "agents": ["agt"], "online": 0}]), "busy is not online");
     let inbox = api.inbox(json!({"name": "Secretive"})).await?;
     let seen = api.get(&format!("/v1/inboxes/{}", inbox["id"].as_str().unwrap()), Some(&token)).await?;
     assert!(seen.get("hmac_secret").is_none(), "{seen}");

@@ -421,6 +421,24 @@ pub async fn agents(core: &Core) -> Result<Vec<Value>> {
         .collect())
 }
 
+/// The teams named on agents, each with its members and how many of them take conversations now.
+pub async fn teams(core: &Core) -> Result<Vec<Value>> {
+    let agents: Vec<Agent> = list(core, model::AGENT, None).await?;
+    let mut teams: std::collections::BTreeMap<&str, Vec<&Agent>> = std::collections::BTreeMap::new();
+    for a in &agents {
+        for t in &a.teams {
+            teams.entry(t.as_str()).or_default().push(a);
+        }
+    }
+    Ok(teams
+        .into_iter()
+        .map(|(name, members)| {
+            let online = members.iter().filter(|a| effective_status(core, a) == "online").count();
+            json!({ "name": name, "agents": members.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), "online": online })
+        })
+        .collect())
+}
+
 fn effective_status(core: &Core, a: &Agent) -> &'static str {
     match (core.hub.is_online_anywhere(&a.id), a.status) {
         (false, _) => "offline",
@@ -703,14 +721,21 @@ pub async fn rate(core: &Core, visitor: &str, rating: u8, comment: Option<String
 
 // -- agents' actions ------------------------------------------------------------------------
 
-/// Conversations, newest first, filtered by status, inbox and assignee.
-pub async fn conversations(core: &Core, status: Option<Status>, inbox: Option<&str>, assignee: Option<&str>) -> Result<Vec<Value>> {
+/// Conversations, newest first, filtered by status, inbox and assignee, at most `limit`.
+pub async fn conversations(
+    core: &Core,
+    status: Option<Status>,
+    inbox: Option<&str>,
+    assignee: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Value>> {
     let mut out: Vec<Conversation> = Vec::new();
     for s in status.map_or(Status::ALL.to_vec(), |s| vec![s]) {
         out.extend(list::<Conversation>(core, model::CONVERSATION, Some(s.name())).await?);
     }
     out.retain(|c| inbox.is_none_or(|i| c.inbox == i) && assignee.is_none_or(|a| c.assignee.as_deref() == Some(a)));
     out.sort_by_key(|c| std::cmp::Reverse(c.queued_at.max(c.created_at)));
+    out.truncate(limit);
     let mut views = Vec::with_capacity(out.len());
     for c in &out {
         views.push(agent_view(core, c).await?);

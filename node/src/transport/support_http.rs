@@ -37,6 +37,7 @@ pub fn routes(core: Arc<Core>) -> Router<Arc<Core>> {
         .route("/v1/inboxes", post(create_inbox).get(list_inboxes))
         .route("/v1/inboxes/{inbox}", get(get_inbox).patch(patch_inbox))
         .route("/v1/agents", get(list_agents))
+        .route("/v1/teams", get(list_teams))
         .route("/v1/agents/{user}", put(put_agent))
         .route("/v1/conversations", get(list_conversations))
         .route("/v1/conversations/{conversation}", get(get_conversation))
@@ -242,6 +243,13 @@ async fn patch_inbox(State(core): State<Arc<Core>>, headers: HeaderMap, Path(id)
     answer(support::patch_inbox(&core, &id, patch).await.map(|i| serde_json::to_value(i).unwrap_or_default()))
 }
 
+async fn list_teams(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
+    if let Err(r) = staff(&core, &headers).await {
+        return r;
+    }
+    answer(support::teams(&core).await.map(|t| json!({ "teams": t })))
+}
+
 async fn list_agents(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
     if let Err(r) = staff(&core, &headers).await {
         return r;
@@ -278,6 +286,8 @@ struct ConversationFilter {
     inbox: Option<String>,
     #[serde(default)]
     assignee: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
 }
 
 async fn list_conversations(State(core): State<Arc<Core>>, headers: HeaderMap, Query(f): Query<ConversationFilter>) -> Response {
@@ -296,7 +306,10 @@ async fn list_conversations(State(core): State<Arc<Core>>, headers: HeaderMap, Q
         Some("me") => Some(caller.name().to_string()),
         other => other.map(str::to_string),
     };
-    answer(support::conversations(&core, status, f.inbox.as_deref(), assignee.as_deref()).await.map(|c| json!({ "conversations": c })))
+    let limit = f.limit.unwrap_or(200).clamp(1, 1000);
+    answer(
+        support::conversations(&core, status, f.inbox.as_deref(), assignee.as_deref(), limit).await.map(|c| json!({ "conversations": c })),
+    )
 }
 
 async fn get_conversation(State(core): State<Arc<Core>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
