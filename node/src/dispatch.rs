@@ -168,6 +168,7 @@ fn visitor_may(req: &Request) -> bool {
         }
         Request::JoinGroup { .. } | Request::LeaveGroup { .. } | Request::Close { user_id: Some(_) } | Request::Recall { .. } => false,
         Request::GetMessage(q) => q.group.is_some(),
+        Request::GetUser { .. } => false,
         _ => true,
     }
 }
@@ -447,6 +448,10 @@ impl Core {
     // -- groups --------------------------------------------------------------------------------
 
     async fn join(&self, user: &UserCtx, group: &str, name: Option<String>) -> Outcome {
+        // Customer-service conversations are made by the node, never by a join.
+        if crate::support::is_support_group(group) && !self.store.is_member(group, &user.id).await.unwrap_or(false) {
+            return Outcome::status(Command::JoinGroupResp, Status::JoinGroupFailed);
+        }
         // A closed group takes members through the admin API only; to anyone else it is not there.
         match self.store.group_info(group).await {
             Ok(Some(info)) if info.closed => match self.store.is_member(group, &user.id).await {

@@ -447,14 +447,15 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Customer-service messages not handled yet (after a crash), oldest first.
-    pub async fn support_pending(&self, limit: u32) -> Result<Vec<StoredMessage>> {
+    /// Customer-service messages created before `before_ms` and not handled yet (after a crash,
+    /// or a handling that failed), oldest first.
+    pub async fn support_pending(&self, before_ms: i64, limit: u32) -> Result<Vec<StoredMessage>> {
         let conn = self.reader().await;
         let sql = format!(
             "SELECT {MSG_COLS} FROM support_pending p JOIN messages m ON m.conversation = p.conversation AND m.seq = p.seq \
-             ORDER BY m.created_at LIMIT ?1"
+             WHERE m.created_at < ?1 ORDER BY m.created_at LIMIT ?2"
         );
-        let rows = conn.query(&sql, params![i64::from(limit)]).await?;
+        let rows = conn.query(&sql, params![before_ms, i64::from(limit)]).await?;
         collect_messages(rows).await
     }
 

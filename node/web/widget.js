@@ -169,7 +169,8 @@
     var pos = conv.status === "queued" && conv.queuePosition;
     queue.hidden = !pos;
     if (pos) queue.textContent = "You are number " + pos + " in the queue";
-    var away = session && !(session.agentsOnline && session.open !== false) && conv.status === "new" && !Object.keys(seen).length;
+    // Nobody there (closed, or no agent online) and nobody on it yet: the form instead.
+    var away = session && !(session.agentsOnline && session.open !== false) && (conv.status === "new" || conv.status === "resolved");
     offline.hidden = !away;
     composer.hidden = !!away;
     if (away) offline.querySelector(".w").textContent = (session.inbox && session.inbox.awayMessage) || "We are away. Leave a message and we will get back to you.";
@@ -328,6 +329,19 @@
     });
   };
   document.addEventListener("visibilitychange", markRead);
+  // While the form is up, look again now and then: agents come online, hours begin.
+  setInterval(function () {
+    if (!session || offline.hidden) return;
+    fetch(origin + "/v1/widget/conversation", { headers: { Authorization: "Bearer " + session.token } })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (v) {
+        if (!v) return;
+        session.agentsOnline = v.agentsOnline;
+        session.open = v.open;
+        render();
+      })
+      .catch(function () {});
+  }, 20000);
 
   function open() {
     mount();

@@ -31,6 +31,8 @@ async function until(what, f, ms = 20000) {
   }
 }
 const conv = (id) => call("GET", "/v1/conversations/" + id);
+const started = Date.now();
+const step = (name) => console.error(`[${((Date.now() - started) / 1000).toFixed(1)} s] ${name}`);
 
 // The host site: another origin, a page per inbox, the widget by one script tag. `setUser` before
 // the script loads goes through the documented stub, so the call is queued, not lost.
@@ -97,12 +99,14 @@ async function write(page, text) {
 }
 
 try {
+  step("0. The widget is small: under 30 ");
   // 0. The widget is small: under 30 KB gzipped, served to any origin.
   const js = await fetch(node + "/widget.js");
   const gz = (await import("node:zlib")).gzipSync(Buffer.from(await js.arrayBuffer()), { level: 9 }).length;
   if (gz >= 30 * 1024) throw new Error(`widget.js is ${gz} bytes gzipped`);
   if (js.headers.get("access-control-allow-origin") !== "*") throw new Error("widget.js is not served to other origins");
 
+  step("1. offline form");
   // 1. Nobody online: the offline form's message becomes a conversation.
   const night = await call("POST", "/v1/inboxes", { name: "Night shop", away_message: "We are closed", webhooks: [hookUrl] });
   const away = await visitorPage(night.website_token);
@@ -124,6 +128,7 @@ try {
   const sent = JSON.parse(hook.body);
   if (sent.data.visitor.email !== "olga@example.com" || sent.data.message !== "Call me back tomorrow") throw new Error("webhook body: " + hook.body);
 
+  step("2. One visitor, one agent: chat w");
   // 2. One visitor, one agent: chat with typing and read receipts both ways.
   const shop = await call("POST", "/v1/inboxes", { name: "Shop", greeting: "Hi! How can we help?" });
   await agent("ann", 2);
@@ -178,6 +183,7 @@ try {
   await tab.close();
   await annTab.close();
 
+  step("3. A reload and a dropped connect");
   // 3. A reload and a dropped connection lose nothing and repeat nothing.
   await vis.reload();
   await vis.click("[data-testid=kefu-launcher]");
@@ -195,6 +201,7 @@ try {
   await call("POST", "/v1/messages", { from: "ann", groupId: visitorConv, content: "one more" });
   await until("the unread badge", () => vis.evaluate(() => document.querySelector("[data-kefu]").shadowRoot.querySelector(".b").textContent === "1"));
 
+  step("4. Transfer with a note the visit");
   // 4. Transfer with a note the visitor never sees; resolve; CSAT once.
   await agent("ben", 2);
   const ben = await console_("ben");
@@ -228,6 +235,7 @@ try {
   await vis.waitForSelector('[data-testid=kefu-message]:has-text("Ben here, refunded")', T);
   if (await vis.locator("[data-testid=kefu-csat]").isVisible()) throw new Error("CSAT asked twice");
 
+  step("5. Three agents with limit 2 and ");
   // 5. Three agents with limit 2 and seven visitors: 2/2/2, one queued with its position.
   const busy = await call("POST", "/v1/inboxes", { name: "Busy" });
   for (const a of ["ann", "ben"]) await call("PUT", "/v1/agents/" + a, { status: "busy" });
@@ -271,6 +279,7 @@ try {
   await write(last, "finally");
   await kim.waitForSelector('[data-testid=cs-conversation]', T);
 
+  step("6. A verified visitor continues t");
   // 6. A verified visitor continues the same conversation from a second browser.
   const bank = await call("POST", "/v1/inboxes", { name: "Bank", hmac_required: true });
   const secret = (await call("GET", "/v1/inboxes/" + bank.id)).hmac_secret;
@@ -285,6 +294,7 @@ try {
   await laptop.waitForSelector('[data-testid=kefu-message][data-from=visitor]:has-text("from my phone")', T);
   await shot(laptop, "06-second-device");
 
+  step("7. A phone-sized viewport: the pa");
   // 7. A phone-sized viewport: the panel fills the screen and the input stays in view.
   const small = await browser.newContext({ viewport: { width: 375, height: 667 }, isMobile: true, hasTouch: true });
   const mobile = await visitorPage(shop.website_token, "", small);

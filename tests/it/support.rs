@@ -348,6 +348,18 @@ async fn canned_replies_permissions_and_the_widget_preflight() -> anyhow::Result
     let vt = session["token"].as_str().unwrap();
     let (status, _) = api.call(reqwest::Method::GET, "/v1/conversations", Some(vt), None).await?;
     assert_eq!(status, 403);
+    // Nobody can make a customer-service conversation's group before the node does.
+    let squatted = "cs-0123456789abcdef01234567";
+    let mut squatter = n.ws_login("squatter").await?;
+    squatter.send(json!({"cmd": 7, "groupId": squatted})).await?;
+    assert_eq!(squatter.recv_cmd(8).await?["code"], 10012, "join refused");
+    let (status, _) = api.call(reqwest::Method::POST, "/v1/groups", None, Some(json!({"id": squatted, "access": "open"}))).await?;
+    assert_eq!(status, 400);
+    // A visitor does not look users up.
+    let mut v = WsClient::connect(&format!("{}/?token={vt}", n.ws())).await?;
+    v.recv_cmd(6).await?;
+    v.send(json!({"cmd": 17, "userId": "agt", "type": 2})).await?;
+    assert_eq!(v.recv_cmd(18).await?["code"], 11001);
     // The widget's routes answer a cross-origin preflight.
     let pre = api
         .http

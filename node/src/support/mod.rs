@@ -35,8 +35,10 @@ pub const ROUTING_KEY: &str = "cs:router";
 pub const GROUP_PREFIX: &str = schema::conversation::SUPPORT_GROUP_PREFIX;
 /// How often the router looks again without being woken.
 const TICK: Duration = Duration::from_secs(1);
-/// Visitor messages waiting for the router; past it the fan-out hands them over from a task.
+/// Visitor messages waiting for the router; past it they wait in `support_pending` for the retry.
 const MESSAGE_QUEUE: usize = 4096;
+/// How often messages whose handling failed (or did not fit the queue) are tried again.
+const RETRY: Duration = Duration::from_secs(10);
 
 /// Why a customer-service request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +77,11 @@ impl Support {
         Support { wake: Notify::new(), webhooks: Notify::new(), messages: tx, inbox: std::sync::Mutex::new(Some(rx)), grace }
     }
 
-    /// A message committed here in a `cs-` group (the fan-out calls this; never blocks it).
+    /// A message committed here in a `cs-` group (the fan-out calls this; never blocks it). When
+    /// the queue is full it is left to the retry: its `support_pending` row is committed already.
     pub fn message_committed(&self, message: &Arc<StoredMessage>) {
-        if let Err(mpsc::error::TrySendError::Full(m)) = self.messages.try_send(Arc::clone(message)) {
-            let tx = self.messages.clone();
-            tokio::spawn(async move { drop(tx.send(m).await) });
+        if self.messages.try_send(Arc::clone(message)).is_err() {
+            tracing::debug!("customer-service queue full; the message waits for the retry");
         }
     }
 
@@ -189,7 +191,8 @@ async fn update(core: &Core, id: &str, f: impl Fn(&mut Conversation) -> bool + S
     })
     .await?;
     if let Some(c) = &written {
-        announce(core, c, None).await;
+        let position = queue_position(core, c).await.unwrap_or(None);
+        announce(core, c, position).await;
         core.support.wake();
     }
     Ok(written)
@@ -293,34 +296,37 @@ fn check_inbox(i: &Inbox) -> Result<()> {
     Ok(())
 }
 
-/// Changes an inbox's settings.
-pub async fn patch_inbox(core: &Core, id: &str, patch: InboxPatch) -> Result<Inbox> {
-    let mut next = inbox(core, id).await?;
-    if let Some(v) = patch.name {
+fn apply_patch(mut next: Inbox, patch: &InboxPatch) -> Inbox {
+    if let Some(v) = &patch.name {
         next.name = v.trim().to_string();
     }
     if let Some(v) = patch.hmac_required {
         next.hmac_required = v;
     }
-    if let Some(v) = patch.greeting {
-        next.greeting = Some(v).filter(|g| !g.is_empty());
+    if let Some(v) = &patch.greeting {
+        next.greeting = Some(v.clone()).filter(|g| !g.is_empty());
     }
-    if let Some(v) = patch.away_message {
-        next.away_message = Some(v).filter(|g| !g.is_empty());
+    if let Some(v) = &patch.away_message {
+        next.away_message = Some(v.clone()).filter(|g| !g.is_empty());
     }
     if let Some(v) = patch.csat {
         next.csat = v;
     }
-    if let Some(v) = patch.hours {
-        next.hours = v;
+    if let Some(v) = &patch.hours {
+        next.hours = v.clone();
     }
-    if let Some(v) = patch.webhooks {
-        next.webhooks = v;
+    if let Some(v) = &patch.webhooks {
+        next.webhooks = v.clone();
     }
-    check_inbox(&next)?;
-    let n = next.clone();
-    edit::<Inbox>(core, model::INBOX, id, move |c| c.map(|_| n.clone())).await?;
-    Ok(next)
+    next
+}
+
+/// Changes an inbox's settings (in one step of the writer: two patches never lose each other's
+/// fields).
+pub async fn patch_inbox(core: &Core, id: &str, patch: InboxPatch) -> Result<Inbox> {
+    check_inbox(&apply_patch(inbox(core, id).await?, &patch))?;
+    let written = edit::<Inbox>(core, model::INBOX, id, move |c| c.map(|c| apply_patch(c, &patch))).await?;
+    written.ok_or_else(|| SupportError::NotFound(format!("no inbox {id}")))
 }
 
 /// Creates an inbox with a new website token and HMAC secret.
@@ -575,7 +581,14 @@ async fn ensure_visitor_user(core: &Core, v: &Visitor) -> Result<UserRecord> {
 
 async fn ensure_conversation(core: &Core, inbox: &Inbox, visitor: &str) -> Result<Conversation> {
     let id = model::conversation_id(&inbox.id, visitor);
-    core.store.create_group(&id, Some(inbox.name.clone()), true, vec![visitor.to_string()]).await?;
+    if !core.store.create_group(&id, Some(inbox.name.clone()), true, vec![visitor.to_string()]).await? {
+        // It exists: it must be a closed group holding the visitor, as this node makes them.
+        let closed = core.store.group_info(&id).await?.is_some_and(|g| g.closed);
+        if !closed {
+            return Err(SupportError::Forbidden(format!("group {id} exists and is not a customer-service conversation")));
+        }
+        core.store.set_member(&id, visitor, true).await?;
+    }
     let fresh = Conversation {
         id: id.clone(),
         inbox: inbox.id.clone(),
@@ -610,7 +623,11 @@ pub async fn visitor_conversation(core: &Core, visitor: &str) -> Result<Value> {
     let c: Conversation =
         get(core, model::CONVERSATION, &id).await?.ok_or_else(|| SupportError::NotFound(format!("no conversation {id}")))?;
     let position = queue_position(core, &c).await?;
-    Ok(visitor_view(&c, position))
+    let mut view = visitor_view(&c, position);
+    let inbox = inbox(core, &v.inbox).await?;
+    view["agentsOnline"] = json!(any_agent_available(core).await);
+    view["open"] = json!(inbox.hours.as_ref().is_none_or(|h| h.is_open(now_ms())));
+    Ok(view)
 }
 
 async fn queue_position(core: &Core, c: &Conversation) -> Result<Option<usize>> {
@@ -795,12 +812,19 @@ pub async fn transfer(core: &Core, id: &str, by: &str, to: Transfer) -> Result<V
             }
             format!("transferred to {agent} by {by}")
         }
-        (None, Some(team)) => format!("transferred to team {team} by {by}"),
+        (None, Some(team)) => {
+            let agents: Vec<Agent> = list(core, model::AGENT, None).await?;
+            if !agents.iter().any(|a| a.teams.iter().any(|t| t == team)) {
+                return Err(SupportError::NotFound(format!("no agent is in team {team}")));
+            }
+            format!("transferred to team {team} by {by}")
+        }
         _ => return Err(SupportError::Invalid("give one of agent or team".into())),
     };
+    let mut added = false;
     if let Some(new) = &to.agent {
         // A member first, so that nothing the visitor writes once it is theirs misses them.
-        core.store.set_member(id, new, true).await?;
+        added = core.store.set_member(id, new, true).await?;
     }
     let (agent, team) = (to.agent.clone(), to.team.clone());
     let after = update(core, id, move |c| {
@@ -824,10 +848,15 @@ pub async fn transfer(core: &Core, id: &str, by: &str, to: Transfer) -> Result<V
         }
         true
     })
-    .await?
-    .ok_or_else(|| SupportError::Invalid(format!("{id} is resolved")))?;
+    .await?;
+    let Some(after) = after else {
+        if let (true, Some(new)) = (added, &to.agent) {
+            drop_member_unless_assigned(core, id, new).await?;
+        }
+        return Err(SupportError::Invalid(format!("{id} is resolved")));
+    };
     if let Some(old) = before.assignee.as_deref().filter(|old| after.assignee.as_deref() != Some(*old)) {
-        core.leave_group(id, old, None).await?;
+        drop_member_unless_assigned(core, id, old).await?;
     }
     if let Some(note) = to.note.filter(|n| !n.trim().is_empty()) {
         add_event(core, id, "note", Some(by), note).await?;
@@ -837,6 +866,17 @@ pub async fn transfer(core: &Core, id: &str, by: &str, to: Transfer) -> Result<V
         event(core, &after, "conversation.assigned", json!({ "agent": agent, "by": by })).await;
     }
     agent_view(core, &after).await
+}
+
+/// Takes `agent` out of a conversation's group unless, as the record stands now, it is theirs
+/// (a transfer back to them may have landed meanwhile).
+async fn drop_member_unless_assigned(core: &Core, id: &str, agent: &str) -> Result<()> {
+    let now: Option<Conversation> = get(core, model::CONVERSATION, id).await?;
+    if now.is_some_and(|c| c.assignee.as_deref() == Some(agent)) {
+        return Ok(());
+    }
+    core.leave_group(id, agent, None).await?;
+    Ok(())
 }
 
 /// Assigns a conversation to an agent (an admin's or the API's choice, past the agent's limit).
@@ -965,23 +1005,27 @@ pub async fn run(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken)
     let Some(mut messages) = taken else { return };
     let mut state = RouterState::default();
     // Messages a crash left unhandled (their rows were committed with them).
-    match core.store.support_pending(10_000).await {
-        Ok(left) => {
-            for m in left {
-                handle(&core, &m).await;
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "reading unhandled customer-service messages failed"),
-    }
+    retry_unhandled(&core, i64::MAX).await;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = tokio::time::interval(RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            m = messages.recv() => match m {
-                Some(m) => handle(&core, &m).await,
-                None => return,
-            },
+            m = messages.recv() => {
+                // Messages first; the changes they make wake the router for one pass after them.
+                match m {
+                    Some(m) => handle(&core, &m).await,
+                    None => return,
+                }
+                continue;
+            }
+            _ = retry.tick() => {
+                // Only what the live path should have handled long since.
+                retry_unhandled(&core, now_ms() - 5000).await;
+                continue;
+            }
             _ = core.support.wake.notified() => {}
             _ = tick.tick() => {}
         }
@@ -993,7 +1037,18 @@ pub async fn run(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken)
     }
 }
 
-/// Handles a message and marks it handled; one that fails stays for the next start.
+async fn retry_unhandled(core: &Core, before_ms: i64) {
+    match core.store.support_pending(before_ms, 1000).await {
+        Ok(left) => {
+            for m in left {
+                handle(core, &m).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading unhandled customer-service messages failed"),
+    }
+}
+
+/// Handles a message and marks it handled; one that fails stays for the retry.
 async fn handle(core: &Core, m: &StoredMessage) {
     match on_message(core, m).await {
         Ok(()) => {
@@ -1019,7 +1074,10 @@ struct RouterState {
 /// hours or with nobody online the out-of-office reply goes out (at most once a day).
 async fn on_message(core: &Core, m: &StoredMessage) -> Result<()> {
     let Some(group) = m.group_id.as_deref() else { return Ok(()) };
-    let Some(c) = get::<Conversation>(core, model::CONVERSATION, group).await? else { return Ok(()) };
+    // Not here yet (its record is still on its way from the node that made it): try again later.
+    let Some(c) = get::<Conversation>(core, model::CONVERSATION, group).await? else {
+        return Err(SupportError::NotFound(format!("no conversation record for {group} yet")));
+    };
     let message = json!({ "id": m.id, "seq": m.seq, "from": m.sender, "content": m.content, "createdTime": m.created_at });
     event(core, &c, "message.created", json!({ "message": message, "fromVisitor": m.sender == c.visitor })).await;
     if m.sender != c.visitor {
@@ -1114,12 +1172,14 @@ async fn route(core: &Core, state: &mut RouterState) -> Result<()> {
             })
             .await?;
             if moved.is_some() {
-                core.leave_group(&c.id, a, None).await?;
+                drop_member_unless_assigned(core, &c.id, a).await?;
                 add_event(core, &c.id, "activity", None, format!("{a} went offline; back in the queue")).await?;
             }
         }
     }
-    let open: Vec<Conversation> = list(core, model::CONVERSATION, Some(Status::Open.name())).await?;
+    // A snoozed conversation comes back to its agent: it counts toward their load.
+    let mut open: Vec<Conversation> = list(core, model::CONVERSATION, Some(Status::Open.name())).await?;
+    open.extend(list::<Conversation>(core, model::CONVERSATION, Some(Status::Snoozed.name())).await?);
     let queued: Vec<Conversation> = list(core, model::CONVERSATION, Some(Status::Queued.name())).await?;
     let seats: Vec<routing::Seat<'_>> = agents
         .iter()
@@ -1136,7 +1196,7 @@ async fn route(core: &Core, state: &mut RouterState) -> Result<()> {
     let plan = routing::plan(&waiting, &seats, now);
     for (conversation, agent) in &plan {
         // A member first, so that nothing the visitor writes once it is assigned misses them.
-        core.store.set_member(conversation, agent, true).await?;
+        let added = core.store.set_member(conversation, agent, true).await?;
         let who = agent.to_string();
         let assigned = update(core, conversation, move |c| {
             if c.status != Status::Queued {
@@ -1148,9 +1208,15 @@ async fn route(core: &Core, state: &mut RouterState) -> Result<()> {
             true
         })
         .await?;
-        if assigned.is_none() {
-            core.store.set_member(conversation, agent, false).await?;
+        let Some(assigned) = assigned else {
+            if added {
+                drop_member_unless_assigned(core, conversation, agent).await?;
+            }
             continue;
+        };
+        // The agent it had before (a reopened or requeued conversation) is no longer in it.
+        if let Some(before) = assigned.last_agent.as_deref().filter(|b| *b != *agent) {
+            drop_member_unless_assigned(core, conversation, before).await?;
         }
         let who = agent.to_string();
         edit::<Agent>(core, model::AGENT, agent, move |a| {
@@ -1160,9 +1226,7 @@ async fn route(core: &Core, state: &mut RouterState) -> Result<()> {
         })
         .await?;
         add_event(core, conversation, "activity", None, format!("assigned to {agent}")).await?;
-        if let Some(c) = &assigned {
-            event(core, c, "conversation.assigned", json!({ "agent": agent })).await;
-        }
+        event(core, &assigned, "conversation.assigned", json!({ "agent": agent })).await;
     }
     // The rest of the queue learns where it stands.
     let still: Vec<&routing::Waiting<'_>> = waiting.iter().filter(|w| !plan.iter().any(|(c, _)| *c == w.id)).collect();

@@ -462,6 +462,13 @@ async fn v1_create_group(State(core): State<Arc<Core>>, body: Result<Json<NewGro
             format!("id {bad:?}: 1 to 64 characters, without ':' or control characters"),
         );
     }
+    if crate::support::is_support_group(&new.id) {
+        return error_reply(
+            StatusCode::BAD_REQUEST,
+            Status::BadRequest,
+            format!("group ids starting with {:?} belong to customer service", crate::support::GROUP_PREFIX),
+        );
+    }
     match core.store.create_group(&new.id, new.name.clone(), closed, new.members.clone()).await {
         Ok(true) => {
             let access = if closed { "closed" } else { "open" };
