@@ -20,6 +20,15 @@ pub type Forwarded = Pin<Box<dyn Future<Output = Result<StoredMessage, Status>> 
 /// A fill of this node's copy of a conversation: whether it reaches what was asked.
 pub type Filled<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 
+/// The answer to a customer-service call: its result, or a status (HTTP-like) and a reason.
+pub type CallResult = Result<serde_json::Value, (u16, String)>;
+
+/// A customer-service call from another node, with where its answer goes.
+pub type RemoteCall = (serde_json::Value, tokio::sync::oneshot::Sender<CallResult>);
+
+/// A customer-service call on its way to the node that runs the router.
+pub type Called<'a> = Pin<Box<dyn Future<Output = CallResult> + Send + 'a>>;
+
 /// What the dispatcher needs from the cluster.
 pub trait Cluster: Send + Sync {
     /// This node's id ("" for a node on its own).
@@ -52,6 +61,10 @@ pub trait Cluster: Send + Sync {
     /// Whether messages sequenced elsewhere are pushed by the cluster as they arrive (otherwise
     /// the fan-out pushes them after they are stored, as for an import on a node on its own).
     fn pushes_replicas(&self) -> bool;
+
+    /// Carries out a customer-service call at the node that owns `conversation` (only asked when
+    /// this node does not).
+    fn call_owner<'a>(&'a self, conversation: &'a ConversationId, call: serde_json::Value) -> Called<'a>;
 }
 
 /// A node on its own.
@@ -90,6 +103,11 @@ impl Cluster for SingleNode {
 
     fn pushes_replicas(&self) -> bool {
         false
+    }
+
+    fn call_owner<'a>(&'a self, _: &'a ConversationId, _: serde_json::Value) -> Called<'a> {
+        // A node on its own owns everything; nothing is ever sent elsewhere.
+        Box::pin(async { Err((503, "no other node".to_string())) })
     }
 }
 
@@ -144,5 +162,9 @@ impl Cluster for Arc<crate::mesh::Mesh> {
 
     fn pushes_replicas(&self) -> bool {
         true
+    }
+
+    fn call_owner<'a>(&'a self, conversation: &'a ConversationId, call: serde_json::Value) -> Called<'a> {
+        Box::pin(self.support_call(conversation, call))
     }
 }

@@ -95,15 +95,18 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     let hash_threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let hub = Arc::new(Hub::new(Arc::clone(&metrics)));
     let ready = Arc::new(AtomicBool::new(false));
+    // Customer-service calls other nodes send to this one's router.
+    let (support_calls, support_inbox) = tokio::sync::mpsc::channel(256);
     let local = Arc::new(mesh::Local {
         store: store.clone(),
         hub: Arc::clone(&hub),
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
         notice_limit: config.presence_notice_limit,
+        support_calls,
     });
     let mesh = mesh::Mesh::bind(&config, local).context("starting the mesh")?;
-    let support = support::Support::new(config.reassign_after);
+    let support = support::Support::new(config.reassign_after, support_inbox);
     let core = Arc::new(Core {
         support,
         throttle: LoginThrottle::new(config.login_failures_per_minute),

@@ -151,6 +151,17 @@ pub enum V1 {
         /// Oldest first.
         messages: Vec<StoredMessage>,
     },
+    /// Asks the node that runs customer service's router to make a change there (so that every
+    /// change to a conversation is made by one writer): a `support::Call` as JSON.
+    SupportCall {
+        /// The call.
+        call: serde_json::Value,
+    },
+    /// The answer to `SupportCall`: the result, or an HTTP-like status and a reason.
+    SupportAnswer {
+        /// The result.
+        result: Result<serde_json::Value, (u16, String)>,
+    },
     /// A request could not be served.
     Error {
         /// kefu status code.
@@ -346,6 +357,11 @@ mod tests {
         let numbered = V1::Forwarded { result: Err(11007), id: 9 };
         assert_eq!(&encode(&numbered)[4..], br#"{"V1":{"t":"Forwarded","result":{"Err":11007},"id":9}}"#);
         assert_eq!(&encode(&V1::ForwardStream)[4..], br#"{"V1":{"t":"ForwardStream"}}"#);
+        let call = V1::SupportCall { call: serde_json::json!({"call": "resolve", "id": "cs-1", "by": "ann"}) };
+        assert_eq!(&encode(&call)[4..], br#"{"V1":{"t":"SupportCall","call":{"by":"ann","call":"resolve","id":"cs-1"}}}"#);
+        let answer = V1::SupportAnswer { result: Err((404, "no conversation cs-1".into())) };
+        assert_eq!(&encode(&answer)[4..], br#"{"V1":{"t":"SupportAnswer","result":{"Err":[404,"no conversation cs-1"]}}}"#);
+        assert_eq!(decode(&encode(&answer)[4..]).unwrap(), answer);
     }
 
     #[test]

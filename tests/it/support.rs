@@ -313,6 +313,17 @@ async fn inboxes_agents_and_conversations_replicate_and_route_across_regions() -
     say(&mut visitor, &id, "are you there?").await?;
     let got = eve.recv_cmd(11).await?;
     assert_eq!(got["data"]["content"], "are you there?");
+    // Changes asked at either node are made by the router's node, one writer for the record:
+    // labels at one node, resolution at the other, the rating at the first; none is lost.
+    let (status, v) =
+        fra.call(reqwest::Method::PUT, &format!("/v1/conversations/{id}/labels"), None, Some(json!({"labels": ["vip"]}))).await?;
+    anyhow::ensure!(status == 200, "{v}");
+    iad.post(&format!("/v1/conversations/{id}/resolve"), None, json!({})).await?;
+    fra.post("/v1/widget/csat", session["token"].as_str(), json!({"rating": 3})).await?;
+    for api in [&iad, &fra] {
+        let c = eventually(WAIT, || async { api.conversation(&id).await.ok().filter(|c| c["csat"]["rating"] == 3) }).await?;
+        assert_eq!((c["status"].as_str(), c["labels"][0].as_str()), (Some("resolved"), Some("vip")), "{c}");
+    }
     Ok(())
 }
 

@@ -82,6 +82,8 @@ pub struct Local {
     pub ready: Arc<AtomicBool>,
     /// Groups with more online members here than this get no join or exit notices.
     pub notice_limit: usize,
+    /// Customer-service calls from other nodes, for the router task here.
+    pub support_calls: mpsc::Sender<crate::cluster::RemoteCall>,
 }
 
 /// A send waiting for its owner's answer.
@@ -486,6 +488,18 @@ impl Mesh {
         match tokio::time::timeout(self.forward_timeout, self.request(&conn, &request)).await?? {
             V1::Messages { messages } => Ok(messages),
             other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Carries out a customer-service call at `conversation`'s owner.
+    pub async fn support_call(&self, conversation: &ConversationId, call: serde_json::Value) -> crate::cluster::CallResult {
+        let owner = self.owner(conversation).id.clone();
+        let Some(conn) = self.connection(&owner) else { return Err((503, format!("{owner} is not reachable; retry"))) };
+        match tokio::time::timeout(self.forward_timeout, self.request(&conn, &V1::SupportCall { call })).await {
+            Ok(Ok(V1::SupportAnswer { result })) => result,
+            Ok(Ok(other)) => Err((502, format!("unexpected answer from {owner}: {other:?}"))),
+            Ok(Err(e)) => Err((503, format!("{owner}: {e}; retry"))),
+            Err(_) => Err((503, format!("{owner} did not answer in time; retry"))),
         }
     }
 
@@ -1136,6 +1150,17 @@ async fn serve_request(local: Arc<Local>, mesh: Arc<Mesh>, mut send: quinn::Send
             Ok(messages) => V1::Messages { messages },
             Err(_) => V1::Error { status: Status::Retryable.code() },
         },
+        V1::SupportCall { call } => {
+            let (tx, rx) = oneshot::channel();
+            let result = match local.support_calls.try_send((call, tx)) {
+                Ok(()) => match tokio::time::timeout(mesh.forward_timeout, rx).await {
+                    Ok(Ok(result)) => result,
+                    _ => Err((503, "the router did not answer in time; retry".to_string())),
+                },
+                Err(_) => Err((503, "the router is busy; retry".to_string())),
+            };
+            V1::SupportAnswer { result }
+        }
         _ => V1::Error { status: Status::BadRequest.code() },
     };
     if mesh.write(&mut send, &answer).await.is_ok() {

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use schema::jim;
 use schema::mesh::RelayTarget;
 use schema::{Command, ConversationId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 
@@ -38,7 +38,7 @@ const TICK: Duration = Duration::from_secs(1);
 /// Visitor messages waiting for the router; past it they wait in `support_pending` for the retry.
 const MESSAGE_QUEUE: usize = 4096;
 /// How often messages whose handling failed (or did not fit the queue) are tried again.
-const RETRY: Duration = Duration::from_secs(10);
+const RETRY: Duration = Duration::from_secs(2);
 
 /// Why a customer-service request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,7 @@ type Result<T, E = SupportError> = std::result::Result<T, E>;
 
 /// The router's inputs, shared with the dispatcher's `Core`.
 pub struct Support {
+    calls: std::sync::Mutex<Option<mpsc::Receiver<crate::cluster::RemoteCall>>>,
     wake: Notify,
     /// Wakes the webhook deliverer.
     pub webhooks: Notify,
@@ -72,9 +73,16 @@ pub struct Support {
 
 impl Support {
     /// The router's inputs; [`run`] takes the receiving end.
-    pub fn new(grace: Duration) -> Support {
+    pub fn new(grace: Duration, calls: mpsc::Receiver<crate::cluster::RemoteCall>) -> Support {
         let (tx, rx) = mpsc::channel(MESSAGE_QUEUE);
-        Support { wake: Notify::new(), webhooks: Notify::new(), messages: tx, inbox: std::sync::Mutex::new(Some(rx)), grace }
+        Support {
+            calls: std::sync::Mutex::new(Some(calls)),
+            wake: Notify::new(),
+            webhooks: Notify::new(),
+            messages: tx,
+            inbox: std::sync::Mutex::new(Some(rx)),
+            grace,
+        }
     }
 
     /// A message committed here in a `cs-` group (the fan-out calls this; never blocks it). When
@@ -369,7 +377,7 @@ async fn inbox_by_token(core: &Core, token: &str) -> Result<Inbox> {
 }
 
 /// Settings to change for an agent (`PUT /v1/agents/{id}`); absent ones stay.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentPatch {
     /// Most open conversations at once.
@@ -383,8 +391,7 @@ pub struct AgentPatch {
     pub teams: Option<Vec<String>>,
 }
 
-/// Makes a user with role `agent` or `admin` a customer-service agent, or changes their settings.
-pub async fn set_agent(core: &Core, id: &str, patch: AgentPatch) -> Result<Agent> {
+async fn do_set_agent(core: &Core, id: &str, patch: AgentPatch) -> Result<Agent> {
     let user = core.store.user(id).await?.ok_or_else(|| SupportError::NotFound(format!("no user {id}")))?;
     if user.role != "agent" && user.role != "admin" {
         return Err(SupportError::Invalid(format!("{id} has role {}; agents need role agent or admin", user.role)));
@@ -589,9 +596,23 @@ async fn ensure_conversation(core: &Core, inbox: &Inbox, visitor: &str) -> Resul
         }
         core.store.set_member(&id, visitor, true).await?;
     }
+    match call(core, Call::Open { inbox: inbox.id.clone(), visitor: visitor.to_string() }).await {
+        Ok(record) => {
+            serde_json::from_value(record).map_err(|e| SupportError::Store(StoreError::Corrupt(format!("conversation {id}: {e}"))))
+        }
+        // The router's node is out of reach: a new record made here can only meet another new
+        // one, so the widget still starts.
+        Err(SupportError::Store(_)) => open_conversation(core, &inbox.id, visitor).await,
+        Err(e) => Err(e),
+    }
+}
+
+/// The conversation record of (inbox, visitor), made if there is none.
+async fn open_conversation(core: &Core, inbox: &str, visitor: &str) -> Result<Conversation> {
+    let id = model::conversation_id(inbox, visitor);
     let fresh = Conversation {
         id: id.clone(),
-        inbox: inbox.id.clone(),
+        inbox: inbox.to_string(),
         visitor: visitor.to_string(),
         status: Status::New,
         assignee: None,
@@ -716,8 +737,7 @@ async fn event(core: &Core, c: &Conversation, name: &str, mut data: Value) {
     webhooks::emit(core, &inbox, name, data).await;
 }
 
-/// Records the visitor's rating of a resolved conversation, once.
-pub async fn rate(core: &Core, visitor: &str, rating: u8, comment: Option<String>) -> Result<Conversation> {
+async fn do_rate(core: &Core, visitor: &str, rating: u8, comment: Option<String>) -> Result<Conversation> {
     if !(1..=5).contains(&rating) {
         return Err(SupportError::Invalid("rating: 1 to 5".into()));
     }
@@ -786,7 +806,7 @@ async fn agent_view(core: &Core, c: &Conversation) -> Result<Value> {
 }
 
 /// Where a transfer goes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Transfer {
     /// To this agent.
@@ -800,8 +820,7 @@ pub struct Transfer {
     pub note: Option<String>,
 }
 
-/// Hands a conversation to another agent, or to a team's queue, with an optional note.
-pub async fn transfer(core: &Core, id: &str, by: &str, to: Transfer) -> Result<Value> {
+async fn do_transfer(core: &Core, id: &str, by: &str, to: Transfer) -> Result<Value> {
     let before: Conversation =
         get(core, model::CONVERSATION, id).await?.ok_or_else(|| SupportError::NotFound(format!("no conversation {id}")))?;
     let line = match (&to.agent, &to.team) {
@@ -884,8 +903,149 @@ pub async fn assign(core: &Core, id: &str, by: &str, agent: &str) -> Result<Valu
     transfer(core, id, by, Transfer { agent: Some(agent.to_string()), team: None, note: None }).await
 }
 
+/// Hands a conversation to another agent, or to a team's queue, with an optional note.
+pub async fn transfer(core: &Core, id: &str, by: &str, to: Transfer) -> Result<Value> {
+    call(core, Call::Transfer { id: id.to_string(), by: by.to_string(), to }).await
+}
+
 /// Resolves a conversation: its agent's capacity frees, the visitor is asked for a rating.
 pub async fn resolve(core: &Core, id: &str, by: &str) -> Result<Value> {
+    call(core, Call::Resolve { id: id.to_string(), by: by.to_string() }).await
+}
+
+/// Snoozes a conversation until `until` (epoch ms) or the visitor's next message.
+pub async fn snooze(core: &Core, id: &str, by: &str, until: Option<i64>) -> Result<Value> {
+    call(core, Call::Snooze { id: id.to_string(), by: by.to_string(), until }).await
+}
+
+/// Replaces a conversation's labels.
+pub async fn set_labels(core: &Core, id: &str, labels: Vec<String>) -> Result<Value> {
+    call(core, Call::Labels { id: id.to_string(), labels }).await
+}
+
+/// Records the visitor's rating of a resolved conversation, once; returns the conversation.
+pub async fn rate(core: &Core, visitor: &str, rating: u8, comment: Option<String>) -> Result<Value> {
+    call(core, Call::Rate { visitor: visitor.to_string(), rating, comment }).await
+}
+
+/// Makes a user with role `agent` or `admin` a customer-service agent, or changes their settings.
+pub async fn set_agent(core: &Core, id: &str, patch: AgentPatch) -> Result<Value> {
+    call(core, Call::SetAgent { id: id.to_string(), patch }).await
+}
+
+/// A change to conversations or agents. Records are last-writer-wins between nodes, so two nodes
+/// editing one conversation at once would lose an edit: every change is made by the node that
+/// runs the router (the owner of [`ROUTING_KEY`]), where each edit reads and writes the current
+/// record in one step of that node's writer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case")]
+pub enum Call {
+    /// See [`transfer`].
+    Transfer {
+        /// Conversation.
+        id: String,
+        /// Who asks.
+        by: String,
+        /// Where to.
+        to: Transfer,
+    },
+    /// See [`resolve`].
+    Resolve {
+        /// Conversation.
+        id: String,
+        /// Who asks.
+        by: String,
+    },
+    /// See [`snooze`].
+    Snooze {
+        /// Conversation.
+        id: String,
+        /// Who asks.
+        by: String,
+        /// Until, epoch ms.
+        until: Option<i64>,
+    },
+    /// See [`set_labels`].
+    Labels {
+        /// Conversation.
+        id: String,
+        /// The labels.
+        labels: Vec<String>,
+    },
+    /// See [`rate`].
+    Rate {
+        /// The visitor.
+        visitor: String,
+        /// 1 to 5.
+        rating: u8,
+        /// Optional comment.
+        comment: Option<String>,
+    },
+    /// See [`set_agent`].
+    SetAgent {
+        /// The agent.
+        id: String,
+        /// The changes.
+        patch: AgentPatch,
+    },
+    /// Makes the conversation record of (inbox, visitor) unless there is one.
+    Open {
+        /// Inbox id.
+        inbox: String,
+        /// Visitor id.
+        visitor: String,
+    },
+    /// A message was committed in a conversation (at its owner): queue, reopen, webhook.
+    Message {
+        /// The message.
+        message: StoredMessage,
+    },
+}
+
+/// Carries out `c` here if this node runs the router, else at the node that does.
+async fn call(core: &Core, c: Call) -> Result<Value> {
+    let key = ConversationId::group(ROUTING_KEY);
+    if core.cluster.owns(&key) {
+        return execute(core, c).await;
+    }
+    let json = serde_json::to_value(&c).map_err(|e| SupportError::Invalid(e.to_string()))?;
+    core.cluster.call_owner(&key, json).await.map_err(|(status, reason)| match status {
+        404 => SupportError::NotFound(reason),
+        400 => SupportError::Invalid(reason),
+        403 => SupportError::Forbidden(reason),
+        _ => SupportError::Store(StoreError::Corrupt(reason)),
+    })
+}
+
+async fn execute(core: &Core, c: Call) -> Result<Value> {
+    let value = |v: std::result::Result<Value, serde_json::Error>| v.map_err(|e| SupportError::Invalid(e.to_string()));
+    match c {
+        Call::Transfer { id, by, to } => do_transfer(core, &id, &by, to).await,
+        Call::Resolve { id, by } => do_resolve(core, &id, &by).await,
+        Call::Snooze { id, by, until } => do_snooze(core, &id, &by, until).await,
+        Call::Labels { id, labels } => do_set_labels(core, &id, labels).await,
+        Call::Rate { visitor, rating, comment } => value(serde_json::to_value(do_rate(core, &visitor, rating, comment).await?)),
+        Call::SetAgent { id, patch } => value(serde_json::to_value(do_set_agent(core, &id, patch).await?)),
+        Call::Open { inbox, visitor } => value(serde_json::to_value(open_conversation(core, &inbox, &visitor).await?)),
+        Call::Message { message } => on_message(core, &message).await.map(|()| Value::Null),
+    }
+}
+
+/// A remote call's answer for the wire.
+async fn answer_remote(core: &Core, call: Value) -> crate::cluster::CallResult {
+    let c: Call = serde_json::from_value(call).map_err(|e| (400, format!("not a call: {e}")))?;
+    execute(core, c).await.map_err(|e| {
+        let status = match &e {
+            SupportError::NotFound(_) => 404,
+            SupportError::Invalid(_) => 400,
+            SupportError::Forbidden(_) => 403,
+            SupportError::Store(_) => 503,
+        };
+        (status, e.to_string())
+    })
+}
+
+async fn do_resolve(core: &Core, id: &str, by: &str) -> Result<Value> {
     let after = update(core, id, move |c| {
         if c.status == Status::Resolved {
             return false;
@@ -903,8 +1063,7 @@ pub async fn resolve(core: &Core, id: &str, by: &str) -> Result<Value> {
     agent_view(core, &after).await
 }
 
-/// Snoozes a conversation until `until` (epoch ms) or the visitor's next message.
-pub async fn snooze(core: &Core, id: &str, by: &str, until: Option<i64>) -> Result<Value> {
+async fn do_snooze(core: &Core, id: &str, by: &str, until: Option<i64>) -> Result<Value> {
     let after = update(core, id, move |c| {
         if c.status != Status::Open {
             return false;
@@ -931,8 +1090,7 @@ pub async fn note(core: &Core, id: &str, by: &str, text: &str) -> Result<Event> 
     add_event(core, id, "note", Some(by), text.to_string()).await
 }
 
-/// Replaces a conversation's labels.
-pub async fn set_labels(core: &Core, id: &str, labels: Vec<String>) -> Result<Value> {
+async fn do_set_labels(core: &Core, id: &str, labels: Vec<String>) -> Result<Value> {
     if labels.len() > 50 || labels.iter().any(|l| l.is_empty() || l.len() > 64) {
         return Err(SupportError::Invalid("labels: at most 50, each 1 to 64 characters".into()));
     }
@@ -1003,6 +1161,8 @@ fn waiting(c: &Conversation) -> routing::Waiting<'_> {
 pub async fn run(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken) {
     let taken = core.support.inbox.lock().map(|mut rx| rx.take()).unwrap_or(None);
     let Some(mut messages) = taken else { return };
+    let taken = core.support.calls.lock().map(|mut rx| rx.take()).unwrap_or(None);
+    let Some(mut calls) = taken else { return };
     let mut state = RouterState::default();
     // Messages a crash left unhandled (their rows were committed with them).
     retry_unhandled(&core, i64::MAX).await;
@@ -1021,9 +1181,14 @@ pub async fn run(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken)
                 }
                 continue;
             }
+            Some((c, reply)) = calls.recv() => {
+                // Another node's change, made here in order with the router's own.
+                drop(reply.send(answer_remote(&core, c).await));
+                continue;
+            }
             _ = retry.tick() => {
                 // Only what the live path should have handled long since.
-                retry_unhandled(&core, now_ms() - 5000).await;
+                retry_unhandled(&core, now_ms() - 1000).await;
                 continue;
             }
             _ = core.support.wake.notified() => {}
@@ -1050,8 +1215,8 @@ async fn retry_unhandled(core: &Core, before_ms: i64) {
 
 /// Handles a message and marks it handled; one that fails stays for the retry.
 async fn handle(core: &Core, m: &StoredMessage) {
-    match on_message(core, m).await {
-        Ok(()) => {
+    match call(core, Call::Message { message: m.clone() }).await {
+        Ok(_) => {
             if let Err(e) = core.store.outbox(crate::store::OutboxOp::Handled(m.conversation.clone(), m.seq)).await {
                 tracing::warn!(error = %e, "marking a customer-service message handled failed");
             }

@@ -272,9 +272,7 @@ async fn put_agent(State(core): State<Arc<Core>>, headers: HeaderMap, Path(id): 
             return forbidden("an agent may change only their own status");
         }
     }
-    answer(
-        support::set_agent(&core, &id, patch).await.and_then(|a| serde_json::to_value(a).map_err(|e| SupportError::Invalid(e.to_string()))),
-    )
+    answer(support::set_agent(&core, &id, patch).await)
 }
 
 #[derive(Deserialize)]
@@ -454,7 +452,7 @@ async fn widget_csat(State(core): State<Arc<Core>>, headers: HeaderMap, bytes: a
     if r.comment.as_ref().is_some_and(|c| c.len() > 2000) {
         return error_reply(StatusCode::BAD_REQUEST, Status::BadRequest, "comment: at most 2,000 characters");
     }
-    answer(support::rate(&core, &me, r.rating, r.comment).await.map(|c| json!({ "rated": c.csat.is_some() })))
+    answer(support::rate(&core, &me, r.rating, r.comment).await.map(|c| json!({ "rated": c["csat"].is_object() })))
 }
 
 #[derive(Deserialize)]
