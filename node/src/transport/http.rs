@@ -136,15 +136,18 @@ pub(super) fn authorized(core: &Core, headers: &HeaderMap) -> bool {
     presented.is_some_and(|p| crate::auth::constant_time_eq(p.as_bytes(), key.as_bytes()))
 }
 
-async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    // A caller with the key is limited per key (a backend fleet shares one); anyone else per
-    // client IP, which also slows down guessing the key.
+/// Takes a token for the request: a caller with the key is limited per key (a backend fleet
+/// shares one), anyone else per client IP, which also slows down guessing the key.
+pub(super) fn within_rate(core: &Core, req: &axum::extract::Request) -> bool {
     let now = std::time::Instant::now();
-    let allowed = match &core.config.api_key {
-        Some(key) if authorized(&core, req.headers()) => core.api_per_key.take(key, now),
-        _ => client_ip(&core, &req).is_none_or(|ip| core.api_per_ip.take(&ip, now)),
-    };
-    if !allowed {
+    match &core.config.api_key {
+        Some(key) if authorized(core, req.headers()) => core.api_per_key.take(key, now),
+        _ => client_ip(core, req).is_none_or(|ip| core.api_per_ip.take(&ip, now)),
+    }
+}
+
+async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if !within_rate(&core, &req) {
         return rate_limited();
     }
     if !authorized(&core, req.headers()) {
@@ -155,7 +158,7 @@ async fn require_key(State(core): State<Arc<Core>>, req: axum::extract::Request,
 
 /// The caller's IP: the socket's peer, or behind a proxy (Fly's or kefu-router, which
 /// `replay_writes` says the node runs behind) the `Fly-Client-IP` the proxy sets.
-pub(super) fn client_ip(core: &Core, req: &axum::extract::Request) -> Option<std::net::IpAddr> {
+fn client_ip(core: &Core, req: &axum::extract::Request) -> Option<std::net::IpAddr> {
     let forwarded = || req.headers().get("fly-client-ip")?.to_str().ok()?.trim().parse().ok();
     if core.config.replay_writes {
         if let Some(ip) = forwarded() {

@@ -15,7 +15,7 @@ use schema::Status;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::http::{authorized, client_ip, error_reply, json_body, rate_limited};
+use super::http::{authorized, error_reply, json_body, rate_limited, within_rate};
 use crate::dispatch::Core;
 use crate::support::{self, model, SupportError};
 
@@ -84,15 +84,10 @@ async fn any_origin(req: axum::extract::Request, next: axum::middleware::Next) -
     resp
 }
 
-/// Callers with the API key are limited with the key's bucket, everyone else per client IP (the
-/// widget's routes are public: this is what slows down a script making visitors).
+/// The HTTP API's rate limits (the widget's routes are public: this is what slows down a script
+/// making visitors).
 async fn limit(State(core): State<Arc<Core>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let now = std::time::Instant::now();
-    let allowed = match &core.config.api_key {
-        Some(key) if authorized(&core, req.headers()) => core.api_per_key.take(key, now),
-        _ => client_ip(&core, &req).is_none_or(|ip| core.api_per_ip.take(&ip, now)),
-    };
-    if !allowed {
+    if !within_rate(&core, &req) {
         return rate_limited();
     }
     next.run(req).await
