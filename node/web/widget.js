@@ -230,6 +230,10 @@
         case 11:
           if (d.groupId === conv.id) show(d, true);
           break;
+        case 12:
+          // A send that was not stored says so (sent and delivered replies need nothing).
+          if (f.code !== 10000 && f.code !== 10001) line("r", "Not sent: " + (f.msg || f.code));
+          break;
         case 105:
           (d.messages || []).forEach(function (m) { show(m, false); });
           if (d.more) sync();

@@ -213,6 +213,11 @@ try {
   await ann.fill("[data-testid=cs-note]", "secret: refund approved");
   await ann.click("[data-testid=cs-transfer]");
   await until("ben assigned", async () => (await conv(visitorConv)).assignee === "ben");
+  // Ann is out of the conversation now: what she tries to send is refused, and she sees it.
+  await until("ann out of the group", async () => !(await call("GET", "/v1/groups/" + visitorConv)).members.some((m) => m.userId === "ann"));
+  await ann.fill("[data-testid=cs-reply]", "am I still here?");
+  await ann.click("[data-testid=cs-send]");
+  await ann.waitForSelector('.act:has-text("Not sent")', T);
   await ben.click('#views button[data-view=mine]');
   await ben.click(`[data-testid=cs-conversation][data-id="${visitorConv}"]`);
   await ben.waitForSelector('.note:has-text("secret: refund approved")', T);
