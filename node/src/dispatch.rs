@@ -160,10 +160,8 @@ impl Outcome {
 /// nowhere else: no private chats, no joining or leaving groups.
 fn visitor_may(req: &Request) -> bool {
     match req {
-        Request::Chat(ChatReq { target, .. })
-        | Request::Typing { target, .. }
-        | Request::Receipt { target, .. }
-        | Request::Sync { target, .. } => {
+        // Chats are checked in `begin_chat`, which every chat from a session goes through.
+        Request::Typing { target, .. } | Request::Receipt { target, .. } | Request::Sync { target, .. } => {
             matches!(target, Target::Group(_))
         }
         Request::JoinGroup { .. } | Request::LeaveGroup { .. } | Request::Close { user_id: Some(_) } | Request::Recall { .. } => false,
@@ -388,16 +386,19 @@ impl Core {
         Outcome::reply(command, jim::resp(command, ok_status, Some(data)))
     }
 
+    /// The user a token names, if it is valid now: a token from before the user's last password
+    /// change, ban or logout is refused.
+    pub async fn user_for_token(&self, token: &str) -> Result<Option<UserRecord>, store::StoreError> {
+        let Some(claims) = self.tokens.verify(token, SystemTime::now()) else { return Ok(None) };
+        Ok(self.store.user(&claims.user).await?.filter(|r| !r.banned && claims.epoch >= r.token_epoch))
+    }
+
     /// The user the credentials name, `None` if they are wrong. The dev profile registers an
     /// unknown user with the given password.
     async fn authenticate(&self, req: &LoginReq) -> Result<Option<UserRecord>, LoginError> {
         if let Some(token) = &req.token {
-            let Some(claims) = self.tokens.verify(token, SystemTime::now()) else { return Ok(None) };
-            if req.user_id.as_ref().is_some_and(|u| *u != claims.user) {
-                return Ok(None);
-            }
-            // A token from before the user's last password change, ban or logout is refused.
-            return Ok(self.store.user(&claims.user).await?.filter(|r| !r.banned && claims.epoch >= r.token_epoch));
+            let user = self.user_for_token(token).await?;
+            return Ok(user.filter(|r| req.user_id.as_ref().is_none_or(|u| *u == r.user_id)));
         }
         let (Some(user_id), Some(password)) = (&req.user_id, &req.password) else { return Ok(None) };
         if password.is_empty() {
@@ -448,12 +449,10 @@ impl Core {
     // -- groups --------------------------------------------------------------------------------
 
     async fn join(&self, user: &UserCtx, group: &str, name: Option<String>) -> Outcome {
-        // Customer-service conversations are made by the node, never by a join.
-        if crate::support::is_support_group(group) && !self.store.is_member(group, &user.id).await.unwrap_or(false) {
-            return Outcome::status(Command::JoinGroupResp, Status::JoinGroupFailed);
-        }
         // A closed group takes members through the admin API only; to anyone else it is not there.
         match self.store.group_info(group).await {
+            // Customer-service conversations (always closed) are made by the node, never by a join.
+            Ok(None) if crate::support::is_support_group(group) => return Outcome::status(Command::JoinGroupResp, Status::JoinGroupFailed),
             Ok(Some(info)) if info.closed => match self.store.is_member(group, &user.id).await {
                 Ok(true) => {}
                 Ok(false) => return Outcome::status(Command::JoinGroupResp, Status::JoinGroupFailed),

@@ -32,7 +32,7 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
                 }
                 let delivered = if duplicate { 0 } else { core.deliver_local(&message, from_conn) };
                 if !duplicate && message.group_id.as_deref().is_some_and(crate::support::is_support_group) {
-                    core.support.message_committed(&message);
+                    core.support.message_committed();
                 }
                 // Online means a connection here took the push (a slow consumer that was just
                 // dropped does not count), or a session at another node.

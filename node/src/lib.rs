@@ -106,7 +106,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
         support_calls,
     });
     let mesh = mesh::Mesh::bind(&config, local).context("starting the mesh")?;
-    let support = support::Support::new(config.reassign_after, support_inbox);
+    let support = support::Support::new(config.reassign_after);
     let core = Arc::new(Core {
         support,
         throttle: LoginThrottle::new(config.login_failures_per_minute),
@@ -134,7 +134,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     let accepting = shutdown.child_token();
     let tasks = TaskTracker::new();
     tasks.spawn(fanout::run(Arc::clone(&core), feed, shutdown.clone()));
-    tasks.spawn(support::run(Arc::clone(&core), shutdown.clone()));
+    tasks.spawn(support::run(Arc::clone(&core), support_inbox, shutdown.clone()));
     tasks.spawn(support::webhooks::run(Arc::clone(&core), shutdown.clone()));
     let handle = NodeHandle {
         jim_addr: jim.local_addr()?,

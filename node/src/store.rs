@@ -159,7 +159,7 @@ enum WriteOp {
     },
     EditUser(String, UserEdit, oneshot::Sender<Result<Option<UserRecord>>>),
     EditRecord(String, String, RecordEdit, oneshot::Sender<Result<Option<Record>>>),
-    Outbox(OutboxOp, oneshot::Sender<Result<bool>>),
+    Outbox(LocalOp, oneshot::Sender<Result<bool>>),
     CreateGroup {
         group: String,
         name: Option<String>,
@@ -201,9 +201,10 @@ pub struct OutboxRow {
     pub next_at: i64,
 }
 
-/// A change to the webhook outbox (local rows: no revision, never replicated).
+/// A change to this node's own tables, the webhook outbox and `support_pending` (no revision,
+/// never replicated).
 #[derive(Debug)]
-pub enum OutboxOp {
+pub enum LocalOp {
     /// New deliveries.
     Add(Vec<OutboxRow>),
     /// Delivered: gone.
@@ -440,22 +441,21 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Changes the webhook outbox.
-    pub async fn outbox(&self, op: OutboxOp) -> Result<bool> {
+    /// Changes this node's own tables (webhook outbox, unhandled customer-service messages).
+    pub async fn local(&self, op: LocalOp) -> Result<bool> {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Outbox(op, tx)).await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Customer-service messages created before `before_ms` and not handled yet (after a crash,
-    /// or a handling that failed), oldest first.
-    pub async fn support_pending(&self, before_ms: i64, limit: u32) -> Result<Vec<StoredMessage>> {
+    /// Customer-service messages not handled yet, oldest first, at most `limit`.
+    pub async fn support_pending(&self, limit: u32) -> Result<Vec<StoredMessage>> {
         let conn = self.reader().await;
         let sql = format!(
             "SELECT {MSG_COLS} FROM support_pending p JOIN messages m ON m.conversation = p.conversation AND m.seq = p.seq \
-             WHERE m.created_at < ?1 ORDER BY m.created_at LIMIT ?2"
+             ORDER BY m.created_at LIMIT ?1"
         );
-        let rows = conn.query(&sql, params![before_ms, i64::from(limit)]).await?;
+        let rows = conn.query(&sql, params![i64::from(limit)]).await?;
         collect_messages(rows).await
     }
 
@@ -1416,7 +1416,7 @@ impl Writer {
             }
             WriteOp::Outbox(op, _) => {
                 let n = match op {
-                    OutboxOp::Add(rows) => {
+                    LocalOp::Add(rows) => {
                         let mut n = 0;
                         for r in rows {
                             n += self
@@ -1437,15 +1437,15 @@ impl Writer {
                         }
                         n
                     }
-                    OutboxOp::Done(id) => self.exec("DELETE FROM webhook_outbox WHERE id = ?1", params![id.as_str()]).await?,
-                    OutboxOp::Handled(conversation, seq) => {
+                    LocalOp::Done(id) => self.exec("DELETE FROM webhook_outbox WHERE id = ?1", params![id.as_str()]).await?,
+                    LocalOp::Handled(conversation, seq) => {
                         self.exec(
                             "DELETE FROM support_pending WHERE conversation = ?1 AND seq = ?2",
                             params![conversation.as_str(), to_i64(*seq)],
                         )
                         .await?
                     }
-                    OutboxOp::Retry { id, attempts, next_at } => {
+                    LocalOp::Retry { id, attempts, next_at } => {
                         self.exec(
                             "UPDATE webhook_outbox SET attempts = ?2, next_at = ?3 WHERE id = ?1",
                             params![id.as_str(), i64::from(*attempts), *next_at],

@@ -29,6 +29,11 @@
   var typingTimer = null;
   var readSent = 0;
   var conv = null; // {id, status, agent, rated, queuePosition}
+  var loggedIn = false;
+  // Chats not yet answered by the node, oldest first: sent again after a reconnect (the node
+  // keeps one message per client id, so a repeat is not a duplicate), and held until the first
+  // login, so nothing typed early is lost.
+  var unacked = [];
 
   function saved() {
     try { return JSON.parse(localStorage.getItem(storeKey) || "{}"); } catch (e) { return {}; }
@@ -211,7 +216,7 @@
   }
 
   function send(frame) {
-    if (ws && ws.readyState === 1) ws.send(JSON.stringify(frame));
+    if (ws && ws.readyState === 1 && loggedIn) ws.send(JSON.stringify(frame));
   }
 
   function connect() {
@@ -225,12 +230,16 @@
         case 6:
           if (f.code !== 10007) { ws.close(); session = null; return; }
           retry = 0;
+          loggedIn = true;
           sync();
+          unacked.forEach(function (c) { ws.send(JSON.stringify(c)); });
           break;
         case 11:
           if (d.groupId === conv.id) show(d, true);
           break;
         case 12:
+          // Answers come in the order the chats were sent.
+          unacked.shift();
           // A send that was not stored says so (sent and delivered replies need nothing).
           if (f.code !== 10000 && f.code !== 10001) line("r", "Not sent: " + (f.msg || f.code));
           break;
@@ -257,6 +266,7 @@
     };
     ws.onclose = function () {
       ws = null;
+      loggedIn = false;
       // Back with a fresh session after a failed login (an expired token), else the same one.
       var wait = Math.min(15000, 500 * Math.pow(2, retry++));
       setTimeout(function () { (session ? Promise.resolve(connect()) : start()).catch(function () { ws = null; setTimeout(start, wait); }); }, wait);
@@ -285,7 +295,9 @@
     text = text.trim();
     if (!text || !conv) return;
     var id = "w" + Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
-    send({ cmd: 11, chatType: 1, groupId: conv.id, msgType: 0, content: text, id: id });
+    var chat = { cmd: 11, chatType: 1, groupId: conv.id, msgType: 0, content: text, id: id };
+    unacked.push(chat);
+    send(chat);
     send({ cmd: 101, groupId: conv.id });
     typingSent = 0;
   }
@@ -361,29 +373,32 @@
     isOpen = false;
     panel.hidden = true;
   }
-  function reset() {
-    save({});
+  // Drops this browser's conversation view and connection, then starts a session again.
+  function restart() {
     if (ws) { ws.onclose = null; ws.close(); }
     ws = null;
-    session = null;
-    conv = null;
-    user = null;
+    loggedIn = false;
+    unacked = [];
     seen = {};
     lastSeq = readSent = 0;
     list.textContent = "";
     return start();
   }
-  function setUser(id, info) {
+  function reset() {
+    save({});
+    session = null;
+    conv = null;
+    user = null;
+    return restart();
+  }
+  function hostUser(id, info) {
     info = info || {};
-    user = { id: String(id), name: info.name, email: info.email, identifier_hash: info.identifier_hash };
-    if (!session) return;
+    return { id: String(id), name: info.name, email: info.email, identifier_hash: info.identifier_hash };
+  }
+  function setUser(id, info) {
+    user = hostUser(id, info);
     // A different person on this browser: start over as them.
-    if (ws) { ws.onclose = null; ws.close(); }
-    ws = null;
-    seen = {};
-    lastSeq = readSent = 0;
-    list.textContent = "";
-    return start();
+    if (session) return restart();
   }
 
   window.kefu = { setUser: setUser, open: open, close: close, reset: reset };
@@ -393,7 +408,7 @@
     var later = [];
     queued.forEach(function (c) {
       var name = c[0], args = c[1] || [];
-      if (name === "setUser") user = { id: String(args[0]), name: (args[1] || {}).name, email: (args[1] || {}).email, identifier_hash: (args[1] || {}).identifier_hash };
+      if (name === "setUser") user = hostUser(args[0], args[1]);
       else later.push(c);
     });
     start().then(function () {

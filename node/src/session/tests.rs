@@ -45,7 +45,7 @@ async fn single_node(dir: &std::path::Path) -> Arc<Core> {
         api_per_key: crate::limits::KeyedBuckets::new(0),
         cluster: Arc::new(SingleNode),
         mesh: None,
-        support: crate::support::Support::new(std::time::Duration::from_secs(60), tokio::sync::mpsc::channel(1).1),
+        support: crate::support::Support::new(std::time::Duration::from_secs(60)),
     });
     tokio::spawn(crate::fanout::run(Arc::clone(&core), feed, tokio_util::sync::CancellationToken::new()));
     core

@@ -3,10 +3,12 @@
 //! and the `cmd 108` pushes that keep widgets and consoles current. The rows are store records
 //! (`model.rs`), so they replicate like every other row.
 //!
-//! Owns the router task: one per node, but only the node that owns [`ROUTING_KEY`] assigns, so
-//! capacity is counted in one place. It wakes on a visitor's message (the fan-out hands those of
-//! `cs-` groups over, at the conversation's owner), on a local change, and once a second, which
-//! also picks up changes replicated from other nodes and agents coming and going.
+//! Owns the router task: one per node, but only the node that owns [`ROUTING_KEY`] assigns (and
+//! makes every change to conversations and agents, see [`Call`]), so capacity is counted in one
+//! place and each record has one writer. It handles the messages waiting in the store's
+//! `support_pending` (the fan-out wakes it after a commit in a `cs-` group), other nodes' calls,
+//! local changes, and looks again once a second, which also picks up changes replicated from
+//! other nodes and agents coming and going.
 
 pub mod hours;
 pub mod model;
@@ -35,10 +37,10 @@ pub const ROUTING_KEY: &str = "cs:router";
 pub const GROUP_PREFIX: &str = schema::conversation::SUPPORT_GROUP_PREFIX;
 /// How often the router looks again without being woken.
 const TICK: Duration = Duration::from_secs(1);
-/// Visitor messages waiting for the router; past it they wait in `support_pending` for the retry.
-const MESSAGE_QUEUE: usize = 4096;
-/// How often messages whose handling failed (or did not fit the queue) are tried again.
+/// How often messages whose handling failed are tried again.
 const RETRY: Duration = Duration::from_secs(2);
+/// Unhandled messages read at once.
+const PENDING_BATCH: u32 = 1000;
 
 /// Why a customer-service request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -57,40 +59,51 @@ pub enum SupportError {
     Store(#[from] StoreError),
 }
 
+impl SupportError {
+    /// The HTTP status it answers with (also how it travels between nodes).
+    pub fn status(&self) -> u16 {
+        match self {
+            SupportError::NotFound(_) => 404,
+            SupportError::Invalid(_) => 400,
+            SupportError::Forbidden(_) => 403,
+            SupportError::Store(_) => 503,
+        }
+    }
+
+    /// Back from a status and reason another node sent.
+    fn from_status(status: u16, reason: String) -> SupportError {
+        match status {
+            404 => SupportError::NotFound(reason),
+            400 => SupportError::Invalid(reason),
+            403 => SupportError::Forbidden(reason),
+            _ => SupportError::Store(StoreError::Corrupt(reason)),
+        }
+    }
+}
+
 type Result<T, E = SupportError> = std::result::Result<T, E>;
 
 /// The router's inputs, shared with the dispatcher's `Core`.
 pub struct Support {
-    calls: std::sync::Mutex<Option<mpsc::Receiver<crate::cluster::RemoteCall>>>,
     wake: Notify,
+    /// Messages committed here in `cs-` groups wait in the store's `support_pending`.
+    pending: Notify,
     /// Wakes the webhook deliverer.
     pub webhooks: Notify,
-    messages: mpsc::Sender<Arc<StoredMessage>>,
-    inbox: std::sync::Mutex<Option<mpsc::Receiver<Arc<StoredMessage>>>>,
     /// How long an assignee may be offline before their conversations go back to the queue.
     pub grace: Duration,
 }
 
 impl Support {
-    /// The router's inputs; [`run`] takes the receiving end.
-    pub fn new(grace: Duration, calls: mpsc::Receiver<crate::cluster::RemoteCall>) -> Support {
-        let (tx, rx) = mpsc::channel(MESSAGE_QUEUE);
-        Support {
-            calls: std::sync::Mutex::new(Some(calls)),
-            wake: Notify::new(),
-            webhooks: Notify::new(),
-            messages: tx,
-            inbox: std::sync::Mutex::new(Some(rx)),
-            grace,
-        }
+    /// The router's inputs.
+    pub fn new(grace: Duration) -> Support {
+        Support { wake: Notify::new(), pending: Notify::new(), webhooks: Notify::new(), grace }
     }
 
-    /// A message committed here in a `cs-` group (the fan-out calls this; never blocks it). When
-    /// the queue is full it is left to the retry: its `support_pending` row is committed already.
-    pub fn message_committed(&self, message: &Arc<StoredMessage>) {
-        if self.messages.try_send(Arc::clone(message)).is_err() {
-            tracing::debug!("customer-service queue full; the message waits for the retry");
-        }
+    /// A message was committed here in a `cs-` group (the fan-out calls this; never blocks): its
+    /// `support_pending` row, committed with it, is the queue the router task reads.
+    pub fn message_committed(&self) {
+        self.pending.notify_one();
     }
 
     /// Something changed that may let the router assign.
@@ -149,16 +162,14 @@ where
     written.as_ref().map(parse).transpose()
 }
 
-/// What a record is listed under.
+/// What a record is listed under (by default nothing: the kind alone).
 trait Scoped {
-    fn scope(&self) -> String;
-}
-
-impl Scoped for Inbox {
     fn scope(&self) -> String {
         String::new()
     }
 }
+
+impl Scoped for Inbox {}
 
 impl Scoped for Visitor {
     fn scope(&self) -> String {
@@ -166,11 +177,7 @@ impl Scoped for Visitor {
     }
 }
 
-impl Scoped for Agent {
-    fn scope(&self) -> String {
-        String::new()
-    }
-}
+impl Scoped for Agent {}
 
 impl Scoped for Conversation {
     fn scope(&self) -> String {
@@ -178,11 +185,7 @@ impl Scoped for Conversation {
     }
 }
 
-impl Scoped for Canned {
-    fn scope(&self) -> String {
-        String::new()
-    }
-}
+impl Scoped for Canned {}
 
 impl Scoped for Event {
     fn scope(&self) -> String {
@@ -692,7 +695,7 @@ pub async fn offline_message(core: &Core, visitor: &str, name: Option<String>, e
     let stored = post(core, visitor, name.clone(), &id, message, false).await?;
     if let Ok(inbox) = inbox(core, &v.inbox).await {
         let data = json!({ "conversation": id, "visitor": { "id": visitor, "name": name, "email": email }, "message": message });
-        webhooks::emit(core, &inbox, "visitor.offline_message", data).await;
+        webhooks::emit(core, &inbox, "visitor.offline_message", data, None).await;
     }
     Ok(json!({ "conversation": id, "message": stored }))
 }
@@ -726,7 +729,12 @@ async fn post(core: &Core, from: &str, nick: Option<String>, conversation: &str,
 }
 
 /// Queues a webhook event about a conversation for its inbox's URLs.
-async fn event(core: &Core, c: &Conversation, name: &str, mut data: Value) {
+async fn event(core: &Core, c: &Conversation, name: &str, data: Value) {
+    event_keyed(core, c, name, data, None).await;
+}
+
+/// [`event`] with a key that makes the same event the same delivery (see [`webhooks::emit`]).
+async fn event_keyed(core: &Core, c: &Conversation, name: &str, mut data: Value, key: Option<&str>) {
     let Ok(inbox) = inbox(core, &c.inbox).await else { return };
     if inbox.webhooks.is_empty() {
         return;
@@ -734,7 +742,7 @@ async fn event(core: &Core, c: &Conversation, name: &str, mut data: Value) {
     if let Ok(view) = agent_view(core, c).await {
         data["conversation"] = view;
     }
-    webhooks::emit(core, &inbox, name, data).await;
+    webhooks::emit(core, &inbox, name, data, key).await;
 }
 
 async fn do_rate(core: &Core, visitor: &str, rating: u8, comment: Option<String>) -> Result<Conversation> {
@@ -789,10 +797,7 @@ pub async fn conversation(core: &Core, id: &str) -> Result<Value> {
     events.sort_by_key(|e| e.at);
     let messages = core.store.history(&ConversationId::group(id), None, None, 0, 200).await?;
     view["events"] = json!(events);
-    view["messages"] = json!(messages
-        .iter()
-        .map(|m| json!({ "id": m.id, "seq": m.seq, "from": m.sender, "content": m.content, "createdTime": m.created_at }))
-        .collect::<Vec<_>>());
+    view["messages"] = json!(messages.iter().map(StoredMessage::to_chat_body).collect::<Vec<_>>());
     Ok(view)
 }
 
@@ -1009,12 +1014,7 @@ async fn call(core: &Core, c: Call) -> Result<Value> {
         return execute(core, c).await;
     }
     let json = serde_json::to_value(&c).map_err(|e| SupportError::Invalid(e.to_string()))?;
-    core.cluster.call_owner(&key, json).await.map_err(|(status, reason)| match status {
-        404 => SupportError::NotFound(reason),
-        400 => SupportError::Invalid(reason),
-        403 => SupportError::Forbidden(reason),
-        _ => SupportError::Store(StoreError::Corrupt(reason)),
-    })
+    core.cluster.call_owner(&key, json).await.map_err(|(status, reason)| SupportError::from_status(status, reason))
 }
 
 async fn execute(core: &Core, c: Call) -> Result<Value> {
@@ -1034,15 +1034,7 @@ async fn execute(core: &Core, c: Call) -> Result<Value> {
 /// A remote call's answer for the wire.
 async fn answer_remote(core: &Core, call: Value) -> crate::cluster::CallResult {
     let c: Call = serde_json::from_value(call).map_err(|e| (400, format!("not a call: {e}")))?;
-    execute(core, c).await.map_err(|e| {
-        let status = match &e {
-            SupportError::NotFound(_) => 404,
-            SupportError::Invalid(_) => 400,
-            SupportError::Forbidden(_) => 403,
-            SupportError::Store(_) => 503,
-        };
-        (status, e.to_string())
-    })
+    execute(core, c).await.map_err(|e| (e.status(), e.to_string()))
 }
 
 async fn do_resolve(core: &Core, id: &str, by: &str) -> Result<Value> {
@@ -1157,38 +1149,29 @@ fn waiting(c: &Conversation) -> routing::Waiting<'_> {
     routing::Waiting { id: &c.id, queued_at: c.queued_at, team: c.team.as_deref(), prefer: c.last_agent.as_deref() }
 }
 
-/// Runs the router until shutdown.
-pub async fn run(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken) {
-    let taken = core.support.inbox.lock().map(|mut rx| rx.take()).unwrap_or(None);
-    let Some(mut messages) = taken else { return };
-    let taken = core.support.calls.lock().map(|mut rx| rx.take()).unwrap_or(None);
-    let Some(mut calls) = taken else { return };
+/// Runs the router until shutdown; `calls` are other nodes' changes for this one to make.
+pub async fn run(core: Arc<Core>, mut calls: mpsc::Receiver<crate::cluster::RemoteCall>, shutdown: tokio_util::sync::CancellationToken) {
     let mut state = RouterState::default();
-    // Messages a crash left unhandled (their rows were committed with them).
-    retry_unhandled(&core, i64::MAX).await;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Its first tick is now: what a crash left unhandled goes first.
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            m = messages.recv() => {
-                // Messages first; the changes they make wake the router for one pass after them.
-                match m {
-                    Some(m) => handle(&core, &m).await,
-                    None => return,
-                }
-                continue;
-            }
             Some((c, reply)) = calls.recv() => {
                 // Another node's change, made here in order with the router's own.
                 drop(reply.send(answer_remote(&core, c).await));
                 continue;
             }
+            // Messages first; the changes they make wake the router for one pass after them.
+            _ = core.support.pending.notified() => {
+                handle_pending(&core).await;
+                continue;
+            }
             _ = retry.tick() => {
-                // Only what the live path should have handled long since.
-                retry_unhandled(&core, now_ms() - 1000).await;
+                handle_pending(&core).await;
                 continue;
             }
             _ = core.support.wake.notified() => {}
@@ -1202,8 +1185,10 @@ pub async fn run(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken)
     }
 }
 
-async fn retry_unhandled(core: &Core, before_ms: i64) {
-    match core.store.support_pending(before_ms, 1000).await {
+/// Handles the messages waiting in `support_pending`, oldest first; one that fails stays there
+/// for the next round.
+async fn handle_pending(core: &Core) {
+    match core.store.support_pending(PENDING_BATCH).await {
         Ok(left) => {
             for m in left {
                 handle(core, &m).await;
@@ -1217,7 +1202,7 @@ async fn retry_unhandled(core: &Core, before_ms: i64) {
 async fn handle(core: &Core, m: &StoredMessage) {
     match call(core, Call::Message { message: m.clone() }).await {
         Ok(_) => {
-            if let Err(e) = core.store.outbox(crate::store::OutboxOp::Handled(m.conversation.clone(), m.seq)).await {
+            if let Err(e) = core.store.local(crate::store::LocalOp::Handled(m.conversation.clone(), m.seq)).await {
                 tracing::warn!(error = %e, "marking a customer-service message handled failed");
             }
         }
@@ -1243,8 +1228,11 @@ async fn on_message(core: &Core, m: &StoredMessage) -> Result<()> {
     let Some(c) = get::<Conversation>(core, model::CONVERSATION, group).await? else {
         return Err(SupportError::NotFound(format!("no conversation record for {group} yet")));
     };
-    let message = json!({ "id": m.id, "seq": m.seq, "from": m.sender, "content": m.content, "createdTime": m.created_at });
-    event(core, &c, "message.created", json!({ "message": message, "fromVisitor": m.sender == c.visitor })).await;
+    let message = m.to_chat_body();
+    // Keyed by the message: handling it again (after a crash) queues the same delivery again,
+    // which the outbox keeps once.
+    let key = format!("message.created/{}/{}", m.conversation.as_str(), m.seq);
+    event_keyed(core, &c, "message.created", json!({ "message": message, "fromVisitor": m.sender == c.visitor }), Some(&key)).await;
     if m.sender != c.visitor {
         return Ok(());
     }
@@ -1325,7 +1313,7 @@ async fn route(core: &Core, state: &mut RouterState) -> Result<()> {
             continue;
         }
         let since = *state.offline_since.entry(a.to_string()).or_insert(now);
-        if routing::gone_too_long(Some(since), now, grace) {
+        if routing::gone_too_long(since, now, grace) {
             let agent = a.to_string();
             let moved = update(core, &c.id, move |c| {
                 if c.status != Status::Open || c.assignee.as_deref() != Some(&agent) {
@@ -1394,8 +1382,7 @@ async fn route(core: &Core, state: &mut RouterState) -> Result<()> {
         event(core, &assigned, "conversation.assigned", json!({ "agent": agent })).await;
     }
     // The rest of the queue learns where it stands.
-    let still: Vec<&routing::Waiting<'_>> = waiting.iter().filter(|w| !plan.iter().any(|(c, _)| *c == w.id)).collect();
-    let still: Vec<routing::Waiting<'_>> = still.into_iter().cloned().collect();
+    let still: Vec<routing::Waiting<'_>> = waiting.iter().filter(|w| !plan.iter().any(|(c, _)| *c == w.id)).cloned().collect();
     let positions = routing::positions(&still);
     state.told.retain(|id, _| positions.iter().any(|(c, _)| c == id));
     for (id, position) in positions {

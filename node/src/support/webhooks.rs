@@ -11,17 +11,8 @@ use serde_json::{json, Value};
 
 use super::model::Inbox;
 use crate::dispatch::Core;
-use crate::store::{now_ms, OutboxOp, OutboxRow};
+use crate::store::{now_ms, LocalOp, OutboxRow};
 
-/// The events, as they appear in `event`.
-pub const EVENTS: [&str; 6] = [
-    "conversation.created",
-    "conversation.assigned",
-    "conversation.resolved",
-    "message.created",
-    "visitor.offline_message",
-    "csat.submitted",
-];
 /// Deliveries tried at once.
 const BATCH: u32 = 32;
 /// A receiver that does not answer within this is a failed attempt.
@@ -50,9 +41,11 @@ pub fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(1u64 << exp).min(MAX_BACKOFF)
 }
 
-/// Queues `event` for every webhook URL of `inbox`. Failures are logged: an event the store could
-/// not queue is lost to the webhook, never to the conversation.
-pub async fn emit(core: &Core, inbox: &Inbox, event: &str, data: Value) {
+/// Queues `event` for every webhook URL of `inbox`. With a `key`, the delivery id is derived from
+/// it and the URL, so queueing the same event again (a message handled twice after a crash) is
+/// kept once. Failures are logged: an event the store could not queue is lost to the webhook,
+/// never to the conversation.
+pub async fn emit(core: &Core, inbox: &Inbox, event: &str, data: Value, key: Option<&str>) {
     if inbox.webhooks.is_empty() {
         return;
     }
@@ -61,12 +54,15 @@ pub async fn emit(core: &Core, inbox: &Inbox, event: &str, data: Value) {
         .webhooks
         .iter()
         .map(|url| {
-            let id = uuid::Uuid::now_v7().to_string();
+            let id = match key {
+                Some(k) => super::model::sha256_hex(&format!("{k}\n{url}"))[..32].to_string(),
+                None => uuid::Uuid::now_v7().to_string(),
+            };
             let body = json!({ "event": event, "delivery": id, "inbox": inbox.id, "at": now, "data": data }).to_string();
             OutboxRow { id, inbox: inbox.id.clone(), url: url.clone(), body, attempts: 0, next_at: now }
         })
         .collect();
-    match core.store.outbox(OutboxOp::Add(rows)).await {
+    match core.store.local(LocalOp::Add(rows)).await {
         Ok(_) => core.support.webhooks.notify_one(),
         Err(e) => tracing::warn!(error = %e, event, "queueing a webhook failed"),
     }
@@ -130,13 +126,13 @@ async fn deliver(core: &Core, client: &reqwest::Client, row: OutboxRow) {
         }
     };
     let op = if ok {
-        OutboxOp::Done(row.id)
+        LocalOp::Done(row.id)
     } else {
         let attempts = row.attempts.saturating_add(1);
         let wait = i64::try_from(backoff(attempts).as_millis()).unwrap_or(i64::MAX);
-        OutboxOp::Retry { id: row.id, attempts, next_at: now_ms().saturating_add(wait) }
+        LocalOp::Retry { id: row.id, attempts, next_at: now_ms().saturating_add(wait) }
     };
-    if let Err(e) = core.store.outbox(op).await {
+    if let Err(e) = core.store.local(op).await {
         tracing::warn!(error = %e, "updating the webhook outbox failed");
     }
 }

@@ -115,11 +115,9 @@ impl Caller {
 
 async fn caller(core: &Core, headers: &HeaderMap) -> Option<Caller> {
     let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if let Some(claims) = bearer.and_then(|t| core.tokens.verify(t, SystemTime::now())) {
-        let user = core.store.user(&claims.user).await.ok().flatten()?;
-        if user.banned || claims.epoch < user.token_epoch {
-            return None;
-        }
+    // A bearer that is not a token may be the API key.
+    if let Some(token) = bearer.filter(|t| core.tokens.verify(t, SystemTime::now()).is_some()) {
+        let user = core.user_for_token(token).await.ok().flatten()?;
         return match user.role.as_str() {
             "agent" => Some(Caller::Agent { id: user.user_id, admin: false }),
             "admin" => Some(Caller::Agent { id: user.user_id, admin: true }),
@@ -172,12 +170,14 @@ fn answer(result: Result<Value, SupportError>) -> Response {
 }
 
 fn support_error(e: SupportError) -> Response {
-    match e {
-        SupportError::NotFound(m) => error_reply(StatusCode::NOT_FOUND, Status::NotFound, m),
-        SupportError::Invalid(m) => error_reply(StatusCode::BAD_REQUEST, Status::BadRequest, m),
-        SupportError::Forbidden(m) => forbidden(&m),
-        SupportError::Store(e) => error_reply(StatusCode::SERVICE_UNAVAILABLE, Status::Retryable, e),
-    }
+    let http = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let status = match &e {
+        SupportError::NotFound(_) => Status::NotFound,
+        SupportError::Invalid(_) => Status::BadRequest,
+        SupportError::Forbidden(_) => Status::Forbidden,
+        SupportError::Store(_) => Status::Retryable,
+    };
+    error_reply(http, status, e)
 }
 
 /// A JSON body, with a clear 400 when it is not the expected shape.
