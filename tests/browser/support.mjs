@@ -75,6 +75,8 @@ const widgetText = (page) => page.evaluate(() => document.querySelector("[data-k
 async function visitorPage(inbox, query = "", ctx) {
   const context = ctx || (await browser.newContext());
   const page = await context.newPage();
+  // Catch kefu:ready even if it fires before the test listens.
+  await page.addInitScript(() => window.addEventListener("kefu:ready", (e) => (window.__ready = e.detail), { once: true }));
   await page.goto(site + "?inbox=" + inbox + query);
   await page.waitForSelector("[data-testid=kefu-launcher]", T);
   return page;
@@ -136,7 +138,14 @@ try {
   // Olga's offline message was waiting: Ann takes it as soon as she is online.
   await until("Olga assigned to ann", async () => (await conv(queuedNight.id)).assignee === "ann");
   const vis = await visitorPage(shop.website_token);
-  await vis.click("[data-testid=kefu-launcher]");
+  // The host page hears the widget: kefu:ready once, kefu:message for each agent reply.
+  const ready = await vis.evaluate(() => new Promise((resolve) => {
+    if (window.__ready) return resolve(window.__ready);
+    window.addEventListener("kefu:ready", (e) => resolve(e.detail), { once: true });
+  }));
+  if (!ready.visitor || !ready.conversation) throw new Error("kefu:ready without its detail: " + JSON.stringify(ready));
+  const heard = vis.evaluate(() => new Promise((resolve) => window.addEventListener("kefu:message", (e) => resolve(e.detail), { once: true })));
+  await vis.evaluate(() => window.kefu.open());
   await vis.waitForSelector("[data-testid=kefu-panel]", { state: "visible", ...T });
   await write(vis, "Where is my parcel?");
   await ann.click('#views button[data-view=mine]');
@@ -151,6 +160,7 @@ try {
   await vis.waitForSelector("[data-testid=kefu-typing]:has-text('typing')", T);
   await ann.click("[data-testid=cs-send]");
   await vis.waitForSelector('[data-testid=kefu-message][data-from=agent]:has-text("Let me check")', T);
+  if ((await heard).content !== "Let me check") throw new Error("kefu:message did not carry the reply");
   // The open panel read it; the console shows it seen.
   await ann.waitForSelector("[data-testid=cs-read]", T);
   // The agent's console read the visitor's message; the widget shows it seen.
