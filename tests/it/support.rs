@@ -520,3 +520,31 @@ async fn outside_business_hours_the_widget_offers_the_form_and_the_away_reply_co
     assert_eq!(status, 400, "{body}");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_inbox_with_its_own_agents_is_served_only_by_them() -> anyhow::Result<()> {
+    let n = node().await;
+    let api = Api::new(&n);
+    let (_kim, _) = api.agent(&n, "kim", 5).await?;
+    let (_lee, _) = api.agent(&n, "lee", 5).await?;
+    let vip = api.inbox(json!({"name": "VIP", "agents": ["kim"]})).await?;
+    let open = api.inbox(json!({"name": "Everyone"})).await?;
+    // Kim is busier than Lee, yet the VIP inbox's conversations are Kim's.
+    for i in 0..2 {
+        let (session, mut v) = api.visitor(&n, json!({"inbox": vip["website_token"]})).await?;
+        let id = conv_id(&session);
+        say(&mut v, &id, &format!("vip {i}")).await?;
+        let (_, who) = eventually(WAIT, || async { status_of(&api, &id).await.filter(|(s, _)| s == "open") }).await?;
+        assert_eq!(who.as_deref(), Some("kim"));
+    }
+    let (session, mut v) = api.visitor(&n, json!({"inbox": open["website_token"]})).await?;
+    let id = conv_id(&session);
+    say(&mut v, &id, "anyone").await?;
+    let (_, who) = eventually(WAIT, || async { status_of(&api, &id).await.filter(|(s, _)| s == "open") }).await?;
+    assert_eq!(who.as_deref(), Some("lee"), "the other inbox goes to the freer agent");
+    let (status, _) = api
+        .call(reqwest::Method::PATCH, &format!("/v1/inboxes/{}", vip["id"].as_str().unwrap()), None, Some(json!({"agents": ["bad:id"]})))
+        .await?;
+    assert_eq!(status, 400);
+    Ok(())
+}

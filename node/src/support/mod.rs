@@ -254,6 +254,9 @@ pub struct NewInbox {
     /// Webhook URLs.
     #[serde(default)]
     pub webhooks: Vec<String>,
+    /// The agents who take its conversations (empty: every agent).
+    #[serde(default)]
+    pub agents: Vec<String>,
 }
 
 /// Fields to change on an inbox (`PATCH /v1/inboxes/{id}`); absent ones stay.
@@ -281,6 +284,9 @@ pub struct InboxPatch {
     /// Webhook URLs (replaces the list).
     #[serde(default)]
     pub webhooks: Option<Vec<String>>,
+    /// The agents who take its conversations (replaces the list; empty: every agent).
+    #[serde(default)]
+    pub agents: Option<Vec<String>>,
 }
 
 /// A field given as `null` is `Some(None)`, an absent one `None`.
@@ -294,6 +300,9 @@ fn check_inbox(i: &Inbox) -> Result<()> {
     }
     if let Some(h) = &i.hours {
         h.validate().map_err(SupportError::Invalid)?;
+    }
+    if i.agents.len() > 1000 || i.agents.iter().any(|a| !schema::jim::valid_id(a)) {
+        return Err(SupportError::Invalid("agents: at most 1,000 user ids".into()));
     }
     if i.webhooks.len() > 10 {
         return Err(SupportError::Invalid("webhooks: at most 10 URLs".into()));
@@ -329,6 +338,9 @@ fn apply_patch(mut next: Inbox, patch: &InboxPatch) -> Inbox {
     if let Some(v) = &patch.webhooks {
         next.webhooks = v.clone();
     }
+    if let Some(v) = &patch.agents {
+        next.agents = v.clone();
+    }
     next
 }
 
@@ -355,6 +367,7 @@ pub async fn create_inbox(core: &Core, new: NewInbox) -> Result<Inbox> {
         hours: new.hours,
         webhooks: new.webhooks,
         webhook_secret: model::random_hex(32),
+        agents: new.agents,
     };
     check_inbox(&inbox)?;
     let i = inbox.clone();
@@ -659,7 +672,7 @@ async fn queue_position(core: &Core, c: &Conversation) -> Result<Option<usize>> 
         return Ok(None);
     }
     let queued: Vec<Conversation> = list(core, model::CONVERSATION, Some(Status::Queued.name())).await?;
-    let waiting: Vec<routing::Waiting<'_>> = queued.iter().map(waiting).collect();
+    let waiting: Vec<routing::Waiting<'_>> = queued.iter().map(|q| waiting(q, &[])).collect();
     Ok(routing::positions(&waiting).into_iter().find(|(id, _)| *id == c.id).map(|(_, p)| p))
 }
 
@@ -1145,8 +1158,17 @@ async fn announce(core: &Core, c: &Conversation, position: Option<usize>) {
 
 // -- the router -----------------------------------------------------------------------------
 
-fn waiting(c: &Conversation) -> routing::Waiting<'_> {
-    routing::Waiting { id: &c.id, queued_at: c.queued_at, team: c.team.as_deref(), prefer: c.last_agent.as_deref() }
+/// A queued conversation for the router; `inboxes` gives its inbox's agents.
+fn waiting<'a>(c: &'a Conversation, inboxes: &'a [Inbox]) -> routing::Waiting<'a> {
+    let agents = inboxes.iter().find(|i| i.id == c.inbox).map_or(&[][..], |i| &i.agents[..]);
+    routing::Waiting {
+        id: &c.id,
+        inbox: &c.inbox,
+        agents,
+        queued_at: c.queued_at,
+        team: c.team.as_deref(),
+        prefer: c.last_agent.as_deref(),
+    }
 }
 
 /// Runs the router until shutdown; `calls` are other nodes' changes for this one to make.
@@ -1345,7 +1367,8 @@ async fn route(core: &Core, state: &mut RouterState) -> Result<()> {
             teams: &a.teams,
         })
         .collect();
-    let waiting: Vec<routing::Waiting<'_>> = queued.iter().map(waiting).collect();
+    let all_inboxes = inboxes(core).await?;
+    let waiting: Vec<routing::Waiting<'_>> = queued.iter().map(|c| waiting(c, &all_inboxes)).collect();
     let plan = routing::plan(&waiting, &seats, now);
     for (conversation, agent) in &plan {
         // A member first, so that nothing the visitor writes once it is assigned misses them.

@@ -50,6 +50,9 @@ pub struct Inbox {
     /// Signs the webhook posts.
     #[serde(default)]
     pub webhook_secret: String,
+    /// The agents who take its conversations; empty: every agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
 }
 
 fn yes() -> bool {

@@ -25,6 +25,10 @@ pub struct Seat<'a> {
 pub struct Waiting<'a> {
     /// Conversation id.
     pub id: &'a str,
+    /// Its inbox: each inbox is a queue of its own.
+    pub inbox: &'a str,
+    /// The agents of its inbox; empty: every agent.
+    pub agents: &'a [String],
     /// When it joined the queue (epoch ms): the order.
     pub queued_at: i64,
     /// Only this team's agents take it.
@@ -40,7 +44,11 @@ pub fn plan<'a>(queue: &[Waiting<'a>], seats: &[Seat<'a>], now: i64) -> Vec<(&'a
     order.sort_by_key(|w| (w.queued_at, w.id));
     let mut out = Vec::new();
     for w in order {
-        let fits = |s: &Seat<'_>| s.open < s.limit && w.team.is_none_or(|t| s.teams.iter().any(|x| x == t));
+        let fits = |s: &Seat<'_>| {
+            s.open < s.limit
+                && w.team.is_none_or(|t| s.teams.iter().any(|x| x == t))
+                && (w.agents.is_empty() || w.agents.iter().any(|a| a == s.id))
+        };
         let preferred = w.prefer.and_then(|p| seats.iter().position(|s| s.id == p && fits(s)));
         let chosen = preferred.or_else(|| {
             seats.iter().enumerate().filter(|(_, s)| fits(s)).min_by_key(|(_, s)| (s.open, s.last_assigned_at, s.id)).map(|(i, _)| i)
@@ -54,11 +62,19 @@ pub fn plan<'a>(queue: &[Waiting<'a>], seats: &[Seat<'a>], now: i64) -> Vec<(&'a
     out
 }
 
-/// Where each queued conversation stands (1 = next), in queue order.
+/// Where each queued conversation stands in its inbox's queue (1 = next), in queue order.
 pub fn positions<'a>(queue: &[Waiting<'a>]) -> Vec<(&'a str, usize)> {
     let mut order: Vec<&Waiting<'a>> = queue.iter().collect();
     order.sort_by_key(|w| (w.queued_at, w.id));
-    order.into_iter().enumerate().map(|(i, w)| (w.id, i + 1)).collect()
+    let mut ahead: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    order
+        .into_iter()
+        .map(|w| {
+            let n = ahead.entry(w.inbox).or_default();
+            *n += 1;
+            (w.id, *n)
+        })
+        .collect()
 }
 
 /// Whether an assignee offline since `since` (epoch ms) has been gone past the grace period.
@@ -75,7 +91,7 @@ mod tests {
     }
 
     fn waiting(id: &str, at: i64) -> Waiting<'_> {
-        Waiting { id, queued_at: at, team: None, prefer: None }
+        Waiting { id, inbox: "shop", agents: &[], queued_at: at, team: None, prefer: None }
     }
 
     #[test]
@@ -116,6 +132,19 @@ mod tests {
         let team = Waiting { team: Some("sales"), ..waiting("t", 1) };
         assert_eq!(plan(std::slice::from_ref(&team), &seats, 100), vec![("t", "b")]);
         assert!(plan(&[team], &seats[..1], 100).is_empty());
+    }
+
+    #[test]
+    fn an_inbox_with_its_own_agents_is_a_queue_of_its_own() {
+        let bank_agents = ["b".to_string()];
+        let seats = [seat("a", 0, 5, 0), seat("b", 1, 5, 0)];
+        // The bank's conversation waits for its own agent even though "a" is freer.
+        let bank = Waiting { inbox: "bank", agents: &bank_agents, ..waiting("x", 1) };
+        assert_eq!(plan(std::slice::from_ref(&bank), &seats, 100), vec![("x", "b")]);
+        assert!(plan(std::slice::from_ref(&bank), &seats[..1], 100).is_empty());
+        // Positions count only the same inbox's queue.
+        let queue = [waiting("s1", 1), Waiting { inbox: "bank", ..waiting("b1", 2) }, waiting("s2", 3)];
+        assert_eq!(positions(&queue), vec![("s1", 1), ("b1", 1), ("s2", 2)]);
     }
 
     #[test]

@@ -189,7 +189,7 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
 /// An inbox without its secrets, for agents.
 fn public_inbox(i: &model::Inbox) -> Value {
     json!({ "id": i.id, "name": i.name, "website_token": i.website_token, "hmac_required": i.hmac_required,
-            "greeting": i.greeting, "away_message": i.away_message, "csat": i.csat, "hours": i.hours })
+            "greeting": i.greeting, "away_message": i.away_message, "csat": i.csat, "hours": i.hours, "agents": i.agents })
 }
 
 async fn create_inbox(State(core): State<Arc<Core>>, headers: HeaderMap, bytes: axum::body::Bytes) -> Response {
