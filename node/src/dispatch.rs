@@ -814,7 +814,7 @@ impl Core {
                 }
                 // What this connection had live after them counts now that the cursor reaches it.
                 if let (Some(floor), Some(high)) = (s.live_floor.get(conv), s.live_high.get(conv)) {
-                    let _ = self.store.advance_cursor_live(&me.id, conv, *floor, *high).await;
+                    let _ = self.store.advance_cursor_live(&me.id, conv, *floor, *high);
                 }
             }
         }

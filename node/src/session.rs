@@ -198,7 +198,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                     return Some(End::WriteFailed);
                 }
                 if self.rx.is_empty() && !self.pending_cursors.is_empty() {
-                    self.flush_cursors().await;
+                    self.flush_cursors();
                 }
                 None
             }
@@ -373,14 +373,14 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
 
     /// Hands the delivered cursors to the store, coalesced: under load many pushes make one
     /// cursor write.
-    async fn flush_cursors(&mut self) {
+    fn flush_cursors(&mut self) {
         let Some(user) = self.state.user.as_ref().map(|u| u.id.clone()) else {
             self.pending_cursors.clear();
             return;
         };
         for (conv, seq) in self.pending_cursors.drain() {
             let floor = self.state.live_floor.get(&conv).copied().unwrap_or(seq);
-            if self.core.store.advance_cursor_live(&user, &conv, floor, seq).await.is_err() {
+            if self.core.store.advance_cursor_live(&user, &conv, floor, seq).is_err() {
                 return;
             }
         }
@@ -389,17 +389,9 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
     fn finish(&mut self) {
         let core = Arc::clone(&self.core);
         let Some(user) = self.state.user.take() else { return };
-        let floors = &self.state.live_floor;
-        let pending: Vec<(u64, ConversationId, u64)> =
-            self.pending_cursors.drain().map(|(conv, seq)| (floors.get(&conv).copied().unwrap_or(seq), conv, seq)).collect();
-        if !pending.is_empty() {
-            let store = core.store.clone();
-            let id = user.id.clone();
-            tokio::spawn(async move {
-                for (floor, conv, seq) in pending {
-                    let _ = store.advance_cursor_live(&id, &conv, floor, seq).await;
-                }
-            });
+        for (conv, seq) in self.pending_cursors.drain() {
+            let floor = self.state.live_floor.get(&conv).copied().unwrap_or(seq);
+            let _ = core.store.advance_cursor_live(&user.id, &conv, floor, seq);
         }
         if let Some(gone) = core.hub.unregister(&user.id, self.state.conn.id) {
             core.went_offline(&user.id, gone);

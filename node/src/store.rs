@@ -145,9 +145,7 @@ enum WriteOp {
         conversation: ConversationId,
         delivered: u64,
         read: u64,
-        /// For a move from live pushes: the first seq pushed (0: unconditional).
-        floor: u64,
-        reply: Option<oneshot::Sender<Result<bool>>>,
+        reply: oneshot::Sender<Result<bool>>,
     },
     Recall {
         id: String,
@@ -182,6 +180,8 @@ enum WriteOp {
     Import(Vec<StoredMessage>, oneshot::Sender<Result<bool>>),
     Apply(String, ChangeBatch, oneshot::Sender<Result<bool>>),
     ForgetPeer(String, oneshot::Sender<Result<bool>>),
+    /// Cursor moves are waiting in [`PendingCursors`] (sent once per empty → non-empty).
+    CursorsWaiting,
 }
 
 /// A webhook delivery waiting in the outbox.
@@ -249,10 +249,44 @@ impl WritePermit {
     }
 }
 
+/// Fire-and-forget cursor moves waiting for the writer, merged by max (the floor by min), keyed by
+/// (user, conversation). Sessions add to it without waking the writer thread for each push; the
+/// first move into an empty map sends one [`WriteOp::CursorsWaiting`], and the writer writes them
+/// all CURSOR_DELAY later.
+#[derive(Default)]
+struct PendingCursors {
+    moves: std::sync::Mutex<CursorMoves>,
+}
+
+/// (user, conversation) → (delivered, read, floor).
+type CursorMoves = HashMap<(String, ConversationId), (u64, u64, u64)>;
+
+impl PendingCursors {
+    /// Merges one move; true when the map was empty (the writer must be told).
+    fn add(&self, user: &str, conversation: &ConversationId, delivered: u64, read: u64, floor: u64) -> bool {
+        let mut moves = self.moves.lock().unwrap_or_else(|e| e.into_inner());
+        let first = moves.is_empty();
+        let e = moves.entry((user.to_string(), conversation.clone())).or_insert((0, 0, u64::MAX));
+        e.0 = e.0.max(delivered);
+        e.1 = e.1.max(read);
+        e.2 = e.2.min(floor);
+        first
+    }
+
+    fn len(&self) -> usize {
+        self.moves.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn take(&self) -> CursorMoves {
+        std::mem::take(&mut *self.moves.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// A cheap, cloneable handle to the store.
 #[derive(Clone)]
 pub struct Store {
     writer: mpsc::Sender<WriteOp>,
+    cursors: Arc<PendingCursors>,
     changes: broadcast::Sender<Arc<LocalBatch>>,
     head: Arc<AtomicU64>,
     readers: Arc<Readers>,
@@ -284,6 +318,7 @@ impl Store {
         let rev = newest_rev(&writer_conn).await?;
         let head = Arc::new(AtomicU64::new(rev));
         let (changes, _) = broadcast::channel(CHANGE_TAIL);
+        let cursors = Arc::new(PendingCursors::default());
         let writer = Writer {
             rev,
             committed_rev: rev,
@@ -298,7 +333,7 @@ impl Store {
             feed: feed_tx,
             metrics,
             stmts: HashMap::new(),
-            pending_cursors: HashMap::new(),
+            pending_cursors: Arc::clone(&cursors),
             _db: db,
         };
         let thread = std::thread::Builder::new().name("kefu-writer".into()).spawn(move || {
@@ -309,7 +344,7 @@ impl Store {
             rt.block_on(writer.run(rx));
         })?;
         let thread = Arc::new(std::sync::Mutex::new(Some(thread)));
-        Ok((Store { writer: tx, changes, head, readers: Arc::new(Readers { conns, next: AtomicUsize::new(0) }), thread }, feed_rx))
+        Ok((Store { writer: tx, cursors, changes, head, readers: Arc::new(Readers { conns, next: AtomicUsize::new(0) }), thread }, feed_rx))
     }
 
     /// Stops the writer once everything queued is committed, and waits for it (it checkpoints the
@@ -363,24 +398,23 @@ impl Store {
     /// Moves a user's delivered cursor to `delivered` after live pushes that started at seq
     /// `floor`, but only if the user has had everything before `floor` (the user's own messages
     /// aside): a push must not carry the cursor past earlier messages the user has not had (they
-    /// stay offline messages). Fire and forget: applied with the next batch.
-    pub async fn advance_cursor_live(&self, user: &str, conversation: &ConversationId, floor: u64, delivered: u64) -> Result<()> {
-        let (user, conversation) = (user.to_string(), conversation.clone());
-        self.send(WriteOp::Cursor { user, conversation, delivered, read: 0, floor, reply: None }).await
+    /// stay offline messages). Fire and forget: merged in memory without waking the writer for
+    /// each push (one wake when none were waiting), and written CURSOR_DELAY after the first.
+    pub fn advance_cursor_live(&self, user: &str, conversation: &ConversationId, floor: u64, delivered: u64) -> Result<()> {
+        if self.cursors.add(user, conversation, delivered, 0, floor) {
+            match self.writer.try_send(WriteOp::CursorsWaiting) {
+                // A full queue means the writer is busy: it looks at the map after each batch.
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Closed),
+            }
+        }
+        Ok(())
     }
 
     /// Moves a user's cursors forward and waits for the commit, so the next read sees it.
     pub async fn advance_cursor_committed(&self, user: &str, conversation: &ConversationId, delivered: u64, read: u64) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(WriteOp::Cursor {
-            user: user.to_string(),
-            conversation: conversation.clone(),
-            delivered,
-            read,
-            floor: 0,
-            reply: Some(tx),
-        })
-        .await?;
+        self.send(WriteOp::Cursor { user: user.to_string(), conversation: conversation.clone(), delivered, read, reply: tx }).await?;
         rx.await.map_err(|_| StoreError::Closed)?.map(drop)
     }
 
@@ -1143,7 +1177,7 @@ struct Writer {
     stmts: HashMap<&'static str, libsql::Statement>,
     /// Cursor moves waiting to be written (CURSOR_DELAY after the first), merged by max (the
     /// floor by min).
-    pending_cursors: HashMap<(String, ConversationId), (u64, u64, u64)>,
+    pending_cursors: Arc<PendingCursors>,
     /// Newest revision handed out (in the open transaction, or committed).
     rev: u64,
     /// Newest committed revision.
@@ -1232,19 +1266,11 @@ impl Writer {
             // after the first of them (or when MAX_BATCH are waiting): one push to each of 10,000
             // group members must not cost 10,000 transactions, and a busy conversation's cursor
             // is one row write per CURSOR_DELAY, not one per message.
-            batch.retain(|op| match op {
-                WriteOp::Cursor { user, conversation, delivered, read, floor, reply: None } => {
-                    let e = self.pending_cursors.entry((user.clone(), conversation.clone())).or_insert((0, 0, u64::MAX));
-                    e.0 = e.0.max(*delivered);
-                    e.1 = e.1.max(*read);
-                    e.2 = e.2.min(*floor);
-                    false
-                }
-                _ => true,
-            });
+            batch.retain(|op| !matches!(op, WriteOp::CursorsWaiting));
+            let waiting = self.pending_cursors.len();
             let due = cursor_deadline.is_some_and(|d| d <= tokio::time::Instant::now());
-            let write_cursors = closed || due || self.pending_cursors.len() >= MAX_BATCH;
-            if !self.pending_cursors.is_empty() && cursor_deadline.is_none() {
+            let write_cursors = closed || due || waiting >= MAX_BATCH;
+            if waiting > 0 && cursor_deadline.is_none() {
                 cursor_deadline = Some(tokio::time::Instant::now() + CURSOR_DELAY);
             }
             if batch.is_empty() && !write_cursors {
@@ -1253,7 +1279,7 @@ impl Writer {
             if write_cursors {
                 cursor_deadline = None;
             }
-            if batch.is_empty() && self.pending_cursors.is_empty() {
+            if batch.is_empty() && waiting == 0 {
                 if closed {
                     self.checkpoint().await;
                     return;
@@ -1261,7 +1287,7 @@ impl Writer {
                 continue;
             }
             let started = Instant::now();
-            let ops = batch.len() + if write_cursors { self.pending_cursors.len() } else { 0 };
+            let ops = batch.len() + if write_cursors { waiting } else { 0 };
             match self.apply(&mut batch, write_cursors).await {
                 Ok(done) => {
                     self.metrics.commit(started.elapsed(), ops);
@@ -1325,7 +1351,7 @@ impl Writer {
         self.exec("BEGIN IMMEDIATE", ()).await?;
         // Ops are only taken out of `batch` once the transaction has committed, so a failure can
         // still answer each of them.
-        let cursors = if with_cursors { std::mem::take(&mut self.pending_cursors) } else { HashMap::new() };
+        let cursors = if with_cursors { self.pending_cursors.take() } else { HashMap::new() };
         let result = async {
             for ((user, conversation), (delivered, read, floor)) in &cursors {
                 self.upsert_cursor_from(user, conversation, *delivered, *read, *floor, true).await?;
@@ -1355,7 +1381,7 @@ impl Writer {
                 (WriteOp::Join { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::CreateGroup { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::SetMember { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
-                (WriteOp::Cursor { reply: Some(reply), .. }, Done::Flag(_, slot)) => *slot = reply,
+                (WriteOp::Cursor { reply, .. }, Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Import(_, reply), Done::Flag(_, slot)) => *slot = reply,
                 (WriteOp::Apply(_, _, reply), Done::Replicas(_, slot)) => *slot = reply,
                 (WriteOp::ForgetPeer(_, reply), Done::Flag(_, slot)) => *slot = reply,
@@ -1367,17 +1393,15 @@ impl Writer {
 
     async fn apply_one(&mut self, op: &WriteOp) -> Result<Done> {
         Ok(match op {
+            // Taken out of the batch before it is applied.
+            WriteOp::CursorsWaiting => Done::Nothing,
             WriteOp::Append(msg, _, _) => {
                 let (stored, duplicate) = self.append(msg).await?;
                 Done::Append(Arc::new(stored), duplicate, None, oneshot::channel().0)
             }
-            WriteOp::Cursor { user, conversation, delivered, read, reply, .. } => {
+            WriteOp::Cursor { user, conversation, delivered, read, .. } => {
                 self.upsert_cursor(user, conversation, *delivered, *read, true).await?;
-                if reply.is_some() {
-                    Done::Flag(true, oneshot::channel().0)
-                } else {
-                    Done::Nothing
-                }
+                Done::Flag(true, oneshot::channel().0)
             }
             WriteOp::Recall { id, by, privileged, now_ms, window_ms, .. } => {
                 let outcome = self.recall(id, by, *privileged, *now_ms, *window_ms).await?;
@@ -1960,9 +1984,9 @@ fn fail(op: WriteOp) {
         | WriteOp::Import(_, reply)
         | WriteOp::Outbox(_, reply)
         | WriteOp::Apply(_, _, reply)
-        | WriteOp::ForgetPeer(_, reply) => drop(reply.send(Err(retry()))),
-        WriteOp::Cursor { reply: Some(reply), .. } => drop(reply.send(Err(retry()))),
-        WriteOp::Recall { .. } | WriteOp::Cursor { reply: None, .. } => {}
+        | WriteOp::ForgetPeer(_, reply)
+        | WriteOp::Cursor { reply, .. } => drop(reply.send(Err(retry()))),
+        WriteOp::Recall { .. } | WriteOp::CursorsWaiting => {}
     }
 }
 

@@ -294,6 +294,7 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
         }
     }
     let started = Instant::now();
+    let cpu_before = node.pid.and_then(cpu_ticks);
     // Progress from every worker, merged once a second.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Value)>(1024);
     for (i, mut lines) in readers.into_iter().enumerate() {
@@ -334,6 +335,7 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let rss_after = node.pid.and_then(tests::rss_kib);
     result["rss_kib"]["after"] = json!(rss_after);
+    let node_cpu = node.pid.and_then(cpu_ticks).zip(cpu_before).map(|(a, b)| a.saturating_sub(b) as f64 / ticks_per_second());
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut totals = json!({});
     for v in finals.iter().flatten() {
@@ -357,17 +359,44 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
         json!({ "count": hist.len(), "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": hist.max() as f64 / 1000.0 });
     let rate = |k: &str| totals[k].as_u64().unwrap_or(0) as f64 / secs;
     result["rates_per_second"] = json!({ "acked": rate("acked"), "delivered": rate("delivered"), "ops": rate("ops") });
+    // The node's CPU (user + system) over the run: per delivered message, and as a share of one core.
+    let delivered = totals["delivered"].as_u64().unwrap_or(0);
+    if let Some(cpu) = node_cpu {
+        result["node_cpu"] = json!({
+            "seconds": cpu,
+            "percent_of_a_core": 100.0 * cpu / elapsed.max(1e-9),
+            "us_per_delivery": if delivered > 0 { cpu * 1e6 / delivered as f64 } else { f64::NAN },
+        });
+    }
+    let cpu_text = node_cpu.map_or(String::new(), |cpu| {
+        format!(", node CPU {:.0} % ({:.1} µs per delivery)", 100.0 * cpu / elapsed.max(1e-9), cpu * 1e6 / delivered.max(1) as f64)
+    });
     let errors = totals["errors"].as_u64().unwrap_or(0);
+    // After an idle run: the node's RSS once every connection is closed (the workers exit), 2 s
+    // and 20 s later, to see how much of the connections' memory comes back.
+    if scenario == "idle" {
+        for w in &mut workers {
+            let _ = w.kill().await;
+        }
+        if let Some(pid) = node.pid {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            result["rss_kib"]["closed_2s"] = json!(tests::rss_kib(pid));
+            tokio::time::sleep(Duration::from_secs(18)).await;
+            result["rss_kib"]["closed_20s"] = json!(tests::rss_kib(pid));
+        }
+    }
 
     let summary = match scenario {
         "idle" => format!(
-            "idle: {users} {transport} connections, {:.0} B RSS each ({} KiB → {} KiB), errors {errors}",
+            "idle: {users} {transport} connections, {:.0} B RSS each ({} KiB → {} KiB; all closed: {} KiB after 2 s, {} KiB after 20 s), errors {errors}",
             result["rss_bytes_per_connection"].as_f64().unwrap_or(f64::NAN),
             rss_before.unwrap_or(0),
-            rss_ready.unwrap_or(0)
+            rss_ready.unwrap_or(0),
+            result["rss_kib"]["closed_2s"].as_u64().unwrap_or(0),
+            result["rss_kib"]["closed_20s"].as_u64().unwrap_or(0),
         ),
         "chat" | "group" => format!(
-            "{scenario}: {:.0} acked/s, {:.0} delivered/s, latency p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms, errors {errors}",
+            "{scenario}: {:.0} acked/s, {:.0} delivered/s, latency p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms, errors {errors}{cpu_text}",
             rate("acked"),
             rate("delivered"),
             q(0.5),
@@ -441,4 +470,19 @@ fn machine() -> Value {
         m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
     });
     json!({ "cpus": cpus, "mem_kib": mem_kib })
+}
+
+/// The process's CPU time so far (user + system), in clock ticks, from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after its end.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, which Linux fixes at 100 for userspace).
+fn ticks_per_second() -> f64 {
+    100.0
 }
