@@ -162,7 +162,6 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     ));
     tasks.spawn(transport::quic::serve_quic(Arc::clone(&core), quic, accepting.clone(), shutdown.clone(), tasks.clone()));
     tasks.spawn(Arc::clone(&certs).renew_loop(Duration::from_secs(3600), shutdown.clone()));
-    tasks.spawn(memory::trim_loop(Arc::clone(&core.metrics), shutdown.clone()));
     tasks.spawn(transport::serve_jim(Arc::clone(&core), jim, accepting.clone(), shutdown.clone(), tasks.clone()));
     let admin_router = admin::router(Arc::clone(&core));
     let admin_shutdown = shutdown.clone();

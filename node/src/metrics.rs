@@ -84,8 +84,6 @@ impl Histogram {
 pub struct Metrics {
     connections: [AtomicI64; 4],
     connections_total: [AtomicU64; 4],
-    /// Most connections open at once since [`Metrics::reset_peak_connections`] (all transports).
-    peak_connections: AtomicI64,
     /// Chat messages accepted from clients.
     pub messages_in: AtomicU64,
     /// Chat messages pushed to clients.
@@ -107,7 +105,6 @@ impl Default for Metrics {
         Metrics {
             connections: Default::default(),
             connections_total: Default::default(),
-            peak_connections: AtomicI64::new(0),
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
@@ -124,23 +121,12 @@ impl Metrics {
     pub fn connection(&self, transport: Transport) -> ConnectionGauge<'_> {
         self.connections[transport.index()].fetch_add(1, Relaxed);
         self.connections_total[transport.index()].fetch_add(1, Relaxed);
-        self.peak_connections.fetch_max(self.open_connections_total(), Relaxed);
         ConnectionGauge { metrics: self, transport }
     }
 
     /// Open connections on every transport.
     pub fn open_connections_total(&self) -> i64 {
         self.connections.iter().map(|c| c.load(Relaxed)).sum()
-    }
-
-    /// The most connections open at once since the last reset.
-    pub fn peak_connections(&self) -> i64 {
-        self.peak_connections.load(Relaxed)
-    }
-
-    /// Starts the peak over from `open`.
-    pub fn reset_peak_connections(&self, open: i64) {
-        self.peak_connections.store(open, Relaxed);
     }
 
     /// Open connections on a transport.
