@@ -485,11 +485,7 @@ impl Store {
     /// Customer-service messages not handled yet, oldest first, at most `limit`.
     pub async fn support_pending(&self, limit: u32) -> Result<Vec<StoredMessage>> {
         let conn = self.reader().await;
-        let sql = format!(
-            "SELECT {MSG_COLS} FROM support_pending p JOIN messages m ON m.conversation = p.conversation AND m.seq = p.seq \
-             ORDER BY m.created_at LIMIT ?1"
-        );
-        let rows = conn.query(&sql, params![i64::from(limit)]).await?;
+        let rows = conn.query(SUPPORT_PENDING.as_str(), params![i64::from(limit)]).await?;
         collect_messages(rows).await
     }
 
@@ -1156,6 +1152,16 @@ pub fn now_ms() -> i64 {
 /// The message a sender already sent under a client id in a conversation.
 static BY_CLIENT_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!("SELECT {MSG_COLS} FROM messages m WHERE m.sender = ?1 AND m.conversation = ?2 AND m.client_id = ?3")
+});
+
+/// The customer-service messages not yet handled, oldest first. CROSS JOIN keeps the small
+/// `support_pending` table as the outer loop: a plain JOIN let SQLite walk every message in the
+/// database (probing `support_pending` for each) to avoid a sort, a full scan every 2 s.
+static SUPPORT_PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {MSG_COLS} FROM support_pending p CROSS JOIN messages m ON m.conversation = p.conversation AND m.seq = p.seq \
+         ORDER BY m.created_at LIMIT ?1"
+    )
 });
 
 /// A message by its server id.
@@ -2001,6 +2007,20 @@ mod tests {
 
     fn user(id: &str) -> UserRecord {
         UserRecord::new(id, "x".into(), None, None, "user")
+    }
+
+    #[tokio::test]
+    async fn unhandled_support_messages_are_read_from_their_table_not_by_scanning_every_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+        let conn = store.reader().await;
+        let mut rows = conn.query(&format!("EXPLAIN QUERY PLAN {}", SUPPORT_PENDING.as_str()), params![10]).await.unwrap();
+        let mut plan = Vec::new();
+        while let Some(row) = rows.next().await.unwrap() {
+            plan.push(row.get::<String>(3).unwrap());
+        }
+        assert_eq!(plan.first().map(String::as_str), Some("SCAN p"), "{plan:?}");
+        assert!(plan.iter().any(|step| step.starts_with("SEARCH m USING PRIMARY KEY")), "{plan:?}");
     }
 
     #[tokio::test]
