@@ -62,13 +62,19 @@ fn node_binary(opts: &Opts) -> PathBuf {
 async fn start_node(opts: &Opts, data: &std::path::Path) -> anyhow::Result<(Child, String, String, u32, Duration)> {
     let bin = node_binary(opts);
     let started = Instant::now();
-    let mut child = Command::new(&bin)
+    let mut command = Command::new(&bin);
+    command
         .args(["--data-dir", &data.display().to_string(), "--jim-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .args(["--tls-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0"])
-        // Benchmark settings: no per-connection rate limit, cheap password hashes (logins are not
-        // what is measured), no default group, no idle timeout.
+        // Benchmark settings: no per-connection rate limit, cheap password hashes unless asked
+        // otherwise (logins are not what is measured), no default group, no idle timeout.
         .args(["--msg-rate", "100000000", "--msg-burst", "100000000", "--default-groups", "", "--heartbeat-timeout", "0"])
-        .args(["--login-failures-per-minute", "0", "--argon2-memory-kib", "64", "--argon2-passes", "1"])
+        .args(["--login-failures-per-minute", "0"]);
+    match opts.num("argon2-memory-kib", 64) {
+        0 => {}
+        kib => drop(command.args(["--argon2-memory-kib", &kib.to_string(), "--argon2-passes", "1"])),
+    }
+    let mut child = command
         .env("KEFU_LOG", "warn")
         .stdout(Stdio::piped())
         .stdin(Stdio::null())

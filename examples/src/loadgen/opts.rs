@@ -41,6 +41,10 @@ pub struct Cli {
     /// The node binary to start [default: kefu-node beside this executable].
     #[arg(long)]
     pub node_bin: Option<String>,
+    /// Password-hash memory of the node it starts, in KiB: cheap by default so that logins are
+    /// not what is measured; 0 leaves the node's own default (19 MiB argon2id) [default: 64].
+    #[arg(long)]
+    pub argon2_memory_kib: Option<u64>,
     /// idle: connections [default: 1000].
     #[arg(long)]
     pub conns: Option<u64>,
@@ -137,6 +141,7 @@ impl Opts {
         put("ca", cli.ca.clone());
         put("node-pid", cli.node_pid.clone());
         put("node-bin", cli.node_bin.clone());
+        put("argon2-memory-kib", n(cli.argon2_memory_kib));
         put("conns", n(cli.conns));
         put("login", n(cli.login));
         put("pairs", n(cli.pairs));
