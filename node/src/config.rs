@@ -20,6 +20,21 @@ pub enum Profile {
     Prod,
 }
 
+/// What an acknowledged message survives. `disk` (the default) fsyncs the WAL at every commit:
+/// a success reply means the message is on disk, through kill -9, a kernel crash or a power loss.
+/// `process` leaves the flush to the OS (SQLite's `synchronous = NORMAL` in WAL mode): a killed
+/// node loses nothing, but a power loss or kernel crash can lose the last commits it
+/// acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Survives power loss: an fsync per commit.
+    #[default]
+    Disk,
+    /// Survives the process dying, not the machine: no fsync per commit.
+    Process,
+}
+
 /// Command-line flags. Every field is optional here so that the file can fill what the flags and
 /// environment leave out.
 #[derive(Debug, Default, Parser)]
@@ -52,6 +67,10 @@ pub struct Flags {
     /// Seconds without packets before a QUIC connection is closed (clients keep alive below it).
     #[arg(long, env = "KEFU_QUIC_IDLE_TIMEOUT")]
     pub quic_idle_timeout: Option<u64>,
+    /// What an acknowledged message survives: disk (default: power loss too) or process (kill -9
+    /// only; a power loss can lose the last acknowledged commits).
+    #[arg(long, env = "KEFU_DURABILITY", value_enum)]
+    pub durability: Option<Durability>,
     /// PEM certificate chain; without it (and --tls-key) a self-signed one is made in the data dir.
     #[arg(long, env = "KEFU_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -191,6 +210,7 @@ struct FileSettings {
     tls_addr: Option<SocketAddr>,
     quic_addr: Option<SocketAddr>,
     quic_idle_timeout: Option<u64>,
+    durability: Option<Durability>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     heartbeat_timeout: Option<u64>,
@@ -269,6 +289,8 @@ pub struct Config {
     pub quic_addr: SocketAddr,
     /// QUIC idle timeout.
     pub quic_idle_timeout: Duration,
+    /// What an acknowledged message survives.
+    pub durability: Durability,
     /// Configured certificate and key files.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Idle timeout; `None` = off.
@@ -359,6 +381,7 @@ impl Config {
             tls_addr: flags.tls_addr.or(file.tls_addr).unwrap_or_else(|| ([127, 0, 0, 1], 8443).into()),
             quic_addr: flags.quic_addr.or(file.quic_addr).unwrap_or_else(|| ([127, 0, 0, 1], 8443).into()),
             quic_idle_timeout: Duration::from_secs(flags.quic_idle_timeout.or(file.quic_idle_timeout).unwrap_or(60).max(1)),
+            durability: flags.durability.or(file.durability).unwrap_or_default(),
             tls_files: match (flags.tls_cert.or(file.tls_cert), flags.tls_key.or(file.tls_key)) {
                 (Some(cert), Some(key)) => Some((cert, key)),
                 (None, None) => None,
@@ -545,6 +568,16 @@ fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
 #[allow(clippy::unwrap_used)] // tests may unwrap: a panic is a failed test
 mod tests {
     use super::*;
+
+    #[test]
+    fn durability_is_disk_unless_process_is_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Config::for_tests(dir.path()).durability, Durability::Disk);
+        let flags = Flags { durability: Some(Durability::Process), ..Flags::default() };
+        assert_eq!(Config::resolve(flags).unwrap().durability, Durability::Process);
+        assert!(toml::from_str::<FileSettings>("durability = \"process\"").is_ok());
+        assert!(toml::from_str::<FileSettings>("durability = \"memory\"").is_err(), "an unknown mode is refused");
+    }
 
     #[test]
     fn flags_win_over_file_and_defaults_fill_the_rest() {

@@ -69,7 +69,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<NodeHandle> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let data_lock = lock_data_dir(&config.data_dir)?;
     let metrics = Arc::new(Metrics::default());
-    let (store, feed) = Store::open(&config.data_dir, &config.node_id, Arc::clone(&metrics)).await.context("opening the database")?;
+    let (store, feed) = Store::open_with(&config.data_dir, &config.node_id, Arc::clone(&metrics), config.durability)
+        .await
+        .context("opening the database")?;
     let jim = TcpListener::bind(config.jim_addr).await.with_context(|| format!("binding the J-IM port {}", config.jim_addr))?;
     let admin = TcpListener::bind(config.admin_addr).await.with_context(|| format!("binding the admin port {}", config.admin_addr))?;
     let tls_listener = TcpListener::bind(config.tls_addr).await.with_context(|| format!("binding the TLS port {}", config.tls_addr))?;
