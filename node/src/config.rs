@@ -573,7 +573,7 @@ mod tests {
     fn durability_is_disk_unless_process_is_asked_for() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Config::for_tests(dir.path()).durability, Durability::Disk);
-        let flags = Flags { durability: Some(Durability::Process), ..Flags::default() };
+        let flags = Flags { data_dir: Some(dir.path().to_path_buf()), durability: Some(Durability::Process), ..Flags::default() };
         assert_eq!(Config::resolve(flags).unwrap().durability, Durability::Process);
         assert!(toml::from_str::<FileSettings>("durability = \"process\"").is_ok());
         assert!(toml::from_str::<FileSettings>("durability = \"memory\"").is_err(), "an unknown mode is refused");

@@ -4,7 +4,7 @@
 //! allocated on one thread and freed on another) and kept what connections had used in its
 //! per-thread arenas after they closed, which needed a periodic `malloc_trim`. jemalloc is
 //! quicker on that path, and with background threads purging pages left unused for a second,
-//! the memory of closed connections goes back within about a second (figures in BENCHMARKS.md).
+//! most of what closed connections used goes back within two seconds (figures in BENCHMARKS.md).
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -250,8 +250,8 @@ impl WritePermit {
     }
 }
 
-/// Fire-and-forget cursor moves waiting for the writer, merged by max (the floor by min), keyed by
-/// (user, conversation). Sessions add to it without waking the writer thread for each push; the
+/// Fire-and-forget delivered-cursor moves waiting for the writer, merged by max (the floor by
+/// min), keyed by (user, conversation). Sessions add to it without waking the writer thread for each push; the
 /// first move into an empty map sends one [`WriteOp::CursorsWaiting`], and the writer writes them
 /// all CURSOR_DELAY later.
 #[derive(Default)]
@@ -259,18 +259,17 @@ struct PendingCursors {
     moves: std::sync::Mutex<CursorMoves>,
 }
 
-/// (user, conversation) → (delivered, read, floor).
-type CursorMoves = HashMap<(String, ConversationId), (u64, u64, u64)>;
+/// (user, conversation) → (delivered, floor).
+type CursorMoves = HashMap<(String, ConversationId), (u64, u64)>;
 
 impl PendingCursors {
     /// Merges one move; true when the map was empty (the writer must be told).
-    fn add(&self, user: &str, conversation: &ConversationId, delivered: u64, read: u64, floor: u64) -> bool {
+    fn add(&self, user: &str, conversation: &ConversationId, delivered: u64, floor: u64) -> bool {
         let mut moves = self.moves.lock().unwrap_or_else(|e| e.into_inner());
         let first = moves.is_empty();
-        let e = moves.entry((user.to_string(), conversation.clone())).or_insert((0, 0, u64::MAX));
+        let e = moves.entry((user.to_string(), conversation.clone())).or_insert((0, u64::MAX));
         e.0 = e.0.max(delivered);
-        e.1 = e.1.max(read);
-        e.2 = e.2.min(floor);
+        e.1 = e.1.min(floor);
         first
     }
 
@@ -412,7 +411,7 @@ impl Store {
     /// stay offline messages). Fire and forget: merged in memory without waking the writer for
     /// each push (one wake when none were waiting), and written CURSOR_DELAY after the first.
     pub fn advance_cursor_live(&self, user: &str, conversation: &ConversationId, floor: u64, delivered: u64) -> Result<()> {
-        if self.cursors.add(user, conversation, delivered, 0, floor) {
+        if self.cursors.add(user, conversation, delivered, floor) {
             match self.writer.try_send(WriteOp::CursorsWaiting) {
                 // A full queue means the writer is busy: it looks at the map after each batch.
                 Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
@@ -1379,8 +1378,8 @@ impl Writer {
         // still answer each of them.
         let cursors = if with_cursors { self.pending_cursors.take() } else { HashMap::new() };
         let result = async {
-            for ((user, conversation), (delivered, read, floor)) in &cursors {
-                self.upsert_cursor_from(user, conversation, *delivered, *read, *floor, true).await?;
+            for ((user, conversation), (delivered, floor)) in &cursors {
+                self.upsert_cursor_from(user, conversation, *delivered, 0, *floor, true).await?;
             }
             for op in batch.iter() {
                 done.push(self.apply_one(op).await?);

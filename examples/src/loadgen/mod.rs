@@ -341,7 +341,7 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let rss_after = node.pid.and_then(tests::rss_kib);
     result["rss_kib"]["after"] = json!(rss_after);
-    let node_cpu = node.pid.and_then(cpu_ticks).zip(cpu_before).map(|(a, b)| a.saturating_sub(b) as f64 / ticks_per_second());
+    let node_cpu = node.pid.and_then(cpu_ticks).zip(cpu_before).map(|(a, b)| a.saturating_sub(b) as f64 / TICKS_PER_SECOND);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut totals = json!({});
     for v in finals.iter().flatten() {
@@ -367,16 +367,13 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
     result["rates_per_second"] = json!({ "acked": rate("acked"), "delivered": rate("delivered"), "ops": rate("ops") });
     // The node's CPU (user + system) over the run: per delivered message, and as a share of one core.
     let delivered = totals["delivered"].as_u64().unwrap_or(0);
+    let mut cpu_text = String::new();
     if let Some(cpu) = node_cpu {
-        result["node_cpu"] = json!({
-            "seconds": cpu,
-            "percent_of_a_core": 100.0 * cpu / elapsed.max(1e-9),
-            "us_per_delivery": if delivered > 0 { cpu * 1e6 / delivered as f64 } else { f64::NAN },
-        });
+        let percent = 100.0 * cpu / elapsed.max(1e-9);
+        let per_delivery = if delivered > 0 { cpu * 1e6 / delivered as f64 } else { f64::NAN };
+        result["node_cpu"] = json!({ "seconds": cpu, "percent_of_a_core": percent, "us_per_delivery": per_delivery });
+        cpu_text = format!(", node CPU {percent:.0} % ({per_delivery:.1} µs per delivery)");
     }
-    let cpu_text = node_cpu.map_or(String::new(), |cpu| {
-        format!(", node CPU {:.0} % ({:.1} µs per delivery)", 100.0 * cpu / elapsed.max(1e-9), cpu * 1e6 / delivered.max(1) as f64)
-    });
     let errors = totals["errors"].as_u64().unwrap_or(0);
     // After an idle run: the node's RSS once every connection is closed (the workers exit), 2 s
     // and 20 s later, to see how much of the connections' memory comes back.
@@ -489,6 +486,4 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 /// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, which Linux fixes at 100 for userspace).
-fn ticks_per_second() -> f64 {
-    100.0
-}
+const TICKS_PER_SECOND: f64 = 100.0;
