@@ -33,7 +33,7 @@ async fn chromium_webtransport_chats_with_a_websocket_user() -> anyhow::Result<(
     anyhow::ensure!(Path::new("/usr/bin/chromium").exists(), "install Debian's chromium first (.ci/run does)");
     let n = node().await;
     let mut ws = n.ws_login("wsuser").await?;
-    let browser = tokio::process::Command::new("node")
+    let mut browser = tokio::process::Command::new("node")
         .arg(dir.join("webtransport.mjs"))
         .args([format!("{}/", n.http()), n.quic.port().to_string(), n.fingerprint.clone(), "wsuser".to_string()])
         .current_dir(&dir)
@@ -41,10 +41,23 @@ async fn chromium_webtransport_chats_with_a_websocket_user() -> anyhow::Result<(
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    let got = tokio::time::timeout(std::time::Duration::from_secs(30), ws.recv_cmd(11)).await;
+    // The wait covers Chromium's start, the page and the WebTransport handshake, which on a busy
+    // machine take most of it; the browser ending first (an error) stops it at once.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    let got = loop {
+        tokio::select! {
+            got = ws.recv_cmd(11) => match got {
+                Ok(v) => break Some(v),
+                // A quiet 10 s (the client's receive timeout) is not an answer yet.
+                Err(e) if e.downcast_ref::<tokio::time::error::Elapsed>().is_some() && tokio::time::Instant::now() < deadline => {}
+                Err(_) => break None,
+            },
+            _ = browser.wait() => break None,
+        }
+    };
     let got = match got {
-        Ok(Ok(v)) => v,
-        _ => {
+        Some(v) => v,
+        None => {
             let out = browser.wait_with_output().await?;
             anyhow::bail!(
                 "no message from the browser\nstdout: {}\nstderr: {}",

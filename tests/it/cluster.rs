@@ -194,6 +194,8 @@ async fn a_replica_behind_what_the_user_has_seen_fetches_the_gap_from_the_owner(
     let mut erin = c.node(0).tcp_login("erin").await?;
     let mut at_fra = c.node(1).tcp_login(&frank).await?;
     let mut at_sin = c.node(2).tcp_login(&frank).await?;
+    // frank's presence reaches iad (a delta every 100 ms) before the slow link is set up.
+    eventually(Duration::from_secs(5), || async { online_at(&c, 0).await.contains(&frank).then_some(()) }).await?;
     c.link(2, 0, tests::cluster::LinkSettings { delay: Duration::from_millis(900), ..Default::default() });
     let ack = erin.chat(json!({"chatType": 2, "to": frank, "content": "seen at fra"})).await?;
     assert_eq!(ack["code"], 10000);
