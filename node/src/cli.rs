@@ -19,11 +19,11 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let mut flags = Flags::parse();
-    let tool = flags.tool.take();
-    let config = Config::resolve(flags)?;
-    if let Some(tool) = tool {
+    if let Some(tool) = flags.tool.take() {
+        let config = if crate::tools::needs_config(&tool) { Some(Config::resolve(flags)?) } else { None };
         return crate::tools::run(tool, config).await;
     }
+    let config = Config::resolve(flags)?;
     let profile = config.profile;
     let data_dir = config.data_dir.clone();
     let api_key = config.api_key.is_some();

@@ -109,8 +109,15 @@ pub enum TokenKeyCommand {
     },
 }
 
-/// Runs `tool` with the node's configuration (for the data dir, the node id and the hash cost).
-pub async fn run(tool: Tool, config: Config) -> anyhow::Result<()> {
+/// Whether `tool` reads the node's configuration (the data dir, node id and hash cost). The key
+/// file tools do not: resolving it would make a data dir (and its node id) in the working
+/// directory of whoever runs `kefu-node keys new`.
+pub fn needs_config(tool: &Tool) -> bool {
+    matches!(tool, Tool::User(_))
+}
+
+/// Runs `tool`; `config` is the node's configuration when [`needs_config`] says it is needed.
+pub async fn run(tool: Tool, config: Option<Config>) -> anyhow::Result<()> {
     match tool {
         Tool::Keys(KeysCommand::New { dir }) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -144,7 +151,7 @@ pub async fn run(tool: Tool, config: Config) -> anyhow::Result<()> {
             println!("{}: removed {removed} old key(s)", file.display());
             Ok(())
         }
-        Tool::User(command) => users(command, config).await,
+        Tool::User(command) => users(command, config.context("the user tools need the node's configuration")?).await,
     }
 }
 

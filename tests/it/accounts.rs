@@ -23,11 +23,18 @@ fn cheap(mut builder: tests::NodeBuilder) -> tests::NodeBuilder {
     builder
 }
 
-/// Runs `kefu-node ARGS` (an operator's command) with `stdin`, returning (success, stdout, stderr).
+/// Runs `kefu-node ARGS` (an operator's command) with `stdin` in an empty working directory,
+/// returning (success, stdout, stderr).
 async fn tool(args: &[&str], stdin: &str) -> anyhow::Result<(bool, String, String)> {
+    tool_in(tempfile::tempdir()?.path(), args, stdin).await
+}
+
+/// [`tool`] run in `cwd`.
+async fn tool_in(cwd: &std::path::Path, args: &[&str], stdin: &str) -> anyhow::Result<(bool, String, String)> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(bin())
         .args(args)
+        .current_dir(cwd)
         .env("KEFU_LOG", "warn")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -77,7 +84,10 @@ async fn signed_out(c: &mut tests::TcpClient) -> anyhow::Result<()> {
 async fn prod_in_three_commands_make_keys_start_create_a_user() -> anyhow::Result<()> {
     let keys = tempfile::tempdir()?;
     let dir = keys.path().join("keys");
-    let (ok, out, err) = tool(&["keys", "new", dir.to_str().unwrap()], "").await?;
+    let cwd = tempfile::tempdir()?;
+    let (ok, out, err) = tool_in(cwd.path(), &["keys", "new", dir.to_str().unwrap()], "").await?;
+    // Making key files touches nothing but them: no data dir appears where the operator stands.
+    assert_eq!(std::fs::read_dir(cwd.path())?.count(), 0, "keys new wrote into its working directory");
     assert!(ok, "{err}");
     assert!(out.contains("--token-key-file"), "{out}");
     #[cfg(unix)]
