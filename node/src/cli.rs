@@ -20,8 +20,7 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let mut flags = Flags::parse();
     if let Some(tool) = flags.tool.take() {
-        let config = if crate::tools::needs_config(&tool) { Some(Config::resolve(flags)?) } else { None };
-        return crate::tools::run(tool, config).await;
+        return crate::tools::run(tool, flags).await;
     }
     let config = Config::resolve(flags)?;
     let profile = config.profile;

@@ -251,9 +251,9 @@ impl WritePermit {
 }
 
 /// Fire-and-forget delivered-cursor moves waiting for the writer, merged by max (the floor by
-/// min), keyed by (user, conversation). Sessions add to it without waking the writer thread for each push; the
-/// first move into an empty map sends one [`WriteOp::CursorsWaiting`], and the writer writes them
-/// all CURSOR_DELAY later.
+/// min), keyed by (user, conversation). Sessions add to it without waking the writer thread for
+/// each push; the first move into an empty map sends one [`WriteOp::CursorsWaiting`], and the
+/// writer writes them all CURSOR_DELAY later.
 #[derive(Default)]
 struct PendingCursors {
     moves: std::sync::Mutex<CursorMoves>,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 
 use crate::accounts::{Access, Accounts, NewUser, UserPatch};
-use crate::config::Config;
+use crate::config::{Config, Flags};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -109,15 +109,10 @@ pub enum TokenKeyCommand {
     },
 }
 
-/// Whether `tool` reads the node's configuration (the data dir, node id and hash cost). The key
-/// file tools do not: resolving it would make a data dir (and its node id) in the working
-/// directory of whoever runs `kefu-node keys new`.
-pub fn needs_config(tool: &Tool) -> bool {
-    matches!(tool, Tool::User(_))
-}
-
-/// Runs `tool`; `config` is the node's configuration when [`needs_config`] says it is needed.
-pub async fn run(tool: Tool, config: Option<Config>) -> anyhow::Result<()> {
+/// Runs `tool`. Only the user tools resolve the node's configuration from `flags` (the data dir,
+/// node id and hash cost): resolving it makes a data dir and its node id, which the key file
+/// tools must not leave in the working directory of whoever runs `kefu-node keys new`.
+pub async fn run(tool: Tool, flags: Flags) -> anyhow::Result<()> {
     match tool {
         Tool::Keys(KeysCommand::New { dir }) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -151,7 +146,7 @@ pub async fn run(tool: Tool, config: Option<Config>) -> anyhow::Result<()> {
             println!("{}: removed {removed} old key(s)", file.display());
             Ok(())
         }
-        Tool::User(command) => users(command, config.context("the user tools need the node's configuration")?).await,
+        Tool::User(command) => users(command, Config::resolve(flags)?).await,
     }
 }
 
