@@ -2,21 +2,20 @@
 //! users are in which group. Owns that map; sessions register and unregister themselves, and the
 //! fan-out pushes through it.
 //!
-//! Hot path: `send_user` and `send_group` run once per delivered message. They hold the lock only
-//! to copy out connection handles, never across an await, and never block: a connection whose
-//! queue is full is a slow consumer and is closed (its messages stay stored and are offered to it
-//! as offline messages when it comes back).
+//! Hot path: `send_user` and `send_group` run once per delivered message. They offer the push to
+//! each connection's mailbox under the hub's lock, never across an await, and never block: a
+//! connection whose mailbox is full is a slow consumer and is closed (its messages stay stored and
+//! are offered to it as offline messages when it comes back).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use schema::jim::{self, UserView};
 use schema::message::StoredMessage;
 use schema::{Command, ConversationId, Status};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, Transport};
 
@@ -41,29 +40,144 @@ pub struct Push {
     pub delivery: Option<(ConversationId, u64)>,
 }
 
-/// The sending half a session registers.
+/// The handle a session registers: cheap to clone, one small shared allocation per connection.
 #[derive(Debug, Clone)]
 pub struct Conn {
     /// Unique per node.
     pub id: u64,
     /// Transport.
     pub transport: Transport,
-    /// The session's queue.
-    pub tx: mpsc::Sender<SharedPush>,
-    /// Cancelled to close the session; `reason` says why.
-    pub kick: CancellationToken,
-    /// Why the session was kicked, set before `kick` is cancelled.
-    pub reason: Arc<Mutex<Option<Status>>>,
-    /// Body bytes queued and not yet written; the session subtracts what it writes.
-    pub queued: Arc<AtomicUsize>,
+    mailbox: Arc<Mailbox>,
 }
 
 impl Conn {
-    /// Closes the session with `status` as the last frame it sends.
+    /// Closes the session with `status` as the last frame it sends (the first reason given wins).
     pub fn close(&self, status: Status) {
-        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-        reason.get_or_insert(status);
-        self.kick.cancel();
+        let mut mail = self.mailbox.lock();
+        mail.close.get_or_insert(status);
+        let waker = mail.waker.take();
+        drop(mail);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn offer(&self, push: &SharedPush) -> Result<(), Refused> {
+        let len = push.body.len();
+        let mut mail = self.mailbox.lock();
+        if mail.gone {
+            return Err(Refused::Gone);
+        }
+        if mail.pushes.len() >= QUEUE_PER_CONNECTION || mail.bytes + len > QUEUE_BYTES_PER_CONNECTION {
+            return Err(Refused::Full);
+        }
+        mail.pushes.push_back(Arc::clone(push));
+        mail.bytes += len;
+        let waker = mail.waker.take();
+        drop(mail);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+}
+
+/// What a session is told: pushes to write, or to close. Replaces a channel plus a cancellation
+/// token per connection (about 1 KB of an idle connection's memory) with one lock and a queue that
+/// holds no allocation while empty.
+#[derive(Debug, Default)]
+struct Mailbox {
+    state: Mutex<MailState>,
+}
+
+#[derive(Debug, Default)]
+struct MailState {
+    pushes: VecDeque<SharedPush>,
+    /// Body bytes offered and not yet written: those in `pushes` and those the session took.
+    bytes: usize,
+    /// Set to close the session, with the status of its last frame.
+    close: Option<Status>,
+    /// The session's task while it waits for mail; taken by the first push that wakes it, so a
+    /// burst of pushes costs one wake-up.
+    waker: Option<Waker>,
+    /// The session ended: nothing more is queued.
+    gone: bool,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, MailState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why offering a push to a connection failed.
+enum Refused {
+    /// Its mailbox is over a bound: a slow consumer.
+    Full,
+    /// Its session has ended.
+    Gone,
+}
+
+/// The session's end of its mailbox. Dropping it (the session ended) refuses further pushes and
+/// frees those still queued.
+#[derive(Debug)]
+pub struct Inbox {
+    mailbox: Arc<Mailbox>,
+}
+
+/// What [`Inbox::poll_mail`] found.
+#[derive(Debug)]
+pub enum Mail {
+    /// Close with this status (pushes still queued are not written; they are stored and offered
+    /// as offline messages next time).
+    Close(Status),
+    /// Pushes to write, oldest first.
+    Pushes(VecDeque<SharedPush>),
+}
+
+impl Inbox {
+    /// The mail waiting, or `Pending` with the task registered for the next.
+    pub fn poll_mail(&self, cx: &mut Context<'_>) -> Poll<Mail> {
+        let mut mail = self.mailbox.lock();
+        if let Some(status) = mail.close {
+            return Poll::Ready(Mail::Close(status));
+        }
+        if !mail.pushes.is_empty() {
+            return Poll::Ready(Mail::Pushes(std::mem::take(&mut mail.pushes)));
+        }
+        match &mail.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => mail.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// The pushes queued now, if any, without waiting.
+    pub fn take_pushes(&self) -> Option<VecDeque<SharedPush>> {
+        let mut mail = self.mailbox.lock();
+        (!mail.pushes.is_empty()).then(|| std::mem::take(&mut mail.pushes))
+    }
+
+    /// Whether no push is queued.
+    pub fn is_empty(&self) -> bool {
+        self.mailbox.lock().pushes.is_empty()
+    }
+
+    /// `bytes` of pushes the session took were written: they no longer count against the bound.
+    pub fn written(&self, bytes: usize) {
+        let mut mail = self.mailbox.lock();
+        mail.bytes = mail.bytes.saturating_sub(bytes);
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let mut mail = self.mailbox.lock();
+        mail.gone = true;
+        mail.waker = None;
+        let pushes = std::mem::take(&mut mail.pushes);
+        drop(mail);
+        drop(pushes);
     }
 }
 
@@ -361,18 +475,11 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new connection handle and the queue it reads from.
-    pub fn connection(&self, transport: Transport) -> (Conn, mpsc::Receiver<SharedPush>) {
-        let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
-        let conn = Conn {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            transport,
-            tx,
-            kick: CancellationToken::new(),
-            reason: Arc::default(),
-            queued: Arc::default(),
-        };
-        (conn, rx)
+    /// A new connection handle and the inbox its session reads.
+    pub fn connection(&self, transport: Transport) -> (Conn, Inbox) {
+        let mailbox = Arc::new(Mailbox::default());
+        let conn = Conn { id: self.next_id.fetch_add(1, Ordering::Relaxed), transport, mailbox: Arc::clone(&mailbox) };
+        (conn, Inbox { mailbox })
     }
 
     /// Binds `conn` to `user`, online in `groups`.
@@ -385,6 +492,8 @@ impl Hub {
         }
         let entry = inner.users.entry(user.clone()).or_default();
         let first = entry.conns.is_empty();
+        // Most users have one connection: no room kept for three more.
+        entry.conns.reserve_exact(1);
         entry.conns.push(conn);
         entry.groups.extend(group_keys);
         entry.nick = nick;
@@ -537,25 +646,14 @@ impl Hub {
     }
 
     fn offer(&self, conn: &Conn, push: &SharedPush) -> bool {
-        let len = push.body.len();
-        if conn.queued.fetch_add(len, Ordering::Relaxed) + len > QUEUE_BYTES_PER_CONNECTION {
-            conn.queued.fetch_sub(len, Ordering::Relaxed);
-            self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-            conn.close(Status::SlowConsumer);
-            return false;
-        }
-        match conn.tx.try_send(Arc::clone(push)) {
+        match conn.offer(push) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                conn.queued.fetch_sub(len, Ordering::Relaxed);
+            Err(Refused::Full) => {
                 self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 conn.close(Status::SlowConsumer);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                conn.queued.fetch_sub(len, Ordering::Relaxed);
-                false
-            }
+            Err(Refused::Gone) => false,
         }
     }
 

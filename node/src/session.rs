@@ -6,7 +6,7 @@
 //! Transport adapters only turn bytes into [`Inbound`] and [`Outgoing`] into bytes; the loop is
 //! generic over `Stream + Sink`, so every transport behaves the same.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::dispatch::{Core, Outcome, Reply, SessionState};
-use crate::hub::SharedPush;
+use crate::hub::{Inbox, Mail, SharedPush};
 use crate::metrics::Transport;
 
 /// How long one write may block before the client counts as gone.
@@ -69,11 +69,11 @@ where
     I: Stream<Item = Inbound> + Unpin,
     O: Sink<Outgoing> + Unpin,
 {
-    let (conn, rx) = core.hub.connection(transport);
+    let (conn, inbox) = core.hub.connection(transport);
     let span = tracing::info_span!("conn", id = conn.id, transport = transport.name(), %peer);
     let state = SessionState::new(&core, conn, peer);
     let mut session =
-        Session { core: Arc::clone(&core), state, outbound, rx, pending_cursors: HashMap::new(), inflight: FuturesOrdered::new() };
+        Session { core: Arc::clone(&core), state, outbound, inbox, pending_cursors: HashMap::new(), inflight: FuturesOrdered::new() };
     async move {
         let _gauge = core.metrics.connection(transport);
         let end = session.drive(inbound, first).await;
@@ -93,7 +93,8 @@ struct Session<O> {
     core: Arc<Core>,
     state: SessionState,
     outbound: O,
-    rx: tokio::sync::mpsc::Receiver<SharedPush>,
+    /// Pushes the hub queued for this connection, and the order to close.
+    inbox: Inbox,
     /// Delivered cursors not yet handed to the store, newest seq per conversation.
     pending_cursors: HashMap<ConversationId, u64>,
     /// Chats sent and not yet committed, with their synSeq; replies go out in request order.
@@ -123,8 +124,8 @@ enum End {
 
 /// What woke the session up.
 enum Event {
-    Kicked,
-    Push(Option<SharedPush>),
+    Kicked(Status),
+    Push(VecDeque<SharedPush>),
     ChatDone(i32, Vec<u8>),
     Inbound(Option<Inbound>),
     Idle,
@@ -144,12 +145,13 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                 return end;
             }
         }
-        let kick = self.state.conn.kick.clone();
         loop {
             let event = tokio::select! {
                 biased;
-                _ = kick.cancelled() => Event::Kicked,
-                push = self.rx.recv() => Event::Push(push),
+                mail = std::future::poll_fn(|cx| self.inbox.poll_mail(cx)) => match mail {
+                    Mail::Close(status) => Event::Kicked(status),
+                    Mail::Pushes(pushes) => Event::Push(pushes),
+                },
                 Some((syn_seq, reply)) = self.inflight.next(), if !self.inflight.is_empty() => Event::ChatDone(syn_seq, reply),
                 item = inbound.next(), if self.inflight.len() < MAX_INFLIGHT => Event::Inbound(item),
                 _ = &mut idle, if timeout.is_some() => Event::Idle,
@@ -157,7 +159,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             if matches!(event, Event::Push(_) | Event::Inbound(_)) {
                 idle.as_mut().reset(Instant::now() + timeout.unwrap_or(far));
             }
-            if matches!(event, Event::Kicked) && self.core.hub.is_draining() {
+            if matches!(event, Event::Kicked(_)) && self.core.hub.is_draining() {
                 // The node is stopping: what the client has already sent, and what it is still
                 // sending until it pauses for DRAIN_QUIET, is carried out (and answered) before
                 // the close frame, so nothing it sent is left unread. The node's drain timeout
@@ -181,8 +183,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
 
     async fn on_event(&mut self, event: Event) -> Option<End> {
         match event {
-            Event::Kicked => {
-                let status = self.state.conn.reason.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(Status::CloseOk);
+            Event::Kicked(status) => {
                 // Sends already taken are answered first (a node stopping, a user kicked): each
                 // is committed and acknowledged, or answered retryable.
                 if let Some(end) = Box::pin(self.drain_inflight()).await {
@@ -192,20 +193,19 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
                 self.close_with(Command::CloseReq, status).await;
                 Some(End::Kicked(status))
             }
-            Event::Push(None) => Some(End::Closed),
-            Event::Push(Some(push)) => {
-                if !self.write_pushes(push).await {
+            Event::Push(pushes) => {
+                if !self.write_pushes(pushes).await {
                     return Some(End::WriteFailed);
                 }
-                if self.rx.is_empty() && !self.pending_cursors.is_empty() {
+                if self.inbox.is_empty() && !self.pending_cursors.is_empty() {
                     self.flush_cursors();
                 }
                 None
             }
             Event::ChatDone(syn_seq, reply) => {
                 // Every chat reply that is already ready leaves with this one, in one write.
-                while let Ok(push) = self.rx.try_recv() {
-                    if !self.write_pushes(push).await {
+                if let Some(pushes) = self.inbox.take_pushes() {
+                    if !self.write_pushes(pushes).await {
                         return Some(End::WriteFailed);
                     }
                 }
@@ -287,8 +287,8 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
     /// Writes the pushes already queued (so notifications raised while handling a request go
     /// out before its reply, as in J-IM), then the replies.
     async fn deliver(&mut self, outcome: Outcome, syn_seq: i32) -> Option<End> {
-        while let Ok(push) = self.rx.try_recv() {
-            if !self.write_pushes(push).await {
+        if let Some(pushes) = self.inbox.take_pushes() {
+            if !self.write_pushes(pushes).await {
                 return Some(End::WriteFailed);
             }
         }
@@ -304,16 +304,15 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
         None
     }
 
-    /// Writes `first` and whatever else is already queued (up to a bound) with one flush: one
-    /// syscall for many frames under fan-out load.
-    async fn write_pushes(&mut self, first: SharedPush) -> bool {
-        let mut next = Some(first);
-        let mut batch = 0;
+    /// Writes the pushes taken from the inbox with one flush (the sink writes early past 64 KiB):
+    /// one syscall for many frames under fan-out load.
+    async fn write_pushes(&mut self, pushes: VecDeque<SharedPush>) -> bool {
         // Deliveries count only once the flush succeeded: a cursor must never pass a message
         // that did not reach the socket.
         let mut deliveries = Vec::new();
-        while let Some(push) = next.take() {
-            self.state.conn.queued.fetch_sub(push.body.len(), Ordering::Relaxed);
+        let mut bytes = 0;
+        for push in pushes {
+            bytes += push.body.len();
             if let Some(d) = &push.delivery {
                 deliveries.push(d.clone());
             }
@@ -321,14 +320,11 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             if !self.feed(frame).await {
                 return false;
             }
-            batch += 1;
-            if batch < 64 {
-                next = self.rx.try_recv().ok();
-            }
         }
         if !self.flush().await {
             return false;
         }
+        self.inbox.written(bytes);
         for d in deliveries {
             self.delivered(Some(d));
         }
