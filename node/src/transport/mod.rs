@@ -78,10 +78,11 @@ async fn sniff(core: Arc<Core>, stream: TcpStream, peer: SocketAddr, router: axu
         Ok(Ok(1)) => {}
         _ => return,
     }
-    // Each branch is boxed so that a connection's task is only as large as the protocol it
-    // speaks (hyper's connection state is much larger than a J-IM session).
+    // A J-IM session runs inline: the task is one allocation, and the session's state shares it
+    // with the sniffing above (an async fn keeps one of its states at a time). HTTP is boxed so
+    // that a J-IM connection's task is not as large as hyper's connection state.
     if first[0] == schema::frame::VERSION {
-        Box::pin(tcp::serve(core, stream, peer)).await;
+        tcp::serve(core, stream, peer).await;
         return;
     }
     Box::pin(serve_http(core, stream, peer, router)).await;

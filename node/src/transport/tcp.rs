@@ -1,48 +1,27 @@
-//! J-IM binary over TCP: the frame codec from `schema::frame` as a tokio codec.
+//! J-IM binary over TCP (and TLS, and QUIC streams): frames from `schema::frame` read from and
+//! written to a byte stream.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use futures_util::StreamExt;
-use schema::frame::{self, FrameError};
+use schema::frame;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::net::TcpStream;
 
 use futures_util::Sink;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{Decoder, FramedRead};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::dispatch::Core;
 use crate::metrics::Transport;
 use crate::session::{self, Inbound, Outgoing};
 
-/// Initial read buffer per connection; it grows only while a large frame is arriving.
-const READ_BUFFER: usize = 256;
-
-/// The J-IM frame codec.
-pub struct JimCodec;
-
-/// A decode failure.
-#[derive(Debug, thiserror::Error)]
-pub enum CodecError {
-    /// The bytes are not a J-IM frame.
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// The socket failed.
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-impl Decoder for JimCodec {
-    type Item = frame::Frame;
-    type Error = CodecError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<frame::Frame>, CodecError> {
-        Ok(frame::decode(src, frame::MAX_BODY)?)
-    }
-}
+/// Bytes read at a time into the stack while no partial frame is buffered; only what a read
+/// leaves undecoded is copied to the heap, so a connection between frames holds no read buffer.
+const READ_CHUNK: usize = 2 * 1024;
+/// Bytes read at a time into a partial frame's buffer.
+const READ_MORE: usize = 8 * 1024;
 
 /// Runs a J-IM binary session on a plain TCP stream.
 pub async fn serve(core: Arc<Core>, stream: TcpStream, peer: SocketAddr) {
@@ -66,20 +45,79 @@ where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    session::run(core, transport, peer, Box::pin(inbound(read)), frame_sink(write), None).await;
+    session::run(core, transport, peer, inbound(read), frame_sink(write), None).await;
 }
 
 /// The requests framed on a byte stream; a protocol error ends it after reporting it.
-pub fn inbound<R: AsyncRead + Send + Unpin + 'static>(read: R) -> impl futures_util::Stream<Item = Inbound> + Send {
-    let reader = FramedRead::with_capacity(read, JimCodec, READ_BUFFER);
-    futures_util::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        match reader.next().await? {
-            Ok(f) => Some((Inbound::Request { cmd: Some(f.cmd), syn_seq: f.syn_seq.unwrap_or(0), body: f.body }, Some(reader))),
-            Err(CodecError::Frame(e)) => Some((Inbound::ProtocolError(e.status()), None)),
-            Err(CodecError::Io(_)) => None,
+pub fn inbound<R: AsyncRead + Send + Unpin + 'static>(read: R) -> impl futures_util::Stream<Item = Inbound> + Send + Unpin {
+    FrameReader { read, buf: BytesMut::new(), done: false }
+}
+
+/// Decodes J-IM frames from a byte stream. The buffer exists only while a frame is incomplete or
+/// several arrived together; an idle connection keeps none (tokio-util's FramedRead keeps its
+/// whole capacity).
+struct FrameReader<R> {
+    read: R,
+    buf: BytesMut,
+    /// The stream ended or could not be decoded.
+    done: bool,
+}
+
+impl<R> FrameReader<R> {
+    /// The next frame already buffered, if whole.
+    fn decoded(&mut self) -> Option<Inbound> {
+        match frame::decode(&mut self.buf, frame::MAX_BODY) {
+            Ok(Some(f)) => {
+                if self.buf.is_empty() {
+                    // The frames decoded share the allocation; drop this handle on it.
+                    self.buf = BytesMut::new();
+                }
+                Some(Inbound::Request { cmd: Some(f.cmd), syn_seq: f.syn_seq.unwrap_or(0), body: f.body })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.done = true;
+                self.buf = BytesMut::new();
+                Some(Inbound::ProtocolError(e.status()))
+            }
         }
-    })
+    }
+}
+
+impl<R: AsyncRead + Unpin> futures_util::Stream for FrameReader<R> {
+    type Item = Inbound;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Inbound>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(item) = this.decoded() {
+                return Poll::Ready(Some(item));
+            }
+            let read = if this.buf.is_empty() {
+                let mut chunk = [0u8; READ_CHUNK];
+                let mut rb = ReadBuf::new(&mut chunk);
+                let res = ready!(Pin::new(&mut this.read).poll_read(cx, &mut rb));
+                res.map(|()| {
+                    this.buf.extend_from_slice(rb.filled());
+                    rb.filled().len()
+                })
+            } else {
+                this.buf.reserve(READ_MORE);
+                ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.read), cx, &mut this.buf))
+            };
+            match read {
+                Ok(n) if n > 0 => {}
+                // The end of the stream (a partial frame left in it is dropped), or a socket error.
+                _ => {
+                    this.done = true;
+                    this.buf = BytesMut::new();
+                }
+            }
+        }
+    }
 }
 
 /// The frame writer for a byte stream.
