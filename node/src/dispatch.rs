@@ -85,6 +85,16 @@ impl UserCtx {
     }
 }
 
+/// The seqs of one conversation pushed live to a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Live {
+    /// The first: offline reads leave out everything from there on, because this connection
+    /// already has it.
+    pub floor: u64,
+    /// The newest (the delivered cursor follows it once the messages before `floor` were read).
+    pub high: u64,
+}
+
 /// Per-connection state the dispatcher reads and updates.
 pub struct SessionState {
     /// This connection's handle in the hub.
@@ -93,12 +103,8 @@ pub struct SessionState {
     pub peer: SocketAddr,
     /// Set by a successful login.
     pub user: Option<UserCtx>,
-    /// Per conversation, the first seq pushed live to this connection: offline reads leave out
-    /// everything from there on, because this connection already has it.
-    pub live_floor: HashMap<ConversationId, u64>,
-    /// Per conversation, the newest seq pushed live to this connection (the delivered cursor
-    /// follows it once the messages before `live_floor` were read).
-    pub live_high: HashMap<ConversationId, u64>,
+    /// Per conversation, what was pushed live to this connection.
+    pub live: HashMap<ConversationId, Live>,
     bucket: TokenBucket,
     /// History, user and sync lookups: reads cost the node more than a chat.
     reads: TokenBucket,
@@ -111,8 +117,7 @@ impl SessionState {
             conn,
             peer,
             user: None,
-            live_floor: HashMap::new(),
-            live_high: HashMap::new(),
+            live: HashMap::new(),
             bucket: TokenBucket::new(core.config.msg_rate, core.config.msg_burst),
             reads: TokenBucket::new(core.config.read_rate, core.config.read_burst),
         }
@@ -802,7 +807,7 @@ impl Core {
             Err(e) => return self.retryable(Command::GetMessageResp, e),
         };
         if !q.history {
-            messages.retain(|m| s.live_floor.get(&m.conversation).is_none_or(|floor| m.seq < *floor));
+            messages.retain(|m| s.live.get(&m.conversation).is_none_or(|live| m.seq < live.floor));
             let mut newest: BTreeMap<&ConversationId, u64> = BTreeMap::new();
             for m in &messages {
                 let e = newest.entry(&m.conversation).or_default();
@@ -813,8 +818,8 @@ impl Core {
                     return self.retryable(Command::GetMessageResp, e);
                 }
                 // What this connection had live after them counts now that the cursor reaches it.
-                if let (Some(floor), Some(high)) = (s.live_floor.get(conv), s.live_high.get(conv)) {
-                    let _ = self.store.advance_cursor_live(&me.id, conv, *floor, *high);
+                if let Some(live) = s.live.get(conv) {
+                    let _ = self.store.advance_cursor_live(&me.id, conv, live.floor, live.high);
                 }
             }
         }

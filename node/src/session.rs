@@ -20,7 +20,7 @@ use schema::{Command, ConversationId, Status};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::dispatch::{Core, Outcome, Reply, SessionState};
+use crate::dispatch::{Core, Live, Outcome, Reply, SessionState};
 use crate::hub::{Inbox, Mail, SharedPush};
 use crate::metrics::Transport;
 
@@ -62,9 +62,18 @@ pub enum Outgoing {
     Close(Status),
 }
 
-/// Runs one session to its end. `first` is a request to carry out before reading (the
-/// WebSocket query-string login).
-pub async fn run<I, O>(core: Arc<Core>, transport: Transport, peer: SocketAddr, inbound: I, outbound: O, first: Option<Box<Request>>)
+/// One session, run to its end by the returned future. `first` is a request to carry out before
+/// reading (the WebSocket query-string login). A plain function, not an `async fn`: the session is
+/// set up when it is called, and the future keeps only what the loop needs (an async fn would also
+/// keep its arguments beside what they were moved into).
+pub fn run<I, O>(
+    core: Arc<Core>,
+    transport: Transport,
+    peer: SocketAddr,
+    inbound: I,
+    outbound: O,
+    first: Option<Box<Request>>,
+) -> impl std::future::Future<Output = ()>
 where
     I: Stream<Item = Inbound> + Unpin,
     O: Sink<Outgoing> + Unpin,
@@ -86,7 +95,6 @@ where
         let _ = tokio::time::timeout(WRITE_TIMEOUT, session.outbound.close()).await;
     }
     .instrument(span)
-    .await
 }
 
 struct Session<O> {
@@ -307,15 +315,9 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
     /// Writes the pushes taken from the inbox with one flush (the sink writes early past 64 KiB):
     /// one syscall for many frames under fan-out load.
     async fn write_pushes(&mut self, pushes: VecDeque<SharedPush>) -> bool {
-        // Deliveries count only once the flush succeeded: a cursor must never pass a message
-        // that did not reach the socket.
-        let mut deliveries = Vec::new();
         let mut bytes = 0;
-        for push in pushes {
+        for push in &pushes {
             bytes += push.body.len();
-            if let Some(d) = &push.delivery {
-                deliveries.push(d.clone());
-            }
             let frame = Outgoing::Frame { command: push.command, syn_seq: 0, body: push.body.clone() };
             if !self.feed(frame).await {
                 return false;
@@ -325,20 +327,30 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             return false;
         }
         self.inbox.written(bytes);
-        for d in deliveries {
-            self.delivered(Some(d));
+        // Deliveries count only once the flush succeeded: a cursor must never pass a message
+        // that did not reach the socket.
+        for push in &pushes {
+            if let Some((conv, seq)) = &push.delivery {
+                self.delivered(conv, *seq);
+            }
         }
         true
     }
 
-    /// Records that a chat push reached the socket, for the offline cursor.
-    fn delivered(&mut self, delivery: Option<(ConversationId, u64)>) {
-        if let Some((conv, seq)) = delivery {
-            self.state.live_floor.entry(conv.clone()).or_insert(seq);
-            let high = self.state.live_high.entry(conv.clone()).or_default();
-            *high = (*high).max(seq);
-            let e = self.pending_cursors.entry(conv).or_default();
-            *e = (*e).max(seq);
+    /// Records that a chat push reached the socket, for the offline cursor. The conversation id
+    /// is copied only the first time a conversation is seen.
+    fn delivered(&mut self, conv: &ConversationId, seq: u64) {
+        match self.state.live.get_mut(conv) {
+            Some(live) => live.high = live.high.max(seq),
+            None => {
+                self.state.live.insert(conv.clone(), Live { floor: seq, high: seq });
+            }
+        }
+        match self.pending_cursors.get_mut(conv) {
+            Some(pending) => *pending = (*pending).max(seq),
+            None => {
+                self.pending_cursors.insert(conv.clone(), seq);
+            }
         }
     }
 
@@ -375,7 +387,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             return;
         };
         for (conv, seq) in self.pending_cursors.drain() {
-            let floor = self.state.live_floor.get(&conv).copied().unwrap_or(seq);
+            let floor = self.state.live.get(&conv).map_or(seq, |live| live.floor);
             if self.core.store.advance_cursor_live(&user, &conv, floor, seq).is_err() {
                 return;
             }
@@ -386,7 +398,7 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
         let core = Arc::clone(&self.core);
         let Some(user) = self.state.user.take() else { return };
         for (conv, seq) in self.pending_cursors.drain() {
-            let floor = self.state.live_floor.get(&conv).copied().unwrap_or(seq);
+            let floor = self.state.live.get(&conv).map_or(seq, |live| live.floor);
             let _ = core.store.advance_cursor_live(&user.id, &conv, floor, seq);
         }
         if let Some(gone) = core.hub.unregister(&user.id, self.state.conn.id) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use schema::frame;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::net::TcpStream;
@@ -23,29 +24,39 @@ const READ_CHUNK: usize = 2 * 1024;
 /// Bytes read at a time into a partial frame's buffer.
 const READ_MORE: usize = 8 * 1024;
 
-/// Runs a J-IM binary session on a plain TCP stream.
-pub async fn serve(core: Arc<Core>, stream: TcpStream, peer: SocketAddr) {
+/// A J-IM binary session on a plain TCP stream. Plain functions down to the session's own future,
+/// so no layer keeps a copy of its arguments in the connection's task.
+pub fn serve(core: Arc<Core>, stream: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
     let (read, write) = stream.into_split();
-    serve_halves(core, read, write, peer, Transport::Tcp).await;
+    serve_halves(core, read, write, peer, Transport::Tcp)
 }
 
-/// Runs a J-IM binary session on any byte stream (TLS, a QUIC stream).
-pub async fn serve_io<S: AsyncRead + AsyncWrite + Send + 'static>(core: Arc<Core>, stream: S, peer: SocketAddr) {
-    serve_io_as(core, stream, peer, Transport::Tcp).await;
+/// A J-IM binary session on any byte stream (TLS, a QUIC stream).
+pub fn serve_io<S: AsyncRead + AsyncWrite + Send + 'static>(
+    core: Arc<Core>,
+    stream: S,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    serve_io_as(core, stream, peer, Transport::Tcp)
 }
 
 /// [`serve_io`], counted under another transport.
-pub async fn serve_io_as<S: AsyncRead + AsyncWrite + Send + 'static>(core: Arc<Core>, stream: S, peer: SocketAddr, transport: Transport) {
+pub fn serve_io_as<S: AsyncRead + AsyncWrite + Send + 'static>(
+    core: Arc<Core>,
+    stream: S,
+    peer: SocketAddr,
+    transport: Transport,
+) -> impl Future<Output = ()> + Send {
     let (read, write) = tokio::io::split(stream);
-    serve_halves(core, read, write, peer, transport).await;
+    serve_halves(core, read, write, peer, transport)
 }
 
-async fn serve_halves<R, W>(core: Arc<Core>, read: R, write: W, peer: SocketAddr, transport: Transport)
+fn serve_halves<R, W>(core: Arc<Core>, read: R, write: W, peer: SocketAddr, transport: Transport) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    session::run(core, transport, peer, inbound(read), frame_sink(write), None).await;
+    session::run(core, transport, peer, inbound(read), frame_sink(write), None)
 }
 
 /// The requests framed on a byte stream; a protocol error ends it after reporting it.
