@@ -51,6 +51,7 @@ pub async fn run(core: Arc<Core>, mut feed: mpsc::Receiver<Committed>, shutdown:
             Committed::Membership { group, user, member: true } => core.hub.join(&user, &group),
             Committed::Membership { group, user, member: false } => core.hub.leave(&user, &group),
             Committed::SignedOut(user) => drop(core.hub.kick_user(&user, schema::Status::SignedOut)),
+            Committed::Flag { flag, reply } => drop(reply.send(Ok(flag))),
             // The requester's dispatcher tells the members, skipping the requesting connection,
             // which gets the reply instead.
             Committed::Recall { recalled, reply } => drop(reply.send(Ok(recalled))),

@@ -102,6 +102,14 @@ pub enum Committed {
         /// Whether they are a member now.
         member: bool,
     },
+    /// A write in a batch that changed memberships was committed: answered by the fan-out, after
+    /// the batch's memberships were applied to the hub.
+    Flag {
+        /// The write's result.
+        flag: bool,
+        /// The requester's reply.
+        reply: oneshot::Sender<Result<bool>>,
+    },
     /// A message was recalled.
     Recall {
         /// What was recalled.
@@ -1317,17 +1325,22 @@ impl Writer {
                 Ok(done) => {
                     self.metrics.commit(started.elapsed(), ops);
                     self.publish_changes();
+                    let memberships_changed = !self.memberships.is_empty();
                     let signed_out = std::mem::take(&mut self.signed_out).into_iter().map(Committed::SignedOut);
                     let memberships = std::mem::take(&mut self.memberships)
                         .into_iter()
                         .map(|(group, user, member)| Committed::Membership { group, user, member });
+                    // Membership changes reach the fan-out before anything of the batch is
+                    // answered, and then the batch's plain answers go through it too: once a
+                    // group's creation or a join is answered, the hub has applied it, so a notice
+                    // pushed right after reaches every member online here.
                     let events: Vec<Committed> = memberships.chain(signed_out).collect();
-                    self.publish(done).await;
                     for event in events {
                         if self.feed.send(event).await.is_err() {
                             break;
                         }
                     }
+                    self.publish(done, memberships_changed).await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, ops, "write batch failed; every op in it is answered retryable");
@@ -1944,7 +1957,10 @@ impl Writer {
         Ok(Ok(Arc::new(Recalled { message, by: by.to_string() })))
     }
 
-    async fn publish(&self, done: Vec<Done>) {
+    /// Hands the batch's results on: messages and recalls to the fan-out, which answers them
+    /// after the pushes; plain answers directly, or through the fan-out after the batch's
+    /// membership changes when `memberships_changed`.
+    async fn publish(&self, done: Vec<Done>, memberships_changed: bool) {
         for d in done {
             let event = match d {
                 Done::Append(message, duplicate, from_conn, reply) => Committed::Message { message, duplicate, from_conn, reply },
@@ -1953,6 +1969,7 @@ impl Writer {
                     let _ = reply.send(Err(refusal));
                     continue;
                 }
+                Done::Flag(flag, reply) if memberships_changed => Committed::Flag { flag, reply },
                 Done::Flag(flag, reply) => {
                     let _ = reply.send(Ok(flag));
                     continue;
