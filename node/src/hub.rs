@@ -55,11 +55,7 @@ impl Conn {
     pub fn close(&self, status: Status) {
         let mut mail = self.mailbox.lock();
         mail.close.get_or_insert(status);
-        let waker = mail.waker.take();
-        drop(mail);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(mail);
     }
 
     fn offer(&self, push: &SharedPush) -> Result<(), Refused> {
@@ -73,12 +69,18 @@ impl Conn {
         }
         mail.pushes.push_back(Arc::clone(push));
         mail.bytes += len;
-        let waker = mail.waker.take();
-        drop(mail);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(mail);
         Ok(())
+    }
+}
+
+/// Wakes the session if it waits for mail, after letting go of its mailbox (the woken task may
+/// run on another thread and lock it at once).
+fn wake(mut mail: MutexGuard<'_, MailState>) {
+    let waker = mail.waker.take();
+    drop(mail);
+    if let Some(w) = waker {
+        w.wake();
     }
 }
 
@@ -107,6 +109,13 @@ struct MailState {
 impl Mailbox {
     fn lock(&self) -> MutexGuard<'_, MailState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl MailState {
+    /// Every queued push, leaving no buffer behind; `None` if there is none.
+    fn take_pushes(&mut self) -> Option<VecDeque<SharedPush>> {
+        (!self.pushes.is_empty()).then(|| std::mem::take(&mut self.pushes))
     }
 }
 
@@ -142,8 +151,8 @@ impl Inbox {
         if let Some(status) = mail.close {
             return Poll::Ready(Mail::Close(status));
         }
-        if !mail.pushes.is_empty() {
-            return Poll::Ready(Mail::Pushes(std::mem::take(&mut mail.pushes)));
+        if let Some(pushes) = mail.take_pushes() {
+            return Poll::Ready(Mail::Pushes(pushes));
         }
         match &mail.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -154,8 +163,7 @@ impl Inbox {
 
     /// The pushes queued now, if any, without waiting.
     pub fn take_pushes(&self) -> Option<VecDeque<SharedPush>> {
-        let mut mail = self.mailbox.lock();
-        (!mail.pushes.is_empty()).then(|| std::mem::take(&mut mail.pushes))
+        self.mailbox.lock().take_pushes()
     }
 
     /// Whether no push is queued.

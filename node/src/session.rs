@@ -212,10 +212,8 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             }
             Event::ChatDone(syn_seq, reply) => {
                 // Every chat reply that is already ready leaves with this one, in one write.
-                if let Some(pushes) = self.inbox.take_pushes() {
-                    if !self.write_pushes(pushes).await {
-                        return Some(End::WriteFailed);
-                    }
+                if !self.write_queued().await {
+                    return Some(End::WriteFailed);
                 }
                 let mut next = Some((syn_seq, reply));
                 while let Some((syn_seq, reply)) = next.take() {
@@ -295,10 +293,8 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
     /// Writes the pushes already queued (so notifications raised while handling a request go
     /// out before its reply, as in J-IM), then the replies.
     async fn deliver(&mut self, outcome: Outcome, syn_seq: i32) -> Option<End> {
-        if let Some(pushes) = self.inbox.take_pushes() {
-            if !self.write_pushes(pushes).await {
-                return Some(End::WriteFailed);
-            }
+        if !self.write_queued().await {
+            return Some(End::WriteFailed);
         }
         for reply in outcome.replies {
             if !self.send(Outgoing::Frame { command: reply.command, syn_seq, body: reply.body }).await {
@@ -310,6 +306,14 @@ impl<O: Sink<Outgoing> + Unpin> Session<O> {
             return Some(End::Closed);
         }
         None
+    }
+
+    /// Writes the pushes queued now, if any; false if the client is gone.
+    async fn write_queued(&mut self) -> bool {
+        match self.inbox.take_pushes() {
+            Some(pushes) => self.write_pushes(pushes).await,
+            None => true,
+        }
     }
 
     /// Writes the pushes taken from the inbox with one flush (the sink writes early past 64 KiB):
