@@ -162,7 +162,9 @@ async fn established(core: Arc<Core>, conn: quinn::Connection, confirmed: Option
                 return;
             }
         }
-        return super::h3::serve(core, conn, tasks).await;
+        // Boxed: HTTP/3's state is large, and inline it would make every kefu/1 connection's
+        // future as big (about 14 KB each).
+        return Box::pin(super::h3::serve(core, conn, tasks)).await;
     }
     // kefu/1 has no use for unidirectional streams: stop each one as it arrives.
     let uni = conn.clone();
