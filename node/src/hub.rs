@@ -197,6 +197,38 @@ struct UserEntry {
     avatar: Option<String>,
 }
 
+/// A hash table's memory handed back once it is three-quarters empty: after a wave of
+/// disconnects the hub's tables would otherwise keep their peak size for the node's life (a
+/// table never shrinks by itself). Halving at a quarter full keeps the cost amortised: a table
+/// shrinks again only after half of what is left has gone.
+trait ShrinkIfSparse {
+    fn shrink_if_sparse(&mut self);
+}
+
+/// Tables smaller than this are left as they are.
+const SHRINK_FROM: usize = 1024;
+
+/// The size to shrink a table of `len` entries and room for `capacity` to, if it should shrink.
+fn sparse_target(len: usize, capacity: usize) -> Option<usize> {
+    (capacity >= SHRINK_FROM && len * 4 <= capacity).then_some(len * 2)
+}
+
+impl<K: Eq + std::hash::Hash, V> ShrinkIfSparse for HashMap<K, V> {
+    fn shrink_if_sparse(&mut self) {
+        if let Some(target) = sparse_target(self.len(), self.capacity()) {
+            self.shrink_to(target);
+        }
+    }
+}
+
+impl<K: Eq + std::hash::Hash> ShrinkIfSparse for HashSet<K> {
+    fn shrink_if_sparse(&mut self) {
+        if let Some(target) = sparse_target(self.len(), self.capacity()) {
+            self.shrink_to(target);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     users: HashMap<Arc<str>, UserEntry>,
@@ -225,6 +257,7 @@ impl Remote {
     fn remove(&mut self, node: &str, user: &str) {
         let Some(set) = self.by_node.get_mut(node) else { return };
         if set.remove(user) {
+            set.shrink_if_sparse();
             self.release(user);
         }
     }
@@ -241,6 +274,7 @@ impl Remote {
             *n -= 1;
             if *n == 0 {
                 self.count.remove(user);
+                self.count.shrink_if_sparse();
             }
         }
     }
@@ -533,6 +567,8 @@ impl Hub {
             members.remove(user);
             if members.is_empty() {
                 inner.groups.remove(group);
+            } else {
+                members.shrink_if_sparse();
             }
         }
         if let Some(entry) = inner.users.get_mut(user) {
@@ -555,9 +591,13 @@ impl Hub {
                 members.remove(&key);
                 if members.is_empty() {
                     inner.groups.remove(g);
+                } else {
+                    members.shrink_if_sparse();
                 }
             }
         }
+        inner.users.shrink_if_sparse();
+        inner.groups.shrink_if_sparse();
         Some(WentOffline { groups: entry.groups.into_iter().collect(), nick: entry.nick })
     }
 
@@ -767,5 +807,32 @@ mod tests {
             sent += tell(&hubs, from, to, false);
         }
         assert_eq!(sent, 1, "exactly one node sends the exit notice");
+    }
+
+    #[test]
+    fn the_tables_give_their_memory_back_once_the_users_are_gone() {
+        let hub = Hub::new(Arc::new(Metrics::default()));
+        let group = ["g".to_string()];
+        let conns: Vec<(String, Conn)> = (0..20_000)
+            .map(|i| {
+                let (c, _inbox) = hub.connection(Transport::Tcp);
+                let user = format!("u{i}");
+                hub.register(&user, c.clone(), &group, None, None);
+                (user, c)
+            })
+            .collect();
+        let peak = hub.lock().users.capacity();
+        assert!(peak >= 20_000);
+        // All but 10 leave; those still online are still reached through the group.
+        for (user, c) in &conns[10..] {
+            hub.unregister(user, c.id);
+        }
+        let inner = hub.lock();
+        assert_eq!(inner.users.len(), 10);
+        assert!(inner.users.capacity() < SHRINK_FROM, "{} of {peak} kept", inner.users.capacity());
+        let members = &inner.groups["g"];
+        assert_eq!(members.len(), 10);
+        assert!(members.capacity() < SHRINK_FROM);
+        assert!(conns[..10].iter().all(|(user, _)| members.contains(user.as_str()) && inner.users.contains_key(user.as_str())));
     }
 }
