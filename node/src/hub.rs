@@ -236,6 +236,20 @@ struct Inner {
     groups: HashMap<Arc<str>, HashSet<Arc<str>>>,
 }
 
+impl Inner {
+    /// Takes `user` from `group`'s online members; a group with none left goes.
+    fn remove_member(&mut self, group: &str, user: &str) {
+        let Some(members) = self.groups.get_mut(group) else { return };
+        members.remove(user);
+        if members.is_empty() {
+            self.groups.remove(group);
+            self.groups.shrink_if_sparse();
+        } else {
+            members.shrink_if_sparse();
+        }
+    }
+}
+
 /// Users online at other nodes, as their presence messages tell (DESIGN §7: each node owns the
 /// entries of the sessions it holds).
 #[derive(Default)]
@@ -563,14 +577,7 @@ impl Hub {
     /// group no longer reach them here.
     pub fn leave(&self, user: &str, group: &str) {
         let mut inner = self.lock();
-        if let Some(members) = inner.groups.get_mut(group) {
-            members.remove(user);
-            if members.is_empty() {
-                inner.groups.remove(group);
-            } else {
-                members.shrink_if_sparse();
-            }
-        }
+        inner.remove_member(group, user);
         if let Some(entry) = inner.users.get_mut(user) {
             entry.groups.remove(group);
         }
@@ -587,17 +594,9 @@ impl Hub {
         // The presence change is marked by `left`, with whether the exit was announced.
         let (key, entry) = inner.users.remove_entry(user)?;
         for g in &entry.groups {
-            if let Some(members) = inner.groups.get_mut(g) {
-                members.remove(&key);
-                if members.is_empty() {
-                    inner.groups.remove(g);
-                } else {
-                    members.shrink_if_sparse();
-                }
-            }
+            inner.remove_member(g, &key);
         }
         inner.users.shrink_if_sparse();
-        inner.groups.shrink_if_sparse();
         Some(WentOffline { groups: entry.groups.into_iter().collect(), nick: entry.nick })
     }
 
