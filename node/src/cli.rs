@@ -9,10 +9,6 @@ use clap::Parser;
 
 /// Runs the node until Ctrl-C or SIGTERM.
 pub fn main() -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
-}
-
-async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KEFU_LOG").unwrap_or_else(|_| "info".into()))
@@ -20,9 +16,14 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let mut flags = Flags::parse();
     if let Some(tool) = flags.tool.take() {
-        return crate::tools::run(tool, flags).await;
+        return tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::tools::run(tool, flags));
     }
+    // The configuration is resolved before the runtime starts: it sets the runtime's size.
     let config = Config::resolve(flags)?;
+    tokio::runtime::Builder::new_multi_thread().worker_threads(config.worker_threads).enable_all().build()?.block_on(run(config, started))
+}
+
+async fn run(config: Config, started: Instant) -> anyhow::Result<()> {
     let profile = config.profile;
     let data_dir = config.data_dir.clone();
     let api_key = config.api_key.is_some();

@@ -80,6 +80,10 @@ pub struct Flags {
     /// Seconds without traffic before a connection is closed; 0 turns the check off.
     #[arg(long, env = "KEFU_HEARTBEAT_TIMEOUT")]
     pub heartbeat_timeout: Option<u64>,
+    /// Threads that run the connections; 0 (the default) is one per core less the one the store's
+    /// writer thread keeps busy, at least one.
+    #[arg(long, env = "KEFU_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Customer service: seconds an assigned agent may be offline before their open
     /// conversations go back to the queue (default 60).
     #[arg(long, env = "KEFU_REASSIGN_AFTER")]
@@ -214,6 +218,7 @@ struct FileSettings {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     heartbeat_timeout: Option<u64>,
+    worker_threads: Option<usize>,
     reassign_after: Option<u64>,
     api_key: Option<String>,
     api_key_file: Option<PathBuf>,
@@ -295,6 +300,8 @@ pub struct Config {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Idle timeout; `None` = off.
     pub heartbeat_timeout: Option<Duration>,
+    /// Runtime worker threads (resolved: never 0).
+    pub worker_threads: usize,
     /// How long an assigned agent may be offline before their conversations are requeued.
     pub reassign_after: Duration,
     /// API key for the HTTP APIs.
@@ -390,6 +397,10 @@ impl Config {
             heartbeat_timeout: match flags.heartbeat_timeout.or(file.heartbeat_timeout).unwrap_or(120) {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
+            },
+            worker_threads: match flags.worker_threads.or(file.worker_threads).unwrap_or(0) {
+                0 => default_worker_threads(),
+                n => n,
             },
             reassign_after: Duration::from_secs(flags.reassign_after.or(file.reassign_after).unwrap_or(60)),
             api_key: match (flags.api_key.or(file.api_key).filter(|k| !k.is_empty()), flags.api_key_file.or(file.api_key_file)) {
@@ -495,6 +506,13 @@ impl Config {
     }
 }
 
+/// One runtime worker per core, less the core the store's writer thread keeps busy under load
+/// (on two cores, two workers beside the writer and the clients measured a fifth more node CPU per
+/// message at 5,000 msg/s and a sixth less throughput flat out; BENCHMARKS.md), at least one.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+}
+
 /// A listening address given as a flag: `IP:PORT`, or `NAME:PORT` resolved once at start (an
 /// IPv4 address first) — Fly's UDP services must bind `fly-global-services`, a name in
 /// `/etc/hosts`.
@@ -577,6 +595,17 @@ mod tests {
         assert_eq!(Config::resolve(flags).unwrap().durability, Durability::Process);
         assert!(toml::from_str::<FileSettings>("durability = \"process\"").is_ok());
         assert!(toml::from_str::<FileSettings>("durability = \"memory\"").is_err(), "an unknown mode is refused");
+    }
+
+    #[test]
+    fn the_runtime_gets_a_worker_per_core_but_the_writer_s_unless_told_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(Config::for_tests(dir.path()).worker_threads, cores.saturating_sub(1).max(1));
+        let flags = |n| Flags { data_dir: Some(dir.path().to_path_buf()), worker_threads: Some(n), ..Flags::default() };
+        assert_eq!(Config::resolve(flags(3)).unwrap().worker_threads, 3);
+        assert_eq!(Config::resolve(flags(0)).unwrap().worker_threads, cores.saturating_sub(1).max(1), "0 is the default");
+        assert_eq!(toml::from_str::<FileSettings>("worker_threads = 2").unwrap().worker_threads, Some(2));
     }
 
     #[test]
