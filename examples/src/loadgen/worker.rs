@@ -402,12 +402,14 @@ fn spawn_reader(
 }
 
 /// Sends `messages` chats from `tx` to `target` at `rate` per second (0 = as fast as the window
-/// of unacknowledged sends allows).
+/// of unacknowledged sends allows), the first `phase` (a fraction of one interval) after the start.
+#[allow(clippy::too_many_arguments)]
 async fn send_loop(
     mut tx: Tx,
     target: Value,
     messages: u64,
     rate: f64,
+    phase: f64,
     window: Arc<Semaphore>,
     counters: Arc<Counters>,
     deadline: Instant,
@@ -419,7 +421,7 @@ async fn send_loop(
             break;
         }
         if let Some(iv) = interval {
-            let due = start + iv.mul_f64(i as f64);
+            let due = start + iv.mul_f64(i as f64 + phase);
             tokio::time::sleep_until(due.into()).await;
         }
         let Ok(permit) = window.acquire().await else { break };
@@ -443,12 +445,15 @@ async fn chat(conns: Vec<(u64, Tx, Rx)>, cfg: &Value, counters: &Arc<Counters>, 
     let window = cfg["window"].as_u64().unwrap_or(32) as usize;
     let mut readers = Vec::new();
     let mut sends = Vec::new();
-    for (i, tx, rx) in conns {
+    for (k, (i, tx, rx)) in conns.into_iter().enumerate() {
+        // Senders are spread evenly over one interval: started in step, a rate of 5,000/s from
+        // 100 senders would arrive as 50 bursts of 100, not as a steady stream.
+        let phase = k as f64 / senders as f64;
         let partner = if i % 2 == 0 { i + 1 } else { i - 1 };
         let acks = Arc::new(Semaphore::new(window));
         readers.push(spawn_reader(rx, Arc::clone(counters), Arc::clone(hist), Arc::clone(&acks)));
         let target = json!({"chatType": 2, "to": format!("lg{partner}")});
-        sends.push(tokio::spawn(send_loop(tx, target, per, rate, acks, Arc::clone(counters), deadline)));
+        sends.push(tokio::spawn(send_loop(tx, target, per, rate, phase, acks, Arc::clone(counters), deadline)));
     }
     let mut txs = Vec::new();
     for s in sends {
@@ -489,7 +494,7 @@ async fn group(conns: Vec<(u64, Tx, Rx)>, cfg: &Value, counters: &Arc<Counters>,
     }
     if let Some(tx) = sender {
         let target = json!({"chatType": 1, "groupId": "lgbench"});
-        let _tx = send_loop(tx, target, messages, rate, acks, Arc::clone(counters), deadline).await;
+        let _tx = send_loop(tx, target, messages, rate, 0.0, acks, Arc::clone(counters), deadline).await;
         let until = Instant::now() + Duration::from_secs(30);
         while counters.acked.load(Relaxed) < counters.sent.load(Relaxed) && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
