@@ -66,17 +66,59 @@ pub fn endpoint(addr: SocketAddr, certs: &Arc<CertStore>, settings: QuicSettings
 }
 
 /// Bytes of kernel receive buffer asked for the QUIC socket. Every connection shares this one
-/// socket, so the default (~208 KiB) overflows during a burst of handshakes and drops packets.
-const UDP_RECV_BUFFER: usize = 8 * 1024 * 1024;
+/// socket, so the default (~208 KiB) overflows during a burst of handshakes or heartbeats and
+/// drops packets, which QUIC then resends after ever longer backoffs. It is kernel memory, used
+/// only while packets wait.
+pub const UDP_RECV_BUFFER: usize = 32 * 1024 * 1024;
 
 fn udp_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    // The kernel caps this at net.core.rmem_max; a smaller buffer is not an error.
-    if let Err(e) = socket.set_recv_buffer_size(UDP_RECV_BUFFER) {
-        tracing::warn!(error = %e, "could not enlarge the QUIC socket's receive buffer");
+    let got = enlarge_recv_buffer(&socket, UDP_RECV_BUFFER);
+    if got < UDP_RECV_BUFFER {
+        tracing::warn!(
+            asked = UDP_RECV_BUFFER,
+            got,
+            "the QUIC socket's receive buffer is smaller than asked: bursts of packets may be dropped \
+             (raise net.core.rmem_max, or run with CAP_NET_ADMIN)"
+        );
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// Asks for `bytes` of receive buffer on `socket` and returns what it got (the kernel's figure,
+/// halved: Linux doubles the request to account for its own bookkeeping). SO_RCVBUF is capped at
+/// net.core.rmem_max (4 MiB on some hosts); on Linux SO_RCVBUFFORCE passes that cap when the
+/// process has CAP_NET_ADMIN (root in a Fly machine or a container), so it is tried first.
+pub fn enlarge_recv_buffer(socket: &socket2::Socket, bytes: usize) -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // setsockopt reads exactly size_of::<c_int>() bytes from a live local; the descriptor is
+        // owned by `socket` for the whole call.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let _ = socket.set_recv_buffer_size(bytes);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket.set_recv_buffer_size(bytes);
+    let reported = socket.recv_buffer_size().unwrap_or(0);
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
 }
 
 /// Accepts QUIC connections until `shutdown`.
@@ -305,6 +347,27 @@ mod tests {
     use futures_util::FutureExt;
 
     use super::*;
+
+    #[test]
+    fn the_receive_buffer_passes_rmem_max_when_the_process_may_and_reports_what_it_got() {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(212_992);
+        let asked = cap * 2;
+        let got = enlarge_recv_buffer(&socket, asked);
+        assert_eq!(got * 2, socket.recv_buffer_size().unwrap(), "the kernel's own figure, halved");
+        #[cfg(target_os = "linux")]
+        {
+            // The effective uid is the second field of the Uid line.
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            let root = uid_line.split_whitespace().nth(2) == Some("0");
+            if root {
+                assert_eq!(got, asked, "root may pass net.core.rmem_max ({cap})");
+            } else {
+                assert_eq!(got, cap, "capped at net.core.rmem_max");
+            }
+        }
+    }
 
     fn request(cmd: Command) -> Inbound {
         Inbound::Request { cmd: Some(cmd), syn_seq: 0, body: bytes::Bytes::from_static(b"{}") }
