@@ -216,7 +216,8 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
         "idle" => {
             // --login 0 measures bare connections (no user bound), to separate the two costs.
             let login = opts.num("login", 1) != 0;
-            (opts.num("conns", 1000), Box::new(move |_| json!({ "login": login })))
+            let spread_ms = opts.num("spread-ms", 0);
+            (opts.num("conns", 1000), Box::new(move |_| json!({ "login": login, "spread_ms": spread_ms })))
         }
         "chat" => {
             let pairs = opts.num("pairs", 100);

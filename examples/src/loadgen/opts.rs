@@ -51,6 +51,10 @@ pub struct Cli {
     /// idle: 1 logs each connection in, 0 leaves it bare [default: 1].
     #[arg(long)]
     pub login: Option<u64>,
+    /// idle: milliseconds over which the one heartbeat of every connection is spread, as clients
+    /// with their own timers send them; 0 sends them all at once [default: 0].
+    #[arg(long)]
+    pub spread_ms: Option<u64>,
     /// chat: sender→receiver pairs [default: 100].
     #[arg(long)]
     pub pairs: Option<u64>,
@@ -144,6 +148,7 @@ impl Opts {
         put("argon2-memory-kib", n(cli.argon2_memory_kib));
         put("conns", n(cli.conns));
         put("login", n(cli.login));
+        put("spread-ms", n(cli.spread_ms));
         put("pairs", n(cli.pairs));
         put("messages", n(cli.messages));
         put("rate", n(cli.rate));

@@ -153,7 +153,8 @@ async fn quic_endpoint(cfg: &Value) -> anyhow::Result<&'static quinn::Endpoint> 
         let config = tests::quic_client_config(&[b"kefu/1"], root)?;
         let bind: IpAddr = cfg["bind"].as_str().unwrap_or("127.0.0.1").parse()?;
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-        let _ = socket.set_recv_buffer_size(8 * 1024 * 1024);
+        // One socket carries every connection of this worker: the same large buffer as the node's.
+        node::transport::quic::enlarge_recv_buffer(&socket, node::transport::quic::UDP_RECV_BUFFER);
         socket.bind(&SocketAddr::new(bind, 0).into())?;
         let runtime = quinn::default_runtime().context("runtime")?;
         let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), runtime)?;
@@ -291,7 +292,7 @@ pub async fn run_with(cfg: Value, go: impl std::future::Future<Output = ()>, rep
     };
 
     match scenario.as_str() {
-        "idle" => idle(conns, &counters).await,
+        "idle" => idle(conns, Duration::from_millis(cfg["spread_ms"].as_u64().unwrap_or(0)), &counters).await,
         "chat" => chat(conns, &cfg, &counters, &hist, deadline).await,
         "group" => group(conns, &cfg, &counters, &hist, deadline).await,
         "history" => history(conns, &cfg, &counters, &hist).await,
@@ -325,12 +326,16 @@ fn snapshot(c: &Counters, hist: Option<&Histogram<u64>>, seconds: f64) -> Value 
     v
 }
 
-/// Every connection answers one heartbeat: proves they are all alive.
-async fn idle(conns: Vec<(u64, Tx, Rx)>, counters: &Arc<Counters>) {
+/// Every connection answers one heartbeat: proves they are all alive. The heartbeats go out evenly
+/// over `spread` (all at once when it is zero).
+async fn idle(conns: Vec<(u64, Tx, Rx)>, spread: Duration, counters: &Arc<Counters>) {
     let mut tasks = Vec::new();
-    for (_, mut tx, mut rx) in conns {
+    let (start, n) = (Instant::now(), conns.len().max(1) as f64);
+    for (k, (_, mut tx, mut rx)) in conns.into_iter().enumerate() {
         let counters = Arc::clone(counters);
+        let due = start + spread.mul_f64(k as f64 / n);
         tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(due.into()).await;
             let ok = async {
                 tx.send(&json!({"cmd": 13})).await?;
                 rx.until(13).await?;
@@ -338,7 +343,20 @@ async fn idle(conns: Vec<(u64, Tx, Rx)>, counters: &Arc<Counters>) {
             };
             match tokio::time::timeout(Duration::from_secs(30), ok).await {
                 Ok(Ok(())) => counters.ops.fetch_add(1, Relaxed),
-                _ => counters.errors.fetch_add(1, Relaxed),
+                Ok(Err(e)) => {
+                    // The first few reasons go to stderr: a closed connection and a late answer
+                    // call for different fixes.
+                    if counters.errors.fetch_add(1, Relaxed) < 3 {
+                        eprintln!("heartbeat failed: {e:#}");
+                    }
+                    0
+                }
+                Err(_) => {
+                    if counters.errors.fetch_add(1, Relaxed) < 3 {
+                        eprintln!("heartbeat not answered within 30 s");
+                    }
+                    0
+                }
             };
             (tx, rx)
         }));
