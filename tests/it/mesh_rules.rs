@@ -225,6 +225,10 @@ async fn the_exit_notice_goes_out_once_when_the_last_session_anywhere_closes() -
 async fn a_users_other_devices_get_a_copy_of_what_it_sends() -> anyhow::Result<()> {
     let c = Cluster::start(bin(), &[("iad-1", "iad"), ("fra-1", "fra"), ("sin-1", "sin")], &[]).await?;
     let mut bob = c.node(2).tcp_login("db").await?;
+    // The sends below are answered "offline" by a node that has not yet heard that bob is online.
+    for i in [0, 1] {
+        eventually(Duration::from_secs(5), || async { (other_nodes(&c, i, "db").await == ["sin-1"]).then_some(()) }).await?;
+    }
     // Once where the sender's node owns the conversation, once where another node does.
     for owner in [0, 1] {
         let me = c.user_owned_by(&format!("da{owner}-"), "db", owner);
