@@ -34,6 +34,11 @@ async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
         "# HELP kefu_tls_fingerprint_info SHA-256 fingerprint of the TLS certificate served.\n# TYPE kefu_tls_fingerprint_info gauge\nkefu_tls_fingerprint_info{{sha256=\"{}\"}} 1\n",
         core.certs.fingerprint()
     ));
+    text.push_str(&format!(
+        "# HELP kefu_sqlite_memory_bytes Memory SQLite holds (page caches, statements), given back after {}s idle.\n# TYPE kefu_sqlite_memory_bytes gauge\nkefu_sqlite_memory_bytes {}\n",
+        crate::store::IDLE_SHRINK.as_secs(),
+        crate::store::sqlite_memory_used()
+    ));
     if let Some(mesh) = &core.mesh {
         text.push_str(&mesh.render_metrics());
         // What peers compare their applied revision of this node with.

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,11 @@ const WRITE_QUEUE: usize = 8192;
 const READERS: usize = 4;
 /// Longest a fire-and-forget cursor move waits before it is written (merged with later ones).
 const CURSOR_DELAY: Duration = Duration::from_millis(100);
+/// After this long without work, a connection gives its SQLite page cache back (`shrink_memory`):
+/// a wave of 10,000 logins fills the writer's and the readers' caches (2 MiB each at most), which
+/// otherwise stay allocated after every client has gone. The pages are in the OS's file cache, so
+/// the first reads after that cost a copy each, not a disk read.
+pub const IDLE_SHRINK: Duration = Duration::from_secs(5);
 
 /// A storage failure. Every one is reported to the client as retryable: nothing was half-stored.
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +309,51 @@ pub struct Store {
 struct Readers {
     conns: Vec<Mutex<Connection>>,
     next: AtomicUsize,
+    /// Set by every read; cleared by `shrink_idle_readers` at each of its ticks.
+    used: AtomicBool,
+}
+
+/// Every IDLE_SHRINK, gives the readers' page caches back if no read came since the last tick
+/// (once per idle spell). Ends when the store is gone.
+async fn shrink_idle_readers(readers: std::sync::Weak<Readers>) {
+    let mut shrunk = false;
+    loop {
+        tokio::time::sleep(IDLE_SHRINK).await;
+        let Some(readers) = readers.upgrade() else { return };
+        if readers.used.swap(false, Ordering::Relaxed) {
+            shrunk = false;
+            continue;
+        }
+        if shrunk {
+            continue;
+        }
+        for conn in &readers.conns {
+            // A reader in use is not idle: it is left for the next spell.
+            if let Ok(conn) = conn.try_lock() {
+                if let Err(e) = shrink(&conn).await {
+                    tracing::debug!(error = %e, "a reader kept its page cache");
+                }
+            }
+        }
+        shrunk = true;
+    }
+}
+
+/// Bytes SQLite has allocated in this process (page caches, statements, schemas), for
+/// `/metrics`.
+pub fn sqlite_memory_used() -> i64 {
+    // sqlite3_memory_used takes no arguments and only reads SQLite's own counter (kept under its
+    // mutex); it is callable at any time from any thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        libsql::ffi::sqlite3_memory_used()
+    }
+}
+
+/// Frees what `conn`'s page cache holds (SQLite's `sqlite3_db_release_memory`).
+async fn shrink(conn: &Connection) -> Result<()> {
+    drop(conn.query("PRAGMA shrink_memory", ()).await?);
+    Ok(())
 }
 
 impl Store {
@@ -362,7 +412,9 @@ impl Store {
             rt.block_on(writer.run(rx));
         })?;
         let thread = Arc::new(std::sync::Mutex::new(Some(thread)));
-        Ok((Store { writer: tx, cursors, changes, head, readers: Arc::new(Readers { conns, next: AtomicUsize::new(0) }), thread }, feed_rx))
+        let readers = Arc::new(Readers { conns, next: AtomicUsize::new(0), used: AtomicBool::new(false) });
+        tokio::spawn(shrink_idle_readers(Arc::downgrade(&readers)));
+        Ok((Store { writer: tx, cursors, changes, head, readers, thread }, feed_rx))
     }
 
     /// Stops the writer once everything queued is committed, and waits for it (it checkpoints the
@@ -762,6 +814,7 @@ impl Store {
 
     async fn reader(&self) -> tokio::sync::MutexGuard<'_, Connection> {
         let i = self.readers.next.fetch_add(1, Ordering::Relaxed) % self.readers.conns.len();
+        self.readers.used.store(true, Ordering::Relaxed);
         self.readers.conns[i].lock().await
     }
 
@@ -1286,14 +1339,24 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut cursor_deadline: Option<tokio::time::Instant> = None;
+        // When the page cache is given back if nothing else comes (after each batch).
+        let mut shrink_deadline: Option<tokio::time::Instant> = None;
         loop {
-            let received = match cursor_deadline {
+            let received = match cursor_deadline.or(shrink_deadline) {
                 None => rx.recv_many(&mut batch, MAX_BATCH).await,
                 Some(deadline) => tokio::select! {
                     n = rx.recv_many(&mut batch, MAX_BATCH) => n,
                     _ = tokio::time::sleep_until(deadline) => usize::MAX,
                 },
             };
+            if received == usize::MAX && cursor_deadline.is_none() {
+                shrink_deadline = None;
+                if let Err(e) = shrink(&self.conn).await {
+                    tracing::debug!(error = %e, "the writer kept its page cache");
+                }
+                continue;
+            }
+            shrink_deadline = Some(tokio::time::Instant::now() + IDLE_SHRINK);
             let closed = received == 0;
             // Fire-and-forget cursor moves are merged in memory (by max) and written CURSOR_DELAY
             // after the first of them (or when MAX_BATCH are waiting): one push to each of 10,000
@@ -2077,6 +2140,33 @@ mod tests {
         let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
         let back = store.message(&delivery.message.id).await.unwrap().unwrap();
         assert_eq!((back.seq, back.content.as_str()), (1, "kept"));
+    }
+
+    #[tokio::test]
+    async fn an_idle_store_gives_its_page_caches_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+        let before = sqlite_memory_used();
+        // Enough users (written in batches, then each read back) to fill the writer's and the
+        // readers' caches.
+        let ids: Vec<String> = (0..3000).map(|i| format!("idle-{i}")).collect();
+        let created = futures_util::future::join_all(ids.iter().map(|id| store.create_user(user(id), false))).await;
+        assert!(created.into_iter().all(|c| c.unwrap()));
+        for id in &ids {
+            assert!(store.user(id).await.unwrap().is_some());
+        }
+        let busy = sqlite_memory_used();
+        assert!(busy > before + 1024 * 1024, "the caches filled: {before} -> {busy}");
+        let deadline = Instant::now() + IDLE_SHRINK * 4;
+        while sqlite_memory_used() > before + (busy - before) / 4 {
+            assert!(
+                Instant::now() < deadline,
+                "still {} bytes after {:?} idle ({before} -> {busy})",
+                sqlite_memory_used(),
+                IDLE_SHRINK * 4
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     #[tokio::test]
