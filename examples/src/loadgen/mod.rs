@@ -210,6 +210,9 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
         }
     };
     let rss_before = node.pid.and_then(tests::rss_kib);
+    // The anonymous part too: the file-backed rest (the binary's resident pages) differs between
+    // builds by more than a megabyte, which a percentage over the start would count.
+    let anon_before = node.pid.and_then(tests::rss_anon_kib);
 
     // Split the users over the workers.
     let (users, per_worker_cfg): (u64, Box<dyn Fn(u64) -> Value>) = match scenario {
@@ -387,17 +390,21 @@ async fn run(scenario: &str, opts: Opts) -> anyhow::Result<()> {
             result["rss_kib"]["closed_2s"] = json!(tests::rss_kib(pid));
             tokio::time::sleep(Duration::from_secs(18)).await;
             result["rss_kib"]["closed_20s"] = json!(tests::rss_kib(pid));
+            result["rss_anon_kib"] = json!({ "before": anon_before, "closed_20s": tests::rss_anon_kib(pid) });
         }
     }
 
     let summary = match scenario {
         "idle" => format!(
-            "idle: {users} {transport} connections, {:.0} B RSS each ({} KiB → {} KiB; all closed: {} KiB after 2 s, {} KiB after 20 s), errors {errors}",
+            "idle: {users} {transport} connections, {:.0} B RSS each ({} KiB → {} KiB; all closed: {} KiB after 2 s, {} KiB after 20 s; \
+             anonymous {} KiB → {} KiB after 20 s), errors {errors}",
             result["rss_bytes_per_connection"].as_f64().unwrap_or(f64::NAN),
             rss_before.unwrap_or(0),
             rss_ready.unwrap_or(0),
             result["rss_kib"]["closed_2s"].as_u64().unwrap_or(0),
             result["rss_kib"]["closed_20s"].as_u64().unwrap_or(0),
+            anon_before.unwrap_or(0),
+            result["rss_anon_kib"]["closed_20s"].as_u64().unwrap_or(0),
         ),
         "chat" | "group" => format!(
             "{scenario}: {:.0} acked/s, {:.0} delivered/s, latency p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms, errors {errors}{cpu_text}",
