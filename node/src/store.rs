@@ -409,7 +409,10 @@ impl Store {
             _db: db,
         };
         let thread = std::thread::Builder::new().name("kefu-writer".into()).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            // Timers only: the writer does no I/O through tokio, and without an I/O driver its
+            // runtime parks on a condvar, so waking it is a futex call rather than an eventfd
+            // write and an epoll_wait.
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
                 Ok(rt) => rt,
                 Err(e) => return tracing::error!(error = %e, "cannot start the writer runtime"),
             };
