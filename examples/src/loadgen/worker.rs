@@ -341,23 +341,21 @@ async fn idle(conns: Vec<(u64, Tx, Rx)>, spread: Duration, counters: &Arc<Counte
                 rx.until(13).await?;
                 Ok::<_, anyhow::Error>(())
             };
-            match tokio::time::timeout(Duration::from_secs(30), ok).await {
-                Ok(Ok(())) => counters.ops.fetch_add(1, Relaxed),
-                Ok(Err(e)) => {
-                    // The first few reasons go to stderr: a closed connection and a late answer
-                    // call for different fixes.
-                    if counters.errors.fetch_add(1, Relaxed) < 3 {
-                        eprintln!("heartbeat failed: {e:#}");
-                    }
-                    0
-                }
-                Err(_) => {
-                    if counters.errors.fetch_add(1, Relaxed) < 3 {
-                        eprintln!("heartbeat not answered within 30 s");
-                    }
-                    0
-                }
+            let failure = match tokio::time::timeout(Duration::from_secs(30), ok).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("heartbeat failed: {e:#}")),
+                Err(_) => Some("heartbeat not answered within 30 s".to_string()),
             };
+            match failure {
+                None => drop(counters.ops.fetch_add(1, Relaxed)),
+                // The first few reasons go to stderr: a closed connection and a late answer call
+                // for different fixes.
+                Some(reason) => {
+                    if counters.errors.fetch_add(1, Relaxed) < 3 {
+                        eprintln!("{reason}");
+                    }
+                }
+            }
             (tx, rx)
         }));
     }
