@@ -16,11 +16,20 @@ pub fn main() -> anyhow::Result<()> {
         .init();
     let mut flags = Flags::parse();
     if let Some(tool) = flags.tool.take() {
-        return tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::tools::run(tool, flags));
+        return runtime(None)?.block_on(crate::tools::run(tool, flags));
     }
     // The configuration is resolved before the runtime starts: it sets the runtime's size.
     let config = Config::resolve(flags)?;
-    tokio::runtime::Builder::new_multi_thread().worker_threads(config.worker_threads).enable_all().build()?.block_on(run(config, started))
+    runtime(Some(config.worker_threads))?.block_on(run(config, started))
+}
+
+/// The multi-thread runtime with every driver; `workers: None` is tokio's default (one per core).
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build()
 }
 
 async fn run(config: Config, started: Instant) -> anyhow::Result<()> {

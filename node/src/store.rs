@@ -200,6 +200,8 @@ enum WriteOp {
     ForgetPeer(String, oneshot::Sender<Result<bool>>),
     /// Cursor moves are waiting in [`PendingCursors`] (sent once per empty → non-empty).
     CursorsWaiting,
+    /// The store has been idle for IDLE_SHRINK: give the page cache back (from `watch_idle`).
+    Shrink,
 }
 
 /// A webhook delivery waiting in the outbox.
@@ -313,13 +315,15 @@ pub struct Store {
 struct Readers {
     conns: Vec<Mutex<Connection>>,
     next: AtomicUsize,
-    /// Set by every read; cleared by `shrink_idle_readers` at each of its ticks.
-    used: AtomicBool,
+    /// Set by every read and every write batch; cleared by `watch_idle` at each of its ticks.
+    used: Arc<AtomicBool>,
 }
 
-/// Every IDLE_SHRINK, gives the readers' page caches back if no read came since the last tick
-/// (once per idle spell). Ends when the store is gone.
-async fn shrink_idle_readers(readers: std::sync::Weak<Readers>) {
+/// Every IDLE_SHRINK, if nothing was read or written since the last tick, gives the page caches
+/// back: the readers' here, the writer's by a [`WriteOp::Shrink`] (once per idle spell). Holds
+/// the writer's queue weakly so that it never keeps the writer from closing; ends when the store
+/// is gone.
+async fn watch_idle(readers: std::sync::Weak<Readers>, writer: mpsc::WeakSender<WriteOp>) {
     let mut shrunk = false;
     loop {
         tokio::time::sleep(IDLE_SHRINK).await;
@@ -338,6 +342,10 @@ async fn shrink_idle_readers(readers: std::sync::Weak<Readers>) {
                     tracing::debug!(error = %e, "a reader kept its page cache");
                 }
             }
+        }
+        if let Some(writer) = writer.upgrade() {
+            // A full queue is a busy writer, not an idle one.
+            let _ = writer.try_send(WriteOp::Shrink);
         }
         shrunk = true;
     }
@@ -391,6 +399,7 @@ impl Store {
         let head = Arc::new(AtomicU64::new(rev));
         let (changes, _) = broadcast::channel(CHANGE_TAIL);
         let cursors = Arc::new(PendingCursors::default());
+        let used = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             rev,
             committed_rev: rev,
@@ -406,6 +415,7 @@ impl Store {
             metrics,
             stmts: HashMap::new(),
             pending_cursors: Arc::clone(&cursors),
+            used: Arc::clone(&used),
             _db: db,
         };
         let thread = std::thread::Builder::new().name("kefu-writer".into()).spawn(move || {
@@ -419,8 +429,8 @@ impl Store {
             rt.block_on(writer.run(rx));
         })?;
         let thread = Arc::new(std::sync::Mutex::new(Some(thread)));
-        let readers = Arc::new(Readers { conns, next: AtomicUsize::new(0), used: AtomicBool::new(false) });
-        tokio::spawn(shrink_idle_readers(Arc::downgrade(&readers)));
+        let readers = Arc::new(Readers { conns, next: AtomicUsize::new(0), used });
+        tokio::spawn(watch_idle(Arc::downgrade(&readers), tx.downgrade()));
         Ok((Store { writer: tx, cursors, changes, head, readers, thread }, feed_rx))
     }
 
@@ -1271,6 +1281,8 @@ struct Writer {
     /// Cursor moves waiting to be written (CURSOR_DELAY after the first), merged by max (the
     /// floor by min).
     pending_cursors: Arc<PendingCursors>,
+    /// The store's activity flag (see [`watch_idle`]), set by every batch.
+    used: Arc<AtomicBool>,
     /// Newest revision handed out (in the open transaction, or committed).
     rev: u64,
     /// Newest committed revision.
@@ -1346,25 +1358,24 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut cursor_deadline: Option<tokio::time::Instant> = None;
-        // When the page cache is given back if nothing else comes (after each batch).
-        let mut shrink_deadline: Option<tokio::time::Instant> = None;
         loop {
-            let received = match cursor_deadline.or(shrink_deadline) {
-                None => rx.recv_many(&mut batch, MAX_BATCH).await,
+            // recv_many gives 0 only once the queue is closed and empty.
+            let closed = match cursor_deadline {
+                None => rx.recv_many(&mut batch, MAX_BATCH).await == 0,
                 Some(deadline) => tokio::select! {
-                    n = rx.recv_many(&mut batch, MAX_BATCH) => n,
-                    _ = tokio::time::sleep_until(deadline) => usize::MAX,
+                    n = rx.recv_many(&mut batch, MAX_BATCH) => n == 0,
+                    _ = tokio::time::sleep_until(deadline) => false,
                 },
             };
-            if received == usize::MAX && cursor_deadline.is_none() {
-                shrink_deadline = None;
+            let before = batch.len();
+            batch.retain(|op| !matches!(op, WriteOp::Shrink));
+            // Only when the shrink is all there is: anything else means the store is not idle.
+            if batch.len() < before && batch.is_empty() && !closed && cursor_deadline.is_none() && self.pending_cursors.len() == 0 {
                 if let Err(e) = shrink(&self.conn).await {
                     tracing::debug!(error = %e, "the writer kept its page cache");
                 }
                 continue;
             }
-            shrink_deadline = Some(tokio::time::Instant::now() + IDLE_SHRINK);
-            let closed = received == 0;
             // Fire-and-forget cursor moves are merged in memory (by max) and written CURSOR_DELAY
             // after the first of them (or when MAX_BATCH are waiting): one push to each of 10,000
             // group members must not cost 10,000 transactions, and a busy conversation's cursor
@@ -1389,6 +1400,7 @@ impl Writer {
                 }
                 continue;
             }
+            self.used.store(true, Ordering::Relaxed);
             let started = Instant::now();
             let ops = batch.len() + if write_cursors { waiting } else { 0 };
             match self.apply(&mut batch, write_cursors).await {
@@ -1502,7 +1514,7 @@ impl Writer {
     async fn apply_one(&mut self, op: &WriteOp) -> Result<Done> {
         Ok(match op {
             // Taken out of the batch before it is applied.
-            WriteOp::CursorsWaiting => Done::Nothing,
+            WriteOp::CursorsWaiting | WriteOp::Shrink => Done::Nothing,
             WriteOp::Append(msg, _, _) => {
                 let (stored, duplicate) = self.append(msg).await?;
                 Done::Append(Arc::new(stored), duplicate, None, oneshot::channel().0)
@@ -2098,7 +2110,7 @@ fn fail(op: WriteOp) {
         | WriteOp::Apply(_, _, reply)
         | WriteOp::ForgetPeer(_, reply)
         | WriteOp::Cursor { reply, .. } => drop(reply.send(Err(retry()))),
-        WriteOp::Recall { .. } | WriteOp::CursorsWaiting => {}
+        WriteOp::Recall { .. } | WriteOp::CursorsWaiting | WriteOp::Shrink => {}
     }
 }
 
@@ -2149,31 +2161,38 @@ mod tests {
         assert_eq!((back.seq, back.content.as_str()), (1, "kept"));
     }
 
-    #[tokio::test]
-    async fn an_idle_store_gives_its_page_caches_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
-        let before = sqlite_memory_used();
-        // Enough users (written in batches, then each read back) to fill the writer's and the
-        // readers' caches.
-        let ids: Vec<String> = (0..5000).map(|i| format!("idle-{i}")).collect();
-        let created = futures_util::future::join_all(ids.iter().map(|id| store.create_user(user(id), false))).await;
-        assert!(created.into_iter().all(|c| c.unwrap()));
-        for id in &ids {
-            assert!(store.user(id).await.unwrap().is_some());
-        }
-        let busy = sqlite_memory_used();
-        assert!(busy > before + 512 * 1024, "the caches filled: {before} -> {busy}");
+    /// Waits until what SQLite holds has fallen back to within a quarter of the fill since `before`.
+    async fn caches_given_back(before: i64, busy: i64, what: &str) {
+        assert!(busy > before + 512 * 1024, "{what} filled the cache: {before} -> {busy}");
         let deadline = Instant::now() + IDLE_SHRINK * 4;
         while sqlite_memory_used() > before + (busy - before) / 4 {
             assert!(
                 Instant::now() < deadline,
-                "still {} bytes after {:?} idle ({before} -> {busy})",
+                "{what}: still {} bytes after {:?} idle ({before} -> {busy})",
                 sqlite_memory_used(),
                 IDLE_SHRINK * 4
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_store_gives_its_page_caches_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+        // Writes alone (in batches) fill the writer's cache, and only the writer can give it back
+        // (10,000 users: about 0.9 MB here).
+        let before = sqlite_memory_used();
+        let ids: Vec<String> = (0..10_000).map(|i| format!("idle-{i}")).collect();
+        let created = futures_util::future::join_all(ids.iter().map(|id| store.create_user(user(id), false))).await;
+        assert!(created.into_iter().all(|c| c.unwrap()));
+        caches_given_back(before, sqlite_memory_used(), "the writes").await;
+        // Then reads alone fill the readers' caches.
+        let before = sqlite_memory_used();
+        for id in &ids {
+            assert!(store.user(id).await.unwrap().is_some());
+        }
+        caches_given_back(before, sqlite_memory_used(), "the reads").await;
     }
 
     #[tokio::test]
