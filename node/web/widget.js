@@ -32,7 +32,8 @@
   var loggedIn = false;
   // Chats not yet answered by the node, oldest first: sent again after a reconnect (the node
   // keeps one message per client id, so a repeat is not a duplicate), and held until the first
-  // login, so nothing typed early is lost.
+  // login, so nothing typed early is lost (typed before the session exists, they get its
+  // conversation when it comes).
   var unacked = [];
 
   function saved() {
@@ -188,7 +189,11 @@
     if (token) headers.Authorization = "Bearer " + token;
     return fetch(origin + path, { method: "POST", headers: headers, body: JSON.stringify(body) }).then(function (r) {
       return r.json().then(function (j) {
-        if (!r.ok) throw new Error(j.error || j.msg || r.status);
+        if (!r.ok) {
+          var e = new Error(j.error || j.msg || r.status);
+          e.status = r.status;
+          throw e;
+        }
         return j;
       });
     });
@@ -206,6 +211,7 @@
     return api("/v1/widget/session", body).then(function (r) {
       session = r;
       conv = r.conversation;
+      unacked.forEach(function (c) { if (!c.groupId) c.groupId = conv.id; });
       if (r.secret) save({ visitor: r.visitor, secret: r.secret });
       if (r.inbox && r.inbox.name && !settings.title) $(".h b").textContent = r.inbox.name;
       if (r.inbox && r.inbox.greeting && !list.querySelector(".greet")) line("r greet", r.inbox.greeting);
@@ -293,13 +299,15 @@
 
   function say(text) {
     text = text.trim();
-    if (!text || !conv) return;
+    if (!text) return;
     var id = "w" + Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
-    var chat = { cmd: 11, chatType: 1, groupId: conv.id, msgType: 0, content: text, id: id };
+    var chat = { cmd: 11, chatType: 1, groupId: conv ? conv.id : null, msgType: 0, content: text, id: id };
     unacked.push(chat);
+    typingSent = 0;
+    // Without a conversation yet, the session's answer fills it in and the login sends it.
+    if (!conv) return;
     send(chat);
     send({ cmd: 101, groupId: conv.id });
-    typingSent = 0;
   }
 
   // -- events ----------------------------------------------------------------------------------
@@ -411,10 +419,20 @@
       if (name === "setUser") user = hostUser(args[0], args[1]);
       else later.push(c);
     });
-    start().then(function () {
-      later.forEach(function (c) { if (window.kefu[c[0]]) window.kefu[c[0]].apply(null, c[1] || []); });
-      fire("kefu:ready", { visitor: session.visitor, conversation: conv.id });
-    }).catch(function (x) { console.warn("kefu widget:", x.message); });
+    var tries = 0;
+    (function first() {
+      start().then(function () {
+        later.forEach(function (c) { if (window.kefu[c[0]]) window.kefu[c[0]].apply(null, c[1] || []); });
+        fire("kefu:ready", { visitor: session.visitor, conversation: conv.id });
+      }).catch(function (x) {
+        // The node unreachable or overloaded for now: try again, backing off, so what the
+        // visitor types meanwhile is still sent once a session comes. A refusal (a wrong inbox,
+        // a bad identity) stays one.
+        console.warn("kefu widget:", x.message);
+        if (x.status && x.status < 500 && x.status !== 429) return;
+        setTimeout(first, Math.min(15000, 500 * Math.pow(2, tries++)));
+      });
+    })();
   }
   if (document.body) boot();
   else document.addEventListener("DOMContentLoaded", boot);

@@ -250,6 +250,20 @@ try {
   await vis.waitForSelector('[data-testid=kefu-message]:has-text("Ben here, refunded")', T);
   if (await vis.locator("[data-testid=kefu-csat]").isVisible()) throw new Error("CSAT asked twice");
 
+  step("4b. Typed before the session exis");
+  // 4b. What a visitor types before the widget's session exists is sent once it does (the
+  // session's answer held back here for 1.5 s).
+  const early = await (await browser.newContext()).newPage();
+  await early.route("**/v1/widget/session", async (route) => {
+    await new Promise((r) => setTimeout(r, 1500));
+    await route.continue();
+  });
+  await early.goto(site + "?inbox=" + shop.website_token);
+  await early.click("[data-testid=kefu-launcher]");
+  await write(early, "typed before the session");
+  await early.waitForSelector('[data-testid=kefu-message][data-from=visitor]:has-text("typed before the session")', T);
+  await early.context().close();
+
   step("5. Three agents with limit 2 and ");
   // 5. Three agents with limit 2 and seven visitors: 2/2/2, one queued with its position.
   const busy = await call("POST", "/v1/inboxes", { name: "Busy" });
@@ -329,7 +343,9 @@ try {
   }
   throw e;
 } finally {
+  step("closing the browser");
   await browser.close();
   host.close();
   receiver.close();
+  step("closed");
 }

@@ -95,6 +95,9 @@ async fn widget_and_console_carry_a_customer_service_day() -> anyhow::Result<()>
     let out = tokio::time::timeout(std::time::Duration::from_secs(480), run)
         .await
         .map_err(|_| anyhow::anyhow!("the browser flows did not finish within 480 s"))??;
+    // The flows' step log (each step with its start time) is kept beside the screenshots, passed
+    // or not, to see where a slow run spent its time.
+    let _ = std::fs::write(artifacts.join("steps.log"), &out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     anyhow::ensure!(
