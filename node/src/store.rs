@@ -36,6 +36,10 @@ const MAX_BATCH: usize = 4096;
 const WRITE_QUEUE: usize = 8192;
 /// Reader connections.
 const READERS: usize = 4;
+/// Conversations whose newest seq the writer keeps in memory; past that the map starts over
+/// after a commit (a conversation not in it costs one indexed `MAX(seq)` read on its next
+/// message), so a node that has seen millions of conversations does not keep one entry for each.
+const SEQS_KEPT: usize = if cfg!(test) { 8 } else { 65_536 };
 /// Longest a fire-and-forget cursor move waits before it is written (merged with later ones).
 const CURSOR_DELAY: Duration = Duration::from_millis(100);
 /// After this long without work, a connection gives its SQLite page cache back (`shrink_memory`):
@@ -1433,6 +1437,9 @@ impl Writer {
                         }
                     }
                     self.publish(done, memberships_changed).await;
+                    if self.seqs.len() > SEQS_KEPT {
+                        self.seqs = HashMap::new();
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, ops, "write batch failed; every op in it is answered retryable");
@@ -2173,6 +2180,42 @@ mod tests {
         let (store, _feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
         let back = store.message(&delivery.message.id).await.unwrap().unwrap();
         assert_eq!((back.seq, back.content.as_str()), (1, "kept"));
+    }
+
+    #[tokio::test]
+    async fn seqs_go_on_after_the_writer_lets_its_map_of_newest_seqs_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut feed) = Store::open(dir.path(), "n1", Arc::new(Metrics::default())).await.unwrap();
+        // The fan-out's part: every committed message answered.
+        tokio::spawn(async move {
+            while let Some(event) = feed.recv().await {
+                if let Committed::Message { message, reply, .. } = event {
+                    drop(reply.send(Ok(Delivery { message, recipient_online: false })));
+                }
+            }
+        });
+        let chat = |to: &str| NewMessage {
+            conversation: ConversationId::private("a", to),
+            client_id: None,
+            sender: "a".into(),
+            recipient: Some(to.into()),
+            group_id: None,
+            chat_type: 2,
+            msg_type: 0,
+            content: "x".into(),
+            extras: None,
+            nick: None,
+            avatar: None,
+        };
+        // Three rounds over more conversations than the writer keeps (SEQS_KEPT is 8 in tests):
+        // each round's seqs follow the last, whether the map still held the conversation or not.
+        let peers: Vec<String> = (0..3 * SEQS_KEPT).map(|i| format!("p{i}")).collect();
+        for round in 1..=3u64 {
+            for peer in &peers {
+                assert_eq!(store.append(chat(peer)).await.unwrap().message.seq, round, "{peer} in round {round}");
+            }
+        }
+        store.close().await;
     }
 
     /// Waits until what SQLite holds has fallen back to within a quarter of the fill since `before`.
