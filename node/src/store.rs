@@ -204,8 +204,9 @@ enum WriteOp {
     ForgetPeer(String, oneshot::Sender<Result<bool>>),
     /// Cursor moves are waiting in [`PendingCursors`] (sent once per empty → non-empty).
     CursorsWaiting,
-    /// The store has been idle for IDLE_SHRINK: give the page cache back (from `watch_idle`).
-    Shrink,
+    /// The store has been idle for IDLE_SHRINK: give the page cache back (from `watch_idle`),
+    /// answered when done (or dropped when the writer was not idle after all).
+    Shrink(oneshot::Sender<()>),
 }
 
 /// A webhook delivery waiting in the outbox.
@@ -319,24 +320,29 @@ pub struct Store {
 struct Readers {
     conns: Vec<Mutex<Connection>>,
     next: AtomicUsize,
-    /// Set by every read and every write batch; cleared by `watch_idle` at each of its ticks.
-    used: Arc<AtomicBool>,
 }
 
-/// Every IDLE_SHRINK, if nothing was read or written since the last tick, gives the page caches
-/// back: the readers' here, the writer's by a [`WriteOp::Shrink`] (once per idle spell). Holds
-/// the writer's queue weakly so that it never keeps the writer from closing; ends when the store
-/// is gone.
-async fn watch_idle(readers: std::sync::Weak<Readers>, writer: mpsc::WeakSender<WriteOp>) {
-    let mut shrunk = false;
+/// Every IDLE_SHRINK, if nothing was written since the last tick, gives the page caches back:
+/// the readers' here, the writer's by a [`WriteOp::Shrink`]. Once per idle spell, unless reads
+/// have filled the caches again by REFILL since. Reads do not end a spell: the node's own timers
+/// read every second or two (the webhook outbox, unhandled support messages, the routing lists),
+/// so a store that waited for reads to stop would never shrink; a read after a shrink costs a
+/// copy from the OS's file cache per page. `wrote` is set by every write batch. Holds the
+/// writer's queue weakly so that it never keeps the writer from closing; ends when the store is
+/// gone.
+async fn watch_idle(readers: std::sync::Weak<Readers>, writer: mpsc::WeakSender<WriteOp>, wrote: Arc<AtomicBool>) {
+    /// How much reads must have put back in the caches since the last shrink to shrink again.
+    const REFILL: i64 = 512 * 1024;
+    // What SQLite held right after the last shrink of this spell.
+    let mut floor: Option<i64> = None;
     loop {
         tokio::time::sleep(IDLE_SHRINK).await;
         let Some(readers) = readers.upgrade() else { return };
-        if readers.used.swap(false, Ordering::Relaxed) {
-            shrunk = false;
+        if wrote.swap(false, Ordering::Relaxed) {
+            floor = None;
             continue;
         }
-        if shrunk {
+        if floor.is_some_and(|f| sqlite_memory_used() <= f + REFILL) {
             continue;
         }
         for conn in &readers.conns {
@@ -347,11 +353,12 @@ async fn watch_idle(readers: std::sync::Weak<Readers>, writer: mpsc::WeakSender<
                 }
             }
         }
-        if let Some(writer) = writer.upgrade() {
-            // A full queue is a busy writer, not an idle one.
-            let _ = writer.try_send(WriteOp::Shrink);
+        let (done, shrunk) = oneshot::channel();
+        // A full queue is a busy writer, not an idle one.
+        if writer.upgrade().is_some_and(|writer| writer.try_send(WriteOp::Shrink(done)).is_ok()) {
+            let _ = shrunk.await;
         }
-        shrunk = true;
+        floor = Some(sqlite_memory_used());
     }
 }
 
@@ -407,7 +414,7 @@ impl Store {
         let head = Arc::new(AtomicU64::new(rev));
         let (changes, _) = broadcast::channel(CHANGE_TAIL);
         let cursors = Arc::new(PendingCursors::default());
-        let used = Arc::new(AtomicBool::new(false));
+        let wrote = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             rev,
             committed_rev: rev,
@@ -423,7 +430,7 @@ impl Store {
             metrics,
             stmts: Vec::new(),
             pending_cursors: Arc::clone(&cursors),
-            used: Arc::clone(&used),
+            wrote: Arc::clone(&wrote),
             _db: db,
         };
         let thread = std::thread::Builder::new().name("kefu-writer".into()).spawn(move || {
@@ -437,8 +444,8 @@ impl Store {
             rt.block_on(writer.run(rx));
         })?;
         let thread = Arc::new(std::sync::Mutex::new(Some(thread)));
-        let readers = Arc::new(Readers { conns, next: AtomicUsize::new(0), used });
-        tokio::spawn(watch_idle(Arc::downgrade(&readers), tx.downgrade()));
+        let readers = Arc::new(Readers { conns, next: AtomicUsize::new(0) });
+        tokio::spawn(watch_idle(Arc::downgrade(&readers), tx.downgrade(), wrote));
         Ok((Store { writer: tx, cursors, changes, head, readers, thread }, feed_rx))
     }
 
@@ -839,7 +846,6 @@ impl Store {
 
     async fn reader(&self) -> tokio::sync::MutexGuard<'_, Connection> {
         let i = self.readers.next.fetch_add(1, Ordering::Relaxed) % self.readers.conns.len();
-        self.readers.used.store(true, Ordering::Relaxed);
         self.readers.conns[i].lock().await
     }
 
@@ -1291,8 +1297,8 @@ struct Writer {
     /// Cursor moves waiting to be written (CURSOR_DELAY after the first), merged by max (the
     /// floor by min).
     pending_cursors: Arc<PendingCursors>,
-    /// The store's activity flag (see [`watch_idle`]), set by every batch.
-    used: Arc<AtomicBool>,
+    /// Set by every batch (see [`watch_idle`]).
+    wrote: Arc<AtomicBool>,
     /// Newest revision handed out (in the open transaction, or committed).
     rev: u64,
     /// Newest committed revision.
@@ -1381,14 +1387,17 @@ impl Writer {
                     _ = tokio::time::sleep_until(deadline) => false,
                 },
             };
-            let before = batch.len();
-            batch.retain(|op| !matches!(op, WriteOp::Shrink));
-            // Only when the shrink is all there is: anything else means the store is not idle.
-            if batch.len() < before && batch.is_empty() && !closed && cursor_deadline.is_none() && self.pending_cursors.len() == 0 {
-                if let Err(e) = shrink(&self.conn).await {
-                    tracing::debug!(error = %e, "the writer kept its page cache");
+            // At most one in the queue at a time (the watcher waits for its answer).
+            if let Some(i) = batch.iter().position(|op| matches!(op, WriteOp::Shrink(_))) {
+                let WriteOp::Shrink(done) = batch.remove(i) else { unreachable!("matched above") };
+                // Only when the shrink is all there is: anything else means the store is not idle.
+                if batch.is_empty() && !closed && cursor_deadline.is_none() && self.pending_cursors.len() == 0 {
+                    if let Err(e) = shrink(&self.conn).await {
+                        tracing::debug!(error = %e, "the writer kept its page cache");
+                    }
+                    let _ = done.send(());
+                    continue;
                 }
-                continue;
             }
             // Fire-and-forget cursor moves are merged in memory (by max) and written CURSOR_DELAY
             // after the first of them (or when MAX_BATCH are waiting): one push to each of 10,000
@@ -1414,7 +1423,7 @@ impl Writer {
                 }
                 continue;
             }
-            self.used.store(true, Ordering::Relaxed);
+            self.wrote.store(true, Ordering::Relaxed);
             let started = Instant::now();
             let ops = batch.len() + if write_cursors { waiting } else { 0 };
             match self.apply(&mut batch, write_cursors).await {
@@ -1531,7 +1540,7 @@ impl Writer {
     async fn apply_one(&mut self, op: &WriteOp) -> Result<Done> {
         Ok(match op {
             // Taken out of the batch before it is applied.
-            WriteOp::CursorsWaiting | WriteOp::Shrink => Done::Nothing,
+            WriteOp::CursorsWaiting | WriteOp::Shrink(_) => Done::Nothing,
             WriteOp::Append(msg, _, _) => {
                 let (stored, duplicate) = self.append(msg).await?;
                 Done::Append(Arc::new(stored), duplicate, None, oneshot::channel().0)
@@ -2131,7 +2140,7 @@ fn fail(op: WriteOp) {
         | WriteOp::Apply(_, _, reply)
         | WriteOp::ForgetPeer(_, reply)
         | WriteOp::Cursor { reply, .. } => drop(reply.send(Err(retry()))),
-        WriteOp::Recall { .. } | WriteOp::CursorsWaiting | WriteOp::Shrink => {}
+        WriteOp::Recall { .. } | WriteOp::CursorsWaiting | WriteOp::Shrink(_) => {}
     }
 }
 
@@ -2218,8 +2227,10 @@ mod tests {
         store.close().await;
     }
 
-    /// Waits until what SQLite holds has fallen back to within a quarter of the fill since `before`.
-    async fn caches_given_back(before: i64, busy: i64, what: &str) {
+    /// Waits until what SQLite holds has fallen back to within a quarter of the fill since `before`,
+    /// reading one user every 100 ms meanwhile as the node's own timers do (they must not keep the
+    /// caches full).
+    async fn caches_given_back(store: &Store, before: i64, busy: i64, what: &str) {
         assert!(busy > before + 512 * 1024, "{what} filled the cache: {before} -> {busy}");
         let deadline = Instant::now() + IDLE_SHRINK * 4;
         while sqlite_memory_used() > before + (busy - before) / 4 {
@@ -2230,6 +2241,7 @@ mod tests {
                 IDLE_SHRINK * 4
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(store.user("idle-0").await.unwrap().is_some());
         }
     }
 
@@ -2243,13 +2255,13 @@ mod tests {
         let ids: Vec<String> = (0..10_000).map(|i| format!("idle-{i}")).collect();
         let created = futures_util::future::join_all(ids.iter().map(|id| store.create_user(user(id), false))).await;
         assert!(created.into_iter().all(|c| c.unwrap()));
-        caches_given_back(before, sqlite_memory_used(), "the writes").await;
+        caches_given_back(&store, before, sqlite_memory_used(), "the writes").await;
         // Then reads alone fill the readers' caches.
         let before = sqlite_memory_used();
         for id in &ids {
             assert!(store.user(id).await.unwrap().is_some());
         }
-        caches_given_back(before, sqlite_memory_used(), "the reads").await;
+        caches_given_back(&store, before, sqlite_memory_used(), "the reads").await;
     }
 
     #[tokio::test]
