@@ -354,7 +354,23 @@ impl Fields {
 
     /// The first present, non-null value among `names`.
     pub fn get(&self, names: &[&str]) -> Option<&Value> {
-        names.iter().find_map(|n| self.map.get(&normalize(n)).map(|(_, v)| v).filter(|v| !v.is_null()))
+        names.iter().find_map(|n| self.lookup(n).filter(|v| !v.is_null()))
+    }
+
+    /// The value under `name`, matched as the keys were. The names asked for are short ASCII
+    /// literals, normalised on the stack: a chat request asks about a dozen times.
+    fn lookup(&self, name: &str) -> Option<&Value> {
+        let mut buf = [0u8; 32];
+        if name.len() > buf.len() || !name.is_ascii() {
+            return self.map.get(&normalize(name)).map(|(_, v)| v);
+        }
+        let mut len = 0;
+        for b in name.bytes().filter(|b| *b != b'_') {
+            buf[len] = b.to_ascii_lowercase();
+            len += 1;
+        }
+        let key = std::str::from_utf8(&buf[..len]).ok()?;
+        self.map.get(key).map(|(_, v)| v)
     }
 
     /// A string; a number is accepted and written out.
@@ -413,6 +429,9 @@ impl Fields {
 }
 
 fn normalize(key: &str) -> String {
+    if key.is_ascii() {
+        return key.bytes().filter(|b| *b != b'_').map(|b| char::from(b.to_ascii_lowercase())).collect();
+    }
     key.chars().filter(|c| *c != '_').flat_map(char::to_lowercase).collect()
 }
 

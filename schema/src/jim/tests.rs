@@ -148,6 +148,16 @@ fn jim_2x_aliases_and_lenient_types() {
 }
 
 #[test]
+fn keys_match_whatever_their_case_and_underscores_and_other_keys_stay_as_sent() {
+    let req = parse_ws(r#"{"CMD":11,"Chat_Type":2,"TO":"b","Content":"x","MSG_TYPE":3,"Größe":"L","Café_Au_Lait":1}"#).unwrap();
+    let Request::Chat(chat) = req else { panic!("not chat") };
+    assert!(matches!(chat.target, Target::User(ref u) if u == "b"));
+    assert_eq!((chat.content.as_str(), chat.msg_type), ("x", 3));
+    // Keys that are not chat fields go to extras under the name they were sent with.
+    assert_eq!(serde_json::to_string(&chat.extras).unwrap(), r#"{"Café_Au_Lait":1,"Größe":"L"}"#);
+}
+
+#[test]
 fn unknown_fields_go_to_extras() {
     let req = parse_ws(r#"{"cmd":11,"chatType":2,"to":"b","content":"x","extras":{"k":1},"color":"red"}"#).unwrap();
     let Request::Chat(chat) = req else { panic!("not chat") };
