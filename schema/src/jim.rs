@@ -337,6 +337,26 @@ fn target(f: &Fields) -> Result<Option<Target>, FieldError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FieldError;
 
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Fields, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<Fields, A::Error> {
+                let mut map = std::collections::BTreeMap::new();
+                while let Some((key, value)) = entries.next_entry::<String, Value>()? {
+                    map.insert(normalize(&key), (key, value));
+                }
+                Ok(Fields { map })
+            }
+        }
+        deserializer.deserialize_map(Object)
+    }
+}
+
 /// A JSON object whose keys are matched the way fastjson matches them: case-insensitively and
 /// ignoring underscores (`group_id` ≡ `groupId`).
 #[derive(Debug, Default)]
@@ -345,11 +365,11 @@ pub struct Fields {
 }
 
 impl Fields {
-    /// Parses a JSON object; anything else is an error.
+    /// Parses a JSON object; anything else is an error. Keys go straight into the map (no
+    /// intermediate `serde_json::Map`); of two keys that normalise alike, the later one in the
+    /// body wins, as a repeated key does in JSON.
     pub fn parse(body: &[u8]) -> Result<Fields, FieldError> {
-        let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else { return Err(FieldError) };
-        let map = obj.into_iter().map(|(k, v)| (normalize(&k), (k, v))).collect();
-        Ok(Fields { map })
+        serde_json::from_slice::<Fields>(body).map_err(|_| FieldError)
     }
 
     /// The first present, non-null value among `names`.

@@ -158,6 +158,13 @@ fn keys_match_whatever_their_case_and_underscores_and_other_keys_stay_as_sent() 
 }
 
 #[test]
+fn of_two_keys_that_match_alike_the_later_one_counts() {
+    let req = parse_ws(r#"{"cmd":11,"chatType":2,"to":"a","TO":"b","content":"x"}"#).unwrap();
+    assert!(matches!(req, Request::Chat(ChatReq { target: Target::User(ref u), .. }) if u == "b"));
+    assert!(parse_ws(r#"[{"cmd":11}]"#).is_err(), "a body that is not an object");
+}
+
+#[test]
 fn unknown_fields_go_to_extras() {
     let req = parse_ws(r#"{"cmd":11,"chatType":2,"to":"b","content":"x","extras":{"k":1},"color":"red"}"#).unwrap();
     let Request::Chat(chat) = req else { panic!("not chat") };
