@@ -29,6 +29,7 @@
   var typingTimer = null;
   var readSent = 0;
   var conv = null; // {id, status, agent, rated, queuePosition}
+  var firstTry = null; // the timer of the next try at the first session
   var loggedIn = false;
   // Chats not yet answered by the node, oldest first: sent again after a reconnect (the node
   // keeps one message per client id, so a repeat is not a duplicate), and held until the first
@@ -187,19 +188,27 @@
   function api(path, body, token) {
     var headers = { "Content-Type": "application/json" };
     if (token) headers.Authorization = "Bearer " + token;
-    return fetch(origin + path, { method: "POST", headers: headers, body: JSON.stringify(body) }).then(function (r) {
-      return r.json().then(function (j) {
-        if (!r.ok) {
-          var e = new Error(j.error || j.msg || r.status);
-          e.status = r.status;
-          throw e;
-        }
-        return j;
+    // `retry` marks what is worth trying again: no answer (the network), or the node busy or
+    // failing (429, 5xx). A refusal keeps its status whatever its body (a proxy's HTML page).
+    var sent = fetch(origin + path, { method: "POST", headers: headers, body: JSON.stringify(body) }).catch(function (x) {
+      x.retry = true;
+      throw x;
+    });
+    return sent.then(function (r) {
+      if (r.ok) return r.json();
+      return r.json().catch(function () { return {}; }).then(function (j) {
+        var e = new Error(j.error || j.msg || r.status);
+        e.status = r.status;
+        e.retry = r.status >= 500 || r.status === 429;
+        throw e;
       });
     });
   }
 
+  // Each start is one generation: an answer that comes after a restart began another is dropped.
+  var generation = 0;
   function start() {
+    var mine = ++generation;
     var s = saved();
     var body = { inbox: inbox };
     if (user && user.identifier_hash) body.user = user;
@@ -209,6 +218,7 @@
       if (user) body.user = { id: user.id, name: user.name, email: user.email };
     } else if (user) body.user = { id: user.id, name: user.name, email: user.email };
     return api("/v1/widget/session", body).then(function (r) {
+      if (mine !== generation) return null;
       session = r;
       conv = r.conversation;
       unacked.forEach(function (c) { if (!c.groupId) c.groupId = conv.id; });
@@ -227,6 +237,8 @@
 
   function connect() {
     var url = origin.replace(/^http/, "ws") + "/?token=" + encodeURIComponent(session.token);
+    // One connection at a time: one still open is dropped without its reconnect.
+    if (ws) { ws.onclose = null; ws.close(); }
     ws = new WebSocket(url);
     ws.onmessage = function (e) {
       var f;
@@ -383,9 +395,13 @@
   }
   // Drops this browser's conversation view and connection, then starts a session again.
   function restart() {
+    clearTimeout(firstTry);
+    firstTry = null;
     if (ws) { ws.onclose = null; ws.close(); }
     ws = null;
     loggedIn = false;
+    // What is typed from now on waits for the new session's conversation, not the old one's.
+    conv = null;
     unacked = [];
     seen = {};
     lastSeq = readSent = 0;
@@ -420,17 +436,20 @@
       else later.push(c);
     });
     var tries = 0;
+    var ready = function (r) {
+      later.forEach(function (c) { if (window.kefu[c[0]]) window.kefu[c[0]].apply(null, c[1] || []); });
+      // A restart meanwhile (null: this answer was dropped) has its own session to wait for.
+      if (r && session && conv) fire("kefu:ready", { visitor: session.visitor, conversation: conv.id });
+    };
     (function first() {
-      start().then(function () {
-        later.forEach(function (c) { if (window.kefu[c[0]]) window.kefu[c[0]].apply(null, c[1] || []); });
-        fire("kefu:ready", { visitor: session.visitor, conversation: conv.id });
-      }).catch(function (x) {
+      firstTry = null;
+      start().then(ready, function (x) {
         // The node unreachable or overloaded for now: try again, backing off, so what the
         // visitor types meanwhile is still sent once a session comes. A refusal (a wrong inbox,
-        // a bad identity) stays one.
+        // a bad identity) stays one, and so does anything else that went wrong. A restart
+        // (setUser, reset) cancels the next try.
         console.warn("kefu widget:", x.message);
-        if (x.status && x.status < 500 && x.status !== 429) return;
-        setTimeout(first, Math.min(15000, 500 * Math.pow(2, tries++)));
+        if (x.retry) firstTry = setTimeout(first, Math.min(15000, 500 * Math.pow(2, tries++)));
       });
     })();
   }

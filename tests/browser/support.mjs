@@ -251,17 +251,24 @@ try {
   if (await vis.locator("[data-testid=kefu-csat]").isVisible()) throw new Error("CSAT asked twice");
 
   step("4b. Typed before the session exis");
-  // 4b. What a visitor types before the widget's session exists is sent once it does (the
-  // session's answer held back here for 1.5 s).
+  // 4b. What a visitor types before the widget's session exists is sent once it does. The
+  // first session request is answered 503 with a proxy's HTML page (the widget tries again), the
+  // second is held here until the message has been written.
   const early = await (await browser.newContext()).newPage();
+  let release;
+  const typed = new Promise((r) => (release = r));
+  let asked = 0;
   await early.route("**/v1/widget/session", async (route) => {
-    await new Promise((r) => setTimeout(r, 1500));
+    if (asked++ === 0) return route.fulfill({ status: 503, contentType: "text/html", body: "<html>busy</html>" });
+    await typed;
     await route.continue();
   });
   await early.goto(site + "?inbox=" + shop.website_token);
   await early.click("[data-testid=kefu-launcher]");
   await write(early, "typed before the session");
+  release();
   await early.waitForSelector('[data-testid=kefu-message][data-from=visitor]:has-text("typed before the session")', T);
+  if (asked !== 2) throw new Error(`expected the session asked for twice, it was asked ${asked} times`);
   await early.context().close();
 
   step("5. Three agents with limit 2 and ");
