@@ -317,6 +317,9 @@ pub struct Store {
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
+/// The reader connections. The database is opened in SQLite's multi-thread mode (no lock per
+/// connection), so a connection, and every statement and row set made from it, is used only
+/// while its lock is held: nothing from a reader may outlive its guard.
 struct Readers {
     conns: Vec<Mutex<Connection>>,
     next: AtomicUsize,
@@ -1290,9 +1293,10 @@ struct Writer {
     origin: String,
     feed: mpsc::Sender<Committed>,
     metrics: Arc<Metrics>,
-    /// Prepared statements, by the address of their SQL text (a static string, so the address
-    /// names it): the hot inserts are parsed once, not once per row, and finding one is a short
-    /// scan of pointers rather than hashing the text twice per statement run.
+    /// Prepared statements, by the address and length of their SQL text: the hot inserts are
+    /// parsed once, not once per row, and finding one is a short scan of pointers rather than
+    /// hashing the text twice per statement run. A `const` text may have an address per place it
+    /// is used, so it may be prepared once per place: bounded by the code, and harmless.
     stmts: Vec<(&'static str, libsql::Statement)>,
     /// Cursor moves waiting to be written (CURSOR_DELAY after the first), merged by max (the
     /// floor by min).
