@@ -60,6 +60,7 @@
     ".m{flex:1;overflow-y:auto;padding:12px;display:flex;flex-direction:column;gap:6px}" +
     ".g{max-width:80%;padding:8px 10px;border-radius:10px;white-space:pre-wrap;word-wrap:break-word}" +
     ".g[data-from=visitor]{align-self:flex-end;background:" + color + ";color:#fff}.g[data-from=agent]{align-self:flex-start;background:#f3f4f6}" +
+    ".g.p{align-self:flex-end;background:" + color + ";color:#fff;opacity:.55}" +
     ".r{align-self:flex-end;font-size:11px;color:#6b7280}.r.greet{align-self:flex-start;font-size:13px}.l svg{vertical-align:middle}.t{padding:0 14px 4px;font-size:12px;color:#6b7280;min-height:18px}" +
     ".f{display:flex;gap:6px;padding:8px;border-top:1px solid #e5e7eb}.f textarea{flex:1;resize:none;border:1px solid #d1d5db;border-radius:8px;padding:8px;height:40px}" +
     ".f button,.o button,.c button{border:0;border-radius:8px;background:" + color + ";color:#fff;padding:0 14px;cursor:pointer}" +
@@ -138,11 +139,17 @@
     scroll();
   }
 
+  // A chat of this browser's not yet back from the node, drawn faded until it is.
+  function pending(id) {
+    return list.querySelector('[data-testid=kefu-pending][data-client-id="' + id + '"]');
+  }
   function show(m, live) {
     if (!m || !m.id || seen[m.id]) return;
     seen[m.id] = true;
     if (m.seq > lastSeq) lastSeq = m.seq;
     var mine = session && m.from === session.visitor;
+    var sending = mine && m.clientId && pending(m.clientId);
+    if (sending) sending.remove();
     var d = document.createElement("div");
     d.className = "g";
     d.setAttribute("data-testid", "kefu-message");
@@ -257,9 +264,13 @@
           break;
         case 12:
           // Answers come in the order the chats were sent.
-          unacked.shift();
+          var answered = unacked.shift();
           // A send that was not stored says so (sent and delivered replies need nothing).
-          if (f.code !== 10000 && f.code !== 10001) line("r", "Not sent: " + (f.msg || f.code));
+          if (f.code !== 10000 && f.code !== 10001) {
+            var faded = answered && pending(answered.id);
+            if (faded) faded.remove();
+            line("r", "Not sent: " + (f.msg || f.code));
+          }
           break;
         case 105:
           (d.messages || []).forEach(function (m) { show(m, false); });
@@ -315,6 +326,13 @@
     var id = "w" + Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
     var chat = { cmd: 11, chatType: 1, groupId: conv ? conv.id : null, msgType: 0, content: text, id: id };
     unacked.push(chat);
+    var d = document.createElement("div");
+    d.className = "g p";
+    d.setAttribute("data-testid", "kefu-pending");
+    d.setAttribute("data-client-id", id);
+    d.textContent = text;
+    list.appendChild(d);
+    scroll();
     typingSent = 0;
     // Without a conversation yet, the session's answer fills it in and the login sends it.
     if (!conv) return;

@@ -266,8 +266,11 @@ try {
   await early.goto(site + "?inbox=" + shop.website_token);
   await early.click("[data-testid=kefu-launcher]");
   await write(early, "typed before the session");
+  // Shown faded meanwhile, so the visitor does not type it again.
+  await early.waitForSelector('[data-testid=kefu-pending]:has-text("typed before the session")', T);
   release();
   await early.waitForSelector('[data-testid=kefu-message][data-from=visitor]:has-text("typed before the session")', T);
+  await early.waitForSelector("[data-testid=kefu-pending]", { state: "detached", ...T });
   if (asked !== 2) throw new Error(`expected the session asked for twice, it was asked ${asked} times`);
   await early.context().close();
 
