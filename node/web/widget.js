@@ -137,6 +137,7 @@
     d.textContent = text;
     list.appendChild(d);
     scroll();
+    return d;
   }
 
   // A chat of this browser's not yet back from the node, drawn faded until it is.
@@ -242,10 +243,16 @@
     if (ws && ws.readyState === 1 && loggedIn) ws.send(JSON.stringify(frame));
   }
 
+  // Closes the connection, if any, without the reconnect its close would start.
+  function dropSocket() {
+    if (ws) { ws.onclose = null; ws.close(); }
+    ws = null;
+  }
+
   function connect() {
     var url = origin.replace(/^http/, "ws") + "/?token=" + encodeURIComponent(session.token);
-    // One connection at a time: one still open is dropped without its reconnect.
-    if (ws) { ws.onclose = null; ws.close(); }
+    // One connection at a time.
+    dropSocket();
     ws = new WebSocket(url);
     ws.onmessage = function (e) {
       var f;
@@ -326,13 +333,9 @@
     var id = "w" + Date.now().toString(36) + Math.random().toString(36).slice(2, 8);
     var chat = { cmd: 11, chatType: 1, groupId: conv ? conv.id : null, msgType: 0, content: text, id: id };
     unacked.push(chat);
-    var d = document.createElement("div");
-    d.className = "g p";
+    var d = line("g p", text);
     d.setAttribute("data-testid", "kefu-pending");
     d.setAttribute("data-client-id", id);
-    d.textContent = text;
-    list.appendChild(d);
-    scroll();
     typingSent = 0;
     // Without a conversation yet, the session's answer fills it in and the login sends it.
     if (!conv) return;
@@ -415,8 +418,7 @@
   function restart() {
     clearTimeout(firstTry);
     firstTry = null;
-    if (ws) { ws.onclose = null; ws.close(); }
-    ws = null;
+    dropSocket();
     loggedIn = false;
     // What is typed from now on waits for the new session's conversation, not the old one's.
     conv = null;

@@ -385,8 +385,8 @@ impl Fields {
             return self.map.get(&normalize(name)).map(|(_, v)| v);
         }
         let mut len = 0;
-        for b in name.bytes().filter(|b| *b != b'_') {
-            buf[len] = b.to_ascii_lowercase();
+        for b in ascii_folded(name) {
+            buf[len] = b;
             len += 1;
         }
         let key = std::str::from_utf8(&buf[..len]).ok()?;
@@ -450,9 +450,15 @@ impl Fields {
 
 fn normalize(key: &str) -> String {
     if key.is_ascii() {
-        return key.bytes().filter(|b| *b != b'_').map(|b| char::from(b.to_ascii_lowercase())).collect();
+        return ascii_folded(key).map(char::from).collect();
     }
     key.chars().filter(|c| *c != '_').flat_map(char::to_lowercase).collect()
+}
+
+/// An ASCII key's bytes as keys are matched: underscores dropped, letters lowercased (what
+/// `normalize` does to any key, byte by byte).
+fn ascii_folded(key: &str) -> impl Iterator<Item = u8> + '_ {
+    key.bytes().filter(|b| *b != b'_').map(|b| b.to_ascii_lowercase())
 }
 
 /// Whether `s` can be a user or group id.
